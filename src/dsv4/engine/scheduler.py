@@ -1,0 +1,198 @@
+"""Scheduler: continuous batching over a per-step token budget, with chunked prefill, preemption and abort.
+
+One call to `schedule()` decides the next forward: every running sequence gets its next chunk (1 token when
+decoding, 2 when it carries an MTP draft, up to the remaining budget while prefilling), in arrival order; then waiting
+sequences are admitted while the budget, the state slots and the pages last. A long prompt is therefore split across
+steps and interleaved with the decodes of other sequences. When a running sequence needs a page and none is free, the
+most recently admitted sequence is preempted *by recompute*: it drops its pages and slot and goes back to the front of
+the waiting queue with its generated tokens, to be prefilled again later (the prefix cache may shorten that).
+
+Plain deterministic Python over `Sequence` objects; it never touches tensors. It does not run the model, sample or
+detokenize (`LLMEngine` does), and it does not know about speculative decoding beyond "this decode carries a draft".
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsv4.engine.block_manager import BlockManager
+from dsv4.engine.prefix_cache import PrefixCache
+from dsv4.engine.request import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # first position computed this step (= tokens already in the cache)
+    num_new: int  # tokens of `seq.tokens` computed this step
+    draft: int | None = None  # an MTP draft token appended after them (speculative decoding)
+    snapshot: bool = False  # take a prefix-cache snapshot after this step (chunk ends on a page boundary)
+
+    @property
+    def token_ids(self) -> list[int]:
+        ids = self.seq.tokens[self.start : self.start + self.num_new]
+        return ids + [self.draft] if self.draft is not None else ids
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_new + (self.draft is not None)
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the known tokens, so its last logits give the next token."""
+        return self.start + self.num_new == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    items: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    restores: list[tuple[int, Any]] = field(default_factory=list)  # (slot, snapshot) to restore before the forward
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(i.num_tokens for i in self.items)
+
+    @property
+    def empty(self) -> bool:
+        return not self.items
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_batched_tokens: int,
+        prefix_cache: PrefixCache | None = None,
+        snapshot_interval: int = 4,
+    ) -> None:
+        if max_num_batched_tokens < 2:
+            raise ValueError(f"max_num_batched_tokens must be >= 2, got {max_num_batched_tokens}")
+        self.bm = block_manager
+        self.P = block_manager.page_size
+        self.max_tokens = max_num_batched_tokens
+        self.prefix_cache = prefix_cache
+        self.snapshot_interval = snapshot_interval  # in pages, besides the prompt's last page boundary
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # --- queue management --------------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, seq: Sequence) -> None:
+        """Remove `seq` wherever it is and free its memory; safe between any two steps."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free(seq)
+        seq.draft_token = None
+        if not seq.is_finished:
+            seq.abort()
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.bm.free(seq)
+        seq.num_computed = 0
+        seq.draft_token = None
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # --- chunking ----------------------------------------------------------------------------------------------
+    def _snapshot_points(self, seq: Sequence) -> tuple[int, int]:
+        """(interval in tokens, last boundary) of the page boundaries where a prefix snapshot is worth taking: every
+        `snapshot_interval` pages, and the last boundary that leaves a prompt token to compute."""
+        return self.snapshot_interval * self.P, (seq.num_prompt_tokens - 1) // self.P * self.P
+
+    def _chunk(self, seq: Sequence, budget: int) -> tuple[int, bool]:
+        """Tokens to compute for `seq` this step and whether its end is a snapshot point."""
+        start = seq.num_computed
+        remaining = seq.num_tokens - start
+        n = min(remaining, budget)
+        if self.prefix_cache is None or remaining == 1:
+            return n, False
+        # Chunk ends on page boundaries so that the slot state there can be snapshotted; never past the prompt's
+        # last boundary in one go, so that boundary always gets a snapshot.
+        interval, last = self._snapshot_points(seq)
+        end = start + n
+        if start < last < end:
+            end = last
+        elif end < seq.num_tokens and end // self.P * self.P > start:
+            end = end // self.P * self.P
+        snap = end % self.P == 0 and 0 < end <= last and (end % interval == 0 or end == last)
+        return end - start, snap
+
+    # --- the step ----------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n, snap = self._chunk(seq, budget)
+            draft = seq.draft_token if (n == 1 and seq.num_tokens - seq.num_computed == 1 and budget >= 2) else None
+            total = n + (draft is not None)
+            preempted_self = False
+            while not self.bm.grow(seq, seq.num_computed + total):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    preempted_self = True
+                    break
+            if preempted_self:
+                break
+            out.items.append(ScheduledSeq(seq, seq.num_computed, n, draft, snap))
+            budget -= total
+            i += 1
+        # Admit new work only when nothing had to be preempted: memory is the bottleneck right now.
+        if not out.preempted:
+            while self.waiting and budget > 0 and self.bm.num_free_slots > 0:
+                if not self._admit(self.waiting[0], budget, out):
+                    break
+                budget -= out.items[-1].num_tokens
+        return out
+
+    def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput) -> bool:
+        entry = None
+        if self.prefix_cache is not None and seq.num_computed == 0:
+            entry = self.prefix_cache.lookup(seq.tokens)
+            if entry is not None:
+                # Hold the shared pages before growing: growing may evict the entry itself.
+                self.bm.incref(entry.pages)
+                seq.pages = list(entry.pages)
+                seq.num_computed = entry.num_tokens
+        n, snap = self._chunk(seq, budget)
+        if not self.bm.grow(seq, seq.num_computed + n):
+            self.bm.free(seq)
+            seq.num_computed = 0
+            return False
+        self.bm.take_slot(seq)
+        if entry is not None:
+            out.restores.append((seq.slot, entry.snapshot))
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = entry.num_tokens
+        self.waiting.popleft()
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        out.items.append(ScheduledSeq(seq, seq.num_computed, n, None, snap))
+        return True
+
+    # --- after the forward -------------------------------------------------------------------------------------
+    def finish_step(self, out: SchedulerOutput) -> list[Sequence]:
+        """Drop finished sequences (their tokens were appended by the engine) and free their memory."""
+        done = [s for s in self.running if s.is_finished]
+        if done:
+            self.running = [s for s in self.running if not s.is_finished]
+            for s in done:
+                self.bm.free(s)
+        return done
