@@ -1,1 +1,8 @@
+"""The DeepSeek-V4 chat format: tokenizer, prompt encoding, output parsing, streaming and constrained decoding."""
 
+from __future__ import annotations
+
+from .encoding import encode_messages
+from .tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+
+__all__ = ["IncrementalDetokenizer", "Tokenizer", "encode_messages", "load_tokenizer"]
