@@ -1,0 +1,174 @@
+"""Training checkpoints (exact resume) and export in the published DeepSeek-V4 layout.
+
+A training checkpoint is one directory `step_{N}/` holding `state.pt`: model + optimizer state dicts (full, unsharded,
+so a run can resume on a different number of ranks), the data loader position, every RNG state and the step. It is
+written to a temporary directory and renamed into place, and `latest` is replaced atomically afterwards, so a crash
+mid-save never leaves a checkpoint that looks complete but is not.
+
+Export writes what `dsv4.load_model` and transformers' `DeepseekV4ForCausalLM` read: `model.safetensors` with the
+official tensor names, `config.json` (published HF keys) and the tokenizer files. Weights are stored unquantised (BF16
+by default; FP32 where the release keeps FP32: mHC parameters, attention sinks, compressor `ape`, gate biases), and
+config.json carries no `quantization_config`, which tells both loaders the linear weights are plain.
+
+Deliberately not here: FP8/FP4 export (a tiny model does not need it; quantising would change its logits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+LATEST = "latest"
+
+# Tensors the release keeps in FP32 (params_flash.txt); everything else floating is written in the export dtype.
+_FP32_LEAVES = ("hc_attn_fn", "hc_ffn_fn", "hc_attn_base", "hc_ffn_base", "hc_attn_scale", "hc_ffn_scale",
+                "hc_head_fn", "hc_head_base", "hc_head_scale", "attn_sink", "ape")
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _is_dist() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    if _is_dist():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def full_optim_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    if _is_dist():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def load_full_state(model: nn.Module, opts: list[torch.optim.Optimizer], state: dict) -> None:
+    if _is_dist():
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opt_ = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, state["model"], options=opt_)
+        for opt, sd in zip(opts, state["optimizers"]):
+            set_optimizer_state_dict(model, opt, sd, options=opt_)
+    else:
+        model.load_state_dict(state["model"])
+        for opt, sd in zip(opts, state["optimizers"]):
+            opt.load_state_dict(sd)
+
+
+def save_training_state(
+    out_dir: str | Path, step: int, model: nn.Module, opts: list[torch.optim.Optimizer], extra: dict, keep: int = 2
+) -> Path | None:
+    """Collective under torch.distributed (every rank calls it); rank 0 writes. Returns the checkpoint dir on rank 0."""
+    model_sd = full_model_state(model)
+    optim_sds = [full_optim_state(model, o) for o in opts]
+    rank = torch.distributed.get_rank() if _is_dist() else 0
+    if rank != 0:
+        return None
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {"step": step, "model": model_sd, "optimizers": optim_sds, "rng": rng_state(), **extra}
+    torch.save(state, tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    link_tmp = root / f".{LATEST}.tmp"
+    link_tmp.write_text(final.name)
+    os.replace(link_tmp, root / LATEST)
+    # keep the newest `keep` checkpoints
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    marker = Path(out_dir) / "checkpoints" / LATEST
+    if not marker.is_file():
+        return None
+    path = marker.parent / marker.read_text().strip()
+    return path if (path / "state.pt").is_file() else None
+
+
+def load_training_state(path: str | Path) -> dict:
+    path = Path(path)
+    f = path / "state.pt" if path.is_dir() else path
+    if not f.is_file():
+        raise FileNotFoundError(f"no training checkpoint at {f}; pass a checkpoints/step_N directory")
+    # weights_only=False: the state holds numpy / python RNG states, written by this trainer.
+    return torch.load(f, map_location="cpu", weights_only=False)
+
+
+def export_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Official-layout tensors: shared MTP embed/head dropped (as convert.py does), release dtypes."""
+    out = {}
+    for name, t in state.items():
+        if name.startswith("mtp.") and (".emb" in name or name.endswith("head.weight")):
+            continue  # the MTP block shares the main embedding and head
+        t = t.detach().cpu()
+        leaf = name.rsplit(".", 1)[-1]
+        if not t.dtype.is_floating_point:
+            t = t.to(torch.int64)  # tid2eid is I64 in the HF checkpoint
+        elif leaf in _FP32_LEAVES or name.endswith("gate.bias"):
+            t = t.float()
+        else:
+            t = t.to(dtype)
+        out[name] = t.contiguous()
+    return out
+
+
+def export_model(
+    state: dict[str, torch.Tensor],
+    config: dict,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = export_tensors(state, dtype)
+    tmp = out / ".model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
+    cfg.update(architectures=["DeepseekV4ForCausalLM"], model_type="deepseek_v4",
+               torch_dtype=str(dtype).removeprefix("torch."))
+    cfg.pop("expert_dtype", None)  # experts are not FP4 here
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            src = Path(tokenizer_dir) / name
+            if src.is_file() and src.resolve() != (out / name).resolve():
+                shutil.copyfile(src, out / name)
+    return out

@@ -1,0 +1,59 @@
+"""Data parallelism for training, applied from outside to the unchanged single-device model (torchtitan style).
+
+Under `torchrun` (WORLD_SIZE > 1) the process group is created here (gloo on CPU, NCCL on CUDA) and the model is
+wrapped with FSDP2 `fully_shard`: each transformer block (and MTP block) is its own unit, then the root, so
+parameters, gradients and optimizer state are sharded over the ranks and gathered one block at a time.
+
+The process group is passed around implicitly only through torch.distributed's default group; no module globals.
+
+Deliberately not here (yet): expert parallelism (all-to-all token dispatch to experts sharded by index). FSDP2 already
+shards the experts' weights; EP would additionally avoid gathering them, which matters only at real model sizes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> None:
+    """Start the default process group when launched by torchrun with more than one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def apply_data_parallel(model: nn.Module, world: int) -> nn.Module:
+    if world <= 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
+    blocks = list(getattr(model, "layers", [])) + list(getattr(model, "mtp", []) or [])
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t

@@ -1,0 +1,482 @@
+"""`dsv4 train`: pre-train or fine-tune a V4 model on text / JSONL data.
+
+    dsv4 train --config recipes/tiny.toml [--steps 100 --lr 3e-4 ...]      any config key overridable
+    dsv4 train --model-config PATH/config.json --data PATH [--tokenizer PATH] --steps N --out DIR
+    torchrun --nproc-per-node 2 -m dsv4.cli train ...                       FSDP2 data parallel (parallel.py)
+
+One optimizer step = `grad_accum * world_size` packed micro-batches of `tokens_per_batch` tokens; every rank builds
+the same step (the data order is a pure function of the seed) and takes its share, so the token counts used to
+normalise the loss are known everywhere without communication, and N ranks compute exactly the step a single process
+with N-fold accumulation would.
+
+Outputs in `--out`: `metrics.jsonl` (one JSON object per logged step / eval), `checkpoints/step_N/` (exact resume;
+`--resume` picks up `checkpoints/latest` automatically), `tokenizer/` when the tokenizer was trained here, and
+`export/` (published layout, loadable by `dsv4.load_model` and transformers) at the end.
+
+Deliberately not here: FP8 mixed-precision training and FP4 QAT (report sec. 3/5.2.1), anticipatory routing,
+sequence-length/batch-size ramps, context parallelism.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsv4.train.checkpoint import (
+    export_model,
+    full_model_state,
+    latest_checkpoint,
+    load_full_state,
+    load_training_state,
+    save_training_state,
+    set_rng_state,
+)
+from dsv4.train.data import (
+    IGNORE,
+    Batch,
+    PackedLoader,
+    chunk_documents,
+    eval_batches,
+    load_documents,
+    split_heldout,
+    tokenize_documents,
+)
+from dsv4.train.loss import (
+    ExpertLoad,
+    LossConfig,
+    RouterRecorder,
+    sequence_balance_loss,
+    token_ce_sum,
+    update_gate_biases,
+)
+from dsv4.train.optim import OptimConfig, build_optimizers, lr_at, set_lr
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model_config: str = ""  # path to a config.json (or a checkpoint dir holding one)
+    init_from: str = ""  # checkpoint dir to fine-tune from (weights loaded with dsv4.load_model); "" = random init
+    # data
+    data: list[str] = field(default_factory=list)
+    tokenizer: str = ""  # dir with tokenizer.json; "" = official V4 tokenizer if vocab 129280, else train a BPE here
+    data_split: str = "file"  # "file" or "blank_line" (how a text file is cut into documents)
+    seq_len: int = 256
+    tokens_per_batch: int = 2048  # input tokens per micro-batch (several packed sequences)
+    grad_accum: int = 1
+    heldout_fraction: float = 0.02
+    # run
+    out: str = "runs/dsv4"
+    steps: int = 100
+    seed: int = 0
+    dtype: str = "float32"  # "float32" or "bfloat16" (autocast; weights and optimizer state stay fp32)
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 8
+    save_every: int = 0  # 0 = only at the end
+    resume: bool = True  # continue from out/checkpoints/latest if it exists
+    export: bool = True
+    export_dtype: str = "bfloat16"
+    progress: bool = True
+    threads: int = 0  # torch intra-op threads; 0 = torch default
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+# ----------------------------------------------------------------------------------------------- config handling
+def _sections() -> dict[str, type]:
+    return {"optim": OptimConfig, "loss": LossConfig}
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Accept nested sections ([optim], [loss], [data], [run]) or flat keys; unknown keys are errors."""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(v)
+        else:
+            flat[k] = v
+    top = {f.name for f in dataclasses.fields(TrainConfig)} - set(_sections())
+    kw: dict[str, Any] = {}
+    sub: dict[str, dict[str, Any]] = {s: {} for s in _sections()}
+    for k, v in flat.items():
+        if k in top:
+            kw[k] = v
+            continue
+        for s, cls in _sections().items():
+            if k in {f.name for f in dataclasses.fields(cls)}:
+                sub[s][k] = v
+                break
+        else:
+            raise ValueError(f"unknown training config key {k!r}; known keys: {sorted(all_keys())}")
+    if isinstance(kw.get("data"), str):
+        kw["data"] = [kw["data"]]
+    if "betas" in sub["optim"]:
+        sub["optim"]["betas"] = tuple(sub["optim"]["betas"])
+    return TrainConfig(**kw, **{s: cls(**sub[s]) for s, cls in _sections().items()})
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def all_keys() -> dict[str, dataclasses.Field]:
+    keys = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name not in _sections()}
+    for cls in _sections().values():
+        keys.update({f.name: f for f in dataclasses.fields(cls)})
+    return keys
+
+
+def _parse_value(raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if raw.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if raw.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError(f"expected true/false, got {raw!r}")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, tuple):
+        return tuple(float(x) for x in raw.split(","))
+    return raw
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    p = argparse.ArgumentParser(
+        prog="dsv4 train",
+        description="Pre-train or fine-tune a DeepSeek-V4-architecture model. Every config key is also an option.",
+    )
+    p.add_argument("--config", type=Path, default=None, help="TOML or JSON training config")
+    defaults = TrainConfig()
+    flat_defaults = {**{k: getattr(defaults, k) for k in all_keys() if hasattr(defaults, k)},
+                     **dataclasses.asdict(defaults.optim), **dataclasses.asdict(defaults.loss)}
+    for key in all_keys():
+        opt = "--" + key.replace("_", "-")
+        if key == "data":
+            p.add_argument(opt, nargs="+", default=None, help="text/JSONL files or directories")
+        else:
+            p.add_argument(opt, default=None, metavar=type(flat_defaults[key]).__name__.upper(),
+                           help=f"(default {flat_defaults[key]!r})")
+    args = p.parse_args(argv)
+    base: dict[str, Any] = {}
+    if args.config is not None:
+        if not args.config.is_file():
+            p.error(f"config file {args.config} does not exist")
+        text = args.config.read_text()
+        try:
+            base = tomllib.loads(text) if args.config.suffix == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            p.error(f"cannot parse {args.config}: {e}")
+    flat: dict[str, Any] = {}
+    for k, v in base.items():
+        flat.update(v if isinstance(v, dict) else {k: v})
+    for key in all_keys():
+        v = getattr(args, key)
+        if v is None:
+            continue
+        try:
+            flat[key] = v if key == "data" else _parse_value(v, flat_defaults[key])
+        except ValueError as e:
+            p.error(f"--{key.replace('_', '-')}: {e}")
+    try:
+        cfg = config_from_dict(flat)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+    if not cfg.model_config and not cfg.init_from:
+        p.error("give the model: --model-config PATH/config.json (random init) or --init-from CHECKPOINT_DIR")
+    if not cfg.data:
+        p.error("give the training data: --data FILE_OR_DIR [...]")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- model adapter
+def build_model(cfg: TrainConfig):
+    """(model, ModelConfig, config.json dict). Random init from --model-config, or weights from --init-from."""
+    from dsv4.config import ModelConfig
+
+    src = cfg.init_from or cfg.model_config
+    path = Path(src)
+    cfg_file = path / "config.json" if path.is_dir() else path
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"model config {cfg_file} does not exist; pass a config.json or a checkpoint dir")
+    raw = json.loads(cfg_file.read_text())
+    mcfg = ModelConfig.from_dict(raw)
+    if cfg.init_from:
+        import dsv4
+
+        model = dsv4.load_model(cfg.init_from, dtype=torch.float32, device="cpu")
+    else:
+        from dsv4.model.transformer import Transformer
+
+        model = Transformer(mcfg)
+        model.init_weights(cfg.seed)
+    model.float().train()
+    return model, mcfg, raw
+
+
+def forward_losses(model, batch: Batch, with_mtp: bool, record_router: bool = True):
+    """Run the pure varlen forward of one micro-batch; return (logits, mtp_logits | None, router stats)."""
+    from dsv4.model.batch import ForwardBatch
+
+    fb = ForwardBatch(
+        input_ids=batch.input_ids,
+        positions=batch.positions,
+        start_pos=[0] * len(batch.seq_lens),
+        seq_lens=list(batch.seq_lens),
+    )
+    with RouterRecorder(model) if record_router else nullcontext() as rec:
+        out = model.forward_batch(fb, None)
+        mtp_logits = None
+        if with_mtp:
+            # The MTP block sees the main model's mHC streams and the embedding of the *next* token (targets).
+            mtp_logits = model.forward_mtp(fb, out.hidden, batch.targets.clamp_min(0))
+    return out.logits, mtp_logits, (rec.stats if rec is not None else [])
+
+
+def gate_biases(model) -> dict[str, torch.Tensor]:
+    """Aux-loss-free balancing biases (`...ffn.gate.bias`), keyed by the same layer key the gates record."""
+    named = dict(model.named_parameters())
+    named.update(dict(model.named_buffers()))
+    return {n.removesuffix(".bias"): t for n, t in named.items() if n.endswith("ffn.gate.bias")}
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer / data
+def prepare_tokenizer(cfg: TrainConfig, mcfg, docs: list[str], rank: int):
+    from tokenizers import Tokenizer
+
+    if cfg.tokenizer:
+        f = Path(cfg.tokenizer)
+        f = f / "tokenizer.json" if f.is_dir() else f
+        if not f.is_file():
+            raise FileNotFoundError(f"tokenizer {f} does not exist; pass a dir with tokenizer.json or omit --tokenizer")
+        return Tokenizer.from_file(str(f)), f.parent
+    if cfg.init_from and (Path(cfg.init_from) / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(Path(cfg.init_from) / "tokenizer.json")), Path(cfg.init_from)
+    if mcfg.vocab_size == 129280:
+        from dsv4.train.tokenizer_train import official_tokenizer_dir
+
+        d = official_tokenizer_dir()
+        return Tokenizer.from_file(str(d / "tokenizer.json")), d
+    # A small custom vocabulary: train a BPE on the training data once (rank 0), reuse it on resume.
+    out = Path(cfg.out) / "tokenizer"
+    if not (out / "tokenizer.json").is_file() and rank == 0:
+        from dsv4.train.tokenizer_train import save_tokenizer, train_tokenizer
+
+        save_tokenizer(train_tokenizer(docs, vocab_size=mcfg.vocab_size), out)
+    _barrier()
+    return Tokenizer.from_file(str(out / "tokenizer.json")), out
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------- training
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from dsv4.train import parallel
+
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.rank, self.world = parallel.rank_and_world()
+        torch.manual_seed(cfg.seed)
+        self.model, self.mcfg, self.raw_config = build_model(cfg)
+        self.with_mtp = self.mcfg.num_nextn_predict_layers > 0 and cfg.loss.mtp_weight > 0
+        docs = load_documents(cfg.data, split=cfg.data_split)
+        train_docs, held_docs = split_heldout(docs, cfg.heldout_fraction, cfg.seed)
+        self.tokenizer, self.tokenizer_dir = prepare_tokenizer(cfg, self.mcfg, train_docs, self.rank)
+        if self.tokenizer.get_vocab_size() > self.mcfg.vocab_size:
+            raise ValueError(
+                f"tokenizer has {self.tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
+                f"{self.mcfg.vocab_size}; use a matching tokenizer or raise vocab_size in config.json"
+            )
+        bos, eos = self.mcfg.bos_token_id, self.mcfg.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        tok = lambda ds: chunk_documents(tokenize_documents(self.tokenizer, ds, bos, eos), cfg.seq_len)  # noqa: E731
+        self.train_chunks, self.held_chunks = tok(train_docs), tok(held_docs)
+        self.loader = PackedLoader(self.train_chunks, cfg.tokens_per_batch, cfg.seed)
+        self.model = parallel.apply_data_parallel(self.model, self.world)
+        self.opts = build_optimizers(self.model, cfg.optim)
+        self.biases = gate_biases(self.model)
+        self.step = 0
+        self.out = Path(cfg.out)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        ckpt = latest_checkpoint(self.out) if cfg.resume else None
+        if ckpt is not None:
+            self._resume(ckpt)
+
+    def _resume(self, path: Path) -> None:
+        state = load_training_state(path)
+        load_full_state(self.model, self.opts, state)
+        self.loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+
+    def autocast(self):
+        if self.cfg.dtype == "bfloat16":
+            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        if self.cfg.dtype != "float32":
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.cfg.dtype!r}")
+        return nullcontext()
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, lc = self.cfg, self.cfg.loss
+        lr = lr_at(self.step, cfg.steps, cfg.optim)
+        set_lr(self.opts, lr)
+        micro = [self.loader.next_batch() for _ in range(cfg.grad_accum * self.world)]
+        mine = micro[self.rank :: self.world]
+        n_tgt = sum(int((b.targets != IGNORE).sum()) for b in micro)
+        n_mtp = max(1, sum(int((b.mtp_targets != IGNORE).sum()) for b in micro))
+        n_seq = sum(len(b.seq_lens) for b in micro)
+        load = ExpertLoad()
+        sums = torch.zeros(3, dtype=torch.float64)  # ce, mtp, balance (already normalised by the step's counts)
+        for b in mine:
+            with self.autocast():
+                logits, mtp_logits, stats = forward_losses(self.model, b, self.with_mtp)
+            ce = token_ce_sum(logits, b.targets) / n_tgt
+            mtp = token_ce_sum(mtp_logits, b.mtp_targets) / n_mtp if mtp_logits is not None else ce.new_zeros(())
+            bal = ce.new_zeros(())
+            for key, scores, idx in stats:
+                load.add(key, idx, scores.size(-1))
+                if lc.balance_weight > 0:
+                    bal = bal + sequence_balance_loss(scores, idx, b.seq_lens, scores.size(-1)) / n_seq
+            loss = ce + lc.mtp_weight * mtp + lc.balance_weight * bal
+            # Each rank's loss is already a share of the global mean; FSDP averages gradients over ranks, so scale
+            # by the world size to get the sum of the shares (= the single-process gradient).
+            (loss * self.world).backward()
+            sums += torch.tensor([ce.item(), mtp.item(), bal.item()], dtype=torch.float64)
+        grad_norm = self._clip()
+        for opt in self.opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        from dsv4.train import parallel
+
+        sums = parallel.all_reduce_sum(sums)
+        load.all_reduce()
+        update_gate_biases(self.biases, load, lc.bias_update_speed)
+        self.step += 1
+        ce, mtp, bal = sums.tolist()
+        return {
+            "step": self.step, "loss": ce + lc.mtp_weight * mtp + lc.balance_weight * bal, "ce": ce, "mtp": mtp,
+            "balance": bal, "lr": lr, "grad_norm": grad_norm, "tokens": sum(b.num_tokens for b in micro),
+            "epoch": self.loader.epoch,
+            "expert_load": {k: v.tolist() for k, v in load.counts.items()},
+        }
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if not self.held_chunks:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        for b in eval_batches(self.held_chunks, self.cfg.tokens_per_batch, self.cfg.eval_batches):
+            with self.autocast():
+                logits, _, _ = forward_losses(self.model, b, False, record_router=False)
+            total += float(token_ce_sum(logits, b.targets))
+            count += int((b.targets != IGNORE).sum())
+        self.model.train()
+        return total / max(1, count)
+
+    def save(self) -> None:
+        save_training_state(self.out, self.step, self.model, self.opts, {"data": self.loader.state_dict()})
+
+    def log(self, rec: dict) -> None:
+        if self.rank == 0:
+            with (self.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def export(self) -> Path | None:
+        state = full_model_state(self.model)
+        if self.rank != 0:
+            return None
+        return export_model(state, self.raw_config, self.out / "export", self.tokenizer_dir,
+                            dtype=getattr(torch, self.cfg.export_dtype))
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        show = cfg.progress and self.rank == 0
+        bar = None
+        if show:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        t0, tokens, last = time.perf_counter(), 0, {}
+        while self.step < cfg.steps:
+            rec = self.train_step()
+            tokens += rec["tokens"]
+            elapsed = time.perf_counter() - t0
+            rec["tok_per_s"] = tokens / max(elapsed, 1e-9)
+            rec["elapsed_s"] = elapsed
+            if not math.isfinite(rec["loss"]):
+                raise FloatingPointError(
+                    f"loss became {rec['loss']} at step {self.step}; lower --lr or enable --grad-clip"
+                )
+            if self.step % max(1, cfg.log_every) == 0 or self.step == cfg.steps or self.step == 1:
+                self.log(rec)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.log({"step": self.step, "eval_loss": self.evaluate()})
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save()
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_per_s']:.0f}", lr=f"{rec['lr']:.2e}")
+                bar.update(1)
+            last = rec
+        if bar is not None:
+            bar.close()
+        ev = self.evaluate()
+        self.log({"step": self.step, "eval_loss": ev, "final": True})
+        self.save()
+        if cfg.export:
+            self.export()
+        return {"step": self.step, "loss": last.get("loss"), "eval_loss": ev}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
+    from dsv4.train import parallel
+
+    parallel.init_distributed()
+    try:
+        result = Trainer(cfg).run()
+        if parallel.rank_and_world()[0] == 0:
+            print(json.dumps(result))
+    finally:
+        parallel.destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
