@@ -1,0 +1,53 @@
+"""EngineConfig: the engine options of `dsv4.LLM(..., **engine options)`, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Memory budget for the KV cache (pages + state slots + prefix snapshots), in GiB. The cache is allocated once
+    # from it and never grows; `num_pages` overrides the derived page count (tests use it to force preemption).
+    cache_memory_gb: float = 1.0
+    num_pages: int | None = None
+    page_size: int = 128  # tokens per page: lcm of the compression ratios (4, 128)
+    max_num_seqs: int = 32  # state slots = most sequences running at once
+    max_num_batched_tokens: int = 512  # token budget of one forward (chunked prefill splits longer prompts)
+    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the cache capacity
+    enable_prefix_caching: bool = True
+    max_prefix_snapshots: int = 16  # bound on prefix-cache entries (each holds a snapshot of one slot's state)
+    prefix_snapshot_interval: int = 4  # pages between snapshots inside a long prompt (plus its last boundary)
+    speculative: bool = False  # MTP speculative decoding (draft 1 token with mtp.0, verify with the main model)
+    seed: int = 0  # seeds the per-request generators of requests without their own seed
+    num_threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"engine option {name}={getattr(self, name)!r} is invalid: {why}")
+
+        if not self.cache_memory_gb > 0:
+            raise bad("cache_memory_gb", "it must be > 0")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise bad("num_pages", "it must be >= 1 (or None to size the cache from cache_memory_gb)")
+        if self.page_size < 1 or self.page_size % 128:
+            raise bad("page_size", "it must be a positive multiple of 128 (the lcm of V4's compression ratios)")
+        if self.max_num_seqs < 1:
+            raise bad("max_num_seqs", "it must be >= 1")
+        if self.max_num_batched_tokens < 2:
+            raise bad("max_num_batched_tokens", "it must be >= 2 (a decode with a speculative draft needs 2)")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise bad("max_model_len", "it must be >= 2")
+        if self.max_prefix_snapshots < 1:
+            raise bad("max_prefix_snapshots", "it must be >= 1 (disable prefix caching with enable_prefix_caching)")
+        if self.prefix_snapshot_interval < 1:
+            raise bad("prefix_snapshot_interval", "it must be >= 1 page")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; valid options: {sorted(known)}")
+        return cls(**kwargs)

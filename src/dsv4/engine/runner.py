@@ -1,0 +1,82 @@
+"""ModelRunner: turns a `SchedulerOutput` into one `ForwardBatch`, runs `model.forward_batch` and returns the logits
+rows that the sampler needs, in item order.
+
+Shapes: N tokens in the step (all sequences' chunks concatenated), B sequences, M logits rows.
+
+It does not sample, schedule or own memory policy: it only translates the scheduler's decision into the model's
+explicit forward metadata (positions, slots, block tables), so the model never reads engine globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dsv4.engine.scheduler import SchedulerOutput
+
+
+@dataclass
+class StepResult:
+    logits: torch.Tensor  # [M, V] fp32: rows for items that sample (1 row, or 2 when carrying a draft)
+    hidden: torch.Tensor | None  # [N, hc, D] streams after the last block (MTP needs them)
+    rows: list[list[int]]  # per item: its rows in `logits` (empty when the chunk does not reach the end)
+    token_index: list[list[int]]  # per item: the matching indices into the N tokens (for `hidden`)
+
+
+class ModelRunner:
+    def __init__(self, model: Any, cache: Any, device: torch.device) -> None:
+        from dsv4.model.batch import ForwardBatch  # model/ never imports engine/; the reverse is fine
+
+        self._batch_cls = ForwardBatch
+        self.model = model
+        self.cache = cache
+        self.device = device
+
+    def build_batch(self, out: SchedulerOutput) -> tuple[Any, list[list[int]], list[list[int]]]:
+        ids: list[int] = []
+        positions: list[int] = []
+        start_pos: list[int] = []
+        seq_lens: list[int] = []
+        slots: list[int] = []
+        logits_indices: list[int] = []
+        rows: list[list[int]] = []
+        token_index: list[list[int]] = []
+        max_pages = max(len(it.seq.pages) for it in out.items)
+        tables = torch.full((len(out.items), max_pages), -1, dtype=torch.int64)  # [B, max_pages]
+        for b, it in enumerate(out.items):
+            toks = it.token_ids
+            offset = len(ids)
+            ids += toks
+            positions += range(it.start, it.start + len(toks))
+            start_pos.append(it.start)
+            seq_lens.append(len(toks))
+            assert it.seq.slot is not None, "scheduled sequence without a state slot"
+            slots.append(it.seq.slot)
+            tables[b, : len(it.seq.pages)] = torch.tensor(it.seq.pages, dtype=torch.int64)
+            if it.samples:
+                # The last prompt/decoded token predicts the next one; a draft's own logits check the token after it.
+                idx = [offset + it.num_new - 1] + ([offset + it.num_new] if it.draft is not None else [])
+                rows.append(list(range(len(logits_indices), len(logits_indices) + len(idx))))
+                token_index.append(idx)
+                logits_indices += idx
+            else:
+                rows.append([])
+                token_index.append([])
+        batch = self._batch_cls(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
+            positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
+            start_pos=start_pos,
+            seq_lens=seq_lens,
+            slots=slots,
+            block_tables=tables.to(self.device),
+            logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=self.device),
+        )
+        return batch, rows, token_index
+
+    @torch.inference_mode()
+    def run(self, out: SchedulerOutput) -> StepResult:
+        batch, rows, token_index = self.build_batch(out)
+        res = self.model.forward_batch(batch, self.cache)
+        return StepResult(res.logits.float(), getattr(res, "hidden", None), rows, token_index)
