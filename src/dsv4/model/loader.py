@@ -1,0 +1,339 @@
+"""``load_model``: build a DeepSeek-V4 ``Transformer`` on the meta device, then stream its weights in from safetensors.
+
+Accepted checkpoints (the layout is detected from the tensor names):
+
+* the published layout (architecture.md sec. 12): official names, FP8 e4m3 + ``.scale`` / packed FP4 + ``.scale``
+  / bf16 / fp32 / int tensors, one file or shards with ``model.safetensors.index.json`` (also what
+  ``checkpoint_io.save_checkpoint`` writes);
+* checkpoints written by transformers' ``DeepseekV4ForCausalLM.save_pretrained``: with ``save_original_format=False``
+  the transformers names (``model.`` prefix, merged ``experts.gate_up_proj`` / ``down_proj``), mapped through
+  ``hf_mapping``'s one table; with the default ``save_original_format=True`` transformers writes a mix (official
+  names under ``model.``, a few transformers names left over, ``attn.kv_norm`` written as ``attn.norm``), which
+  ``_hf_saved_name`` folds back. transformers has no MTP, so such a checkpoint holds none and the model is built
+  without it (a warning says so).
+
+Loading order: headers of every shard are validated first (missing shard, truncation, unknown dtype), then the
+name/shape/dtype plan is checked against the meta model in full (missing, unexpected, wrong shape, unconvertible
+dtype, config mismatch) before a single byte of weight data is read. Then each stored tensor is read through a
+private mmap, dequantised / converted straight into a freshly allocated parameter on the target device, and its file
+pages are dropped, so peak memory stays near the size of the loaded model (tests/model/test_loader_memory.py).
+Every parameter and buffer is checked to be materialised at the end: never a half-loaded model.
+
+Deliberately not here: the file formats (checkpoint_io.py, quant.py) and the model (transformer.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dsv4.config import ModelConfig
+from dsv4.model import hf_mapping, quant
+from dsv4.model.checkpoint_io import CONFIG_NAME, CheckpointError, SafetensorsFile, find_weight_files
+
+log = logging.getLogger(__name__)
+
+_LAYER_RE = re.compile(r"^(?:layers|mtp)\.(\d+)\.")
+_EXPERT_RE = re.compile(r"\.ffn\.experts\.(\d+)\.")
+# convert.py drops these: the MTP block shares the main model's embedding and head (architecture.md sec. 10).
+_SHARED_MTP_RE = re.compile(r"^mtp\.\d+\.(.*emb.*|(.*\.)?head\.weight)$")
+_MAX_LISTED = 6
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where one official tensor comes from: a stored tensor (+ its ue8m0 scale), or a strided view of one."""
+
+    file: Path
+    key: str
+    scale_key: str | None = None
+    scale_file: Path | None = None
+    view: tuple[tuple[int, ...], tuple[int, ...], int] | None = None  # (shape, stride, offset) into the stored tensor
+
+
+def _hf_saved_name(name: str) -> str | None:
+    """Official name of a tensor from transformers' default ``save_pretrained`` (``save_original_format=True``).
+
+    transformers reverses its own rename table on save, which restores official names under the ``model.`` prefix
+    except for the anchored ones (``embed_tokens`` / ``hc_head`` / ``norm``, which ``hf_mapping`` knows) and turns
+    the attention's ``kv_norm`` into ``norm`` (its forward rule ``.norm. -> .kv_norm.`` also covers compressors).
+    """
+    stripped = name[len("model."):] if name.startswith("model.") else name
+    if re.fullmatch(r"layers\.\d+\.attn\.norm\.weight", stripped):
+        return stripped.replace(".attn.norm.", ".attn.kv_norm.")
+    return stripped
+
+
+def _view_geometry(view: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    return tuple(view.shape), tuple(view.stride()), view.storage_offset()
+
+
+def _plan_sources(files: dict[str, Path], opened: dict[Path, SafetensorsFile]) -> tuple[dict[str, _Source], bool]:
+    """Map every official tensor name to its stored source; returns (plan, is_transformers_layout)."""
+    names = [n for n in files if not n.endswith(".scale")]
+    hf = hf_mapping.is_hf_layout(names)
+    plan: dict[str, _Source] = {}
+
+    def add(official: str, src: _Source, stored: str) -> None:
+        if official in plan:
+            raise CheckpointError(
+                f"tensors {plan[official].key!r} ({plan[official].file}) and {stored!r} ({src.file}) both map to "
+                f"{official!r}: the checkpoint mixes two layouts; re-export it from one source"
+            )
+        plan[official] = src
+
+    for stored in names:
+        file = files[stored]
+        entry = opened[file].entries.get(stored)
+        if entry is None:
+            raise CheckpointError(
+                f"{file} does not hold tensor {stored!r} although the index lists it there: the shard and the index "
+                f"come from different exports; re-download the checkpoint"
+            )
+        scale_key = stored[: -len("weight")] + "scale" if stored.endswith(".weight") else None
+        if scale_key is not None and scale_key not in files:
+            scale_key = None
+        if not hf:
+            if _SHARED_MTP_RE.match(stored):
+                continue
+            add(stored, _Source(file, stored, scale_key, files.get(scale_key) if scale_key else None), stored)
+            continue
+        if scale_key is not None:
+            raise CheckpointError(
+                f"tensor {stored!r} in {file} is quantised in a transformers-layout checkpoint; dsv4 reads quantised "
+                f"weights only in the published layout. Save the transformers model unquantised."
+            )
+        meta = torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+        try:
+            mapped = hf_mapping.hf_to_official(stored, meta)
+        except KeyError:
+            mapped = [(_hf_saved_name(stored), meta)]
+        for official, view in mapped:
+            geometry = None if view is meta else _view_geometry(view)
+            add(official, _Source(file, stored, view=geometry), stored)
+    return plan, hf
+
+
+def _stored_shape(src: _Source, opened: dict[Path, SafetensorsFile]) -> tuple[tuple[int, ...], torch.dtype]:
+    entry = opened[src.file].entries[src.key]
+    if src.view is not None:
+        return src.view[0], entry.dtype
+    if src.scale_key is not None and quant.is_packed_fp4(torch.empty(0, dtype=entry.dtype)):
+        return (entry.shape[0], 2 * entry.shape[1]), entry.dtype
+    return entry.shape, entry.dtype
+
+
+def _describe(names: Iterable[str], plan: dict[str, _Source] | None = None) -> str:
+    names = sorted(names)
+    shown = [f"{n!r}" + (f" ({plan[n].file.name})" if plan and n in plan else "") for n in names[:_MAX_LISTED]]
+    more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+    return ", ".join(shown) + more
+
+
+def _max_index(names: Iterable[str], pattern: re.Pattern[str]) -> int:
+    found = [int(m.group(1)) for n in names if (m := pattern.search(n))]
+    return max(found) if found else -1
+
+
+def _config_hint(config: ModelConfig, missing: set[str], unexpected: set[str], config_path: Path) -> str:
+    """Name the config.json key that most likely disagrees with the weights."""
+    hints = []
+    extra_layer = _max_index((n for n in unexpected if n.startswith("layers.")), _LAYER_RE)
+    if extra_layer >= config.num_hidden_layers:
+        hints.append(f"the checkpoint holds layers up to {extra_layer} but {config_path.name} says "
+                     f"num_hidden_layers={config.num_hidden_layers}")
+    missing_layers = {int(m.group(1)) for n in missing if n.startswith("layers.") and (m := _LAYER_RE.search(n))}
+    if missing_layers and max(missing_layers) == config.num_hidden_layers - 1:
+        first = min(missing_layers)
+        if set(range(first, config.num_hidden_layers)) == missing_layers:
+            hints.append(f"the checkpoint has no tensors for layers {first}.. but {config_path.name} says "
+                         f"num_hidden_layers={config.num_hidden_layers}")
+    extra_expert = _max_index(unexpected, _EXPERT_RE)
+    if extra_expert >= config.n_routed_experts:
+        hints.append(f"the checkpoint holds experts up to {extra_expert} but {config_path.name} says "
+                     f"n_routed_experts={config.n_routed_experts}")
+    if _max_index(missing, _EXPERT_RE) == config.n_routed_experts - 1:
+        hints.append(f"the checkpoint holds fewer experts than {config_path.name}'s "
+                     f"n_routed_experts={config.n_routed_experts}")
+    if hints:
+        return " Likely cause: " + "; ".join(hints) + f". Fix {config_path} to match the weights."
+    return ""
+
+
+def _check_plan(
+    plan: dict[str, _Source], expected: dict[str, torch.Tensor], opened: dict[Path, SafetensorsFile],
+    config: ModelConfig, config_path: Path,
+) -> None:
+    """Every problem of the checkpoint against the meta model, raised together before any data is read."""
+    missing = set(expected) - set(plan)
+    unexpected = set(plan) - set(expected)
+    problems: list[str] = []
+    if missing:
+        problems.append(f"missing tensors {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_describe(unexpected, plan)}")
+    shape_errors = []
+    for name in sorted(set(plan) & set(expected)):
+        src, param = plan[name], expected[name]
+        shape, dtype = _stored_shape(src, opened)
+        where = f"tensor {src.key!r} in {src.file}"
+        if src.scale_key is not None:
+            scale = opened[src.scale_file]
+            s_entry = scale.entries.get(src.scale_key)
+            if s_entry is None:
+                problems.append(f"{scale.path} does not hold {src.scale_key!r} although the index lists it there")
+                continue
+            if not (quant.is_fp8(torch.empty(0, dtype=dtype)) or quant.is_packed_fp4(torch.empty(0, dtype=dtype))):
+                problems.append(f"{where} has a .scale but dtype {dtype} (expected float8_e4m3fn or int8-packed FP4)")
+                continue
+            if s_entry.dtype not in (torch.float8_e8m0fnu, torch.uint8):
+                problems.append(f"scale {src.scale_key!r} in {scale.path} is {s_entry.dtype}, expected float8_e8m0fnu")
+                continue
+            entry = opened[src.file].entries[src.key]
+            want = (quant.fp8_scale_shape(entry.shape) if quant.is_fp8(torch.empty(0, dtype=dtype))
+                    else quant.fp4_scale_shape(entry.shape))
+            if tuple(s_entry.shape) != want:
+                problems.append(f"scale {src.scale_key!r} in {scale.path} has shape {list(s_entry.shape)}, the "
+                                f"weight {list(entry.shape)} needs {list(want)}")
+                continue
+            if not param.is_floating_point():
+                problems.append(f"{where} is a quantised float weight but the model's {name!r} is {param.dtype}")
+                continue
+        elif param.is_floating_point() != (dtype.is_floating_point and dtype.itemsize > 1) or (
+            not param.is_floating_point() and dtype == torch.bool
+        ):
+            hint = " (a quantised weight whose .scale tensor is missing?)" if dtype in quant.FP4_PACKED_DTYPES or (
+                dtype.is_floating_point and dtype.itemsize == 1) else ""
+            problems.append(f"{where} is {dtype}, which cannot be converted to the model's {param.dtype}{hint}")
+            continue
+        if tuple(shape) != tuple(param.shape):
+            shape_errors.append(f"{where} has shape {list(shape)}, the model expects {list(param.shape)} for {name!r}")
+    if shape_errors:
+        problems.extend(shape_errors[:_MAX_LISTED])
+        if len(shape_errors) > _MAX_LISTED:
+            problems.append(f"... and {len(shape_errors) - _MAX_LISTED} more wrong shapes")
+    if problems:
+        hint = _config_hint(config, missing, unexpected, config_path)
+        if shape_errors and not hint:
+            hint = (f" {config_path} probably does not match the weights (e.g. hidden_size, head_dim, vocab_size, "
+                    f"moe_intermediate_size): fix it, or use the config.json that came with these weights.")
+        raise CheckpointError(
+            f"checkpoint {config_path.parent} does not fit the model built from {config_path}: "
+            + "; ".join(problems) + "." + hint
+        )
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        old = module._parameters[leaf]
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+    else:
+        module._buffers[leaf] = value
+
+
+def _build_model(config: ModelConfig, dtype: torch.dtype, options: dict[str, Any]) -> nn.Module:
+    from dsv4.model.transformer import Transformer
+
+    with torch.device("meta"):
+        return Transformer(config, dtype=dtype, **options)
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    *,
+    progress: bool = True,
+    **model_options: Any,
+) -> nn.Module:
+    """Load a DeepSeek-V4 checkpoint directory into a ``Transformer`` in eval mode (see the module docstring).
+
+    ``dtype`` is the compute dtype (bf16 or fp32); parameters the model keeps in fp32 by design stay fp32.
+    ``progress=False`` hides the progress bar. ``model_options`` go to ``Transformer(config, ...)``.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root} is not a directory; pass the checkpoint directory (with config.json and weights)")
+    config_path = root / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"{root} has no {CONFIG_NAME}; a dsv4 checkpoint directory needs the model's config.json "
+                              f"next to its .safetensors files")
+    try:
+        config = ModelConfig.from_json(config_path)
+    except ValueError as e:
+        raise CheckpointError(f"{config_path}: {e}") from e
+    device = torch.device(device)
+
+    files = find_weight_files(root)
+    opened: dict[Path, SafetensorsFile] = {}
+    try:
+        for file in dict.fromkeys(files.values()):
+            opened[file] = SafetensorsFile(file)  # validates the header against the file size
+        plan, hf = _plan_sources(files, opened)
+        if config.num_nextn_predict_layers > 0 and not any(n.startswith("mtp.") for n in plan):
+            log.warning("%s holds no MTP (mtp.*) weights%s; building the model without the MTP block", root,
+                        " (transformers does not save it)" if hf else "")
+            config = config.replace(num_nextn_predict_layers=0)
+        model = _build_model(config, dtype, model_options)
+        expected = dict(model.state_dict(keep_vars=True))
+        _check_plan(plan, expected, opened, config, config_path)
+        _stream(model, plan, expected, opened, device, progress)
+    finally:
+        for f in opened.values():
+            f.close()
+    _check_materialised(model, root)
+    return model.eval()
+
+
+def _stream(
+    model: nn.Module, plan: dict[str, _Source], expected: dict[str, torch.Tensor],
+    opened: dict[Path, SafetensorsFile], device: torch.device, progress: bool,
+) -> None:
+    """Read each stored tensor once, in file order, into every parameter it feeds; then drop its pages."""
+    from tqdm.auto import tqdm
+
+    by_stored: dict[tuple[Path, str], list[str]] = defaultdict(list)
+    for name, src in plan.items():
+        by_stored[(src.file, src.key)].append(name)
+    order = sorted(by_stored, key=lambda k: (str(k[0]), opened[k[0]].entries[k[1]].begin))
+    total = sum(opened[f].entries[k].end - opened[f].entries[k].begin for f, k in order)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
+        for file, key in order:
+            f = opened[file]
+            stored = f.tensor(key)
+            for name in by_stored[(file, key)]:
+                src, param = plan[name], expected[name]
+                out = torch.empty(param.shape, dtype=param.dtype, device=device)
+                if src.scale_key is not None:
+                    scale_f = opened[src.scale_file]
+                    try:
+                        quant.dequantize(stored, scale_f.tensor(src.scale_key), param.dtype, out=out)
+                    except quant.QuantFormatError as e:
+                        raise CheckpointError(f"tensor {key!r} in {file}: {e}") from None
+                    scale_f.release(src.scale_key)
+                else:
+                    value = stored if src.view is None else stored.as_strided(*src.view)
+                    out.copy_(value)
+                _set_tensor(model, name, out)
+            del stored
+            f.release(key)
+            bar.update(f.entries[key].end - f.entries[key].begin)
+
+
+def _check_materialised(model: nn.Module, root: Path) -> None:
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(
+            f"loading {root} left {len(left)} tensor(s) unmaterialised ({_describe(left)}); the model defines state "
+            f"the loader cannot fill. This is a dsv4 bug: report it with the checkpoint's config.json."
+        )
