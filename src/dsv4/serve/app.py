@@ -1,0 +1,312 @@
+"""The HTTP server: FastAPI routes for the OpenAI and Anthropic APIs, auth, errors, metrics, and `dsv4 serve`.
+
+Every failure a request can cause ends as that request's error in its API's format (OpenAI `{"error": {...}}` or
+Anthropic `{"type": "error", ...}`), chosen by path; nothing a client sends reaches the engine loop unchecked, so no
+request can stop the server. A stream's errors after the headers are sent arrive as an in-stream error event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dsv4.serve import anthropic as anthropic_api
+from dsv4.serve import openai as openai_api
+from dsv4.serve.core import ServeError, ServingCore, Step, Usage, new_id
+from dsv4.serve.metrics import CONTENT_TYPE
+from dsv4.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    CountTokensRequest,
+    CountTokensResponse,
+    MessagesRequest,
+    ModelCard,
+    ModelList,
+)
+
+log = logging.getLogger("dsv4.serve")
+
+
+def _is_anthropic(request: Request) -> bool:
+    return request.url.path.startswith("/v1/messages")
+
+
+def _error_response(request: Request, err: ServeError) -> JSONResponse:
+    body = anthropic_api.error_body(err) if _is_anthropic(request) else openai_api.error_body(err)
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    return JSONResponse(body, status_code=err.status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for e in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        if e.get("type") == "json_invalid":
+            return "The request body is not valid JSON; send a JSON object with Content-Type: application/json."
+        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+    return "Invalid request: " + "; ".join(parts)
+
+
+def create_app(core: ServingCore, api_key: str | None = None,
+               lifespan: Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]] | None = None) -> FastAPI:
+    app = FastAPI(title="dsv4", version="0.1.0", lifespan=lifespan,
+                  description="DeepSeek-V4 with the OpenAI and Anthropic HTTP APIs")
+    app.state.core = core
+
+    # ---- errors: each API's own format (the real APIs answer 400 where FastAPI would say 422) ----------------------
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        return _error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(request, ServeError("invalid_request", _validation_message(exc)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if exc.status_code == 404 else "invalid_request"
+        err = ServeError(kind, f"{request.method} {request.url.path}: {exc.detail}")
+        resp = _error_response(request, err)
+        resp.status_code = exc.status_code
+        return resp
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request %s %s failed", request.method, request.url.path)
+        return _error_response(request, ServeError("internal", f"Internal error ({type(exc).__name__}: {exc}); "
+                                                   "the server is still up, retry or report this."))
+
+    # ---- auth ------------------------------------------------------------------------------------------------------
+    async def auth(request: Request) -> None:
+        if api_key is None:
+            return
+        bearer = request.headers.get("authorization", "")
+        given = request.headers.get("x-api-key") or (bearer[7:] if bearer.lower().startswith("bearer ") else None)
+        if given != api_key:
+            raise ServeError("authentication", "Missing API key (send `Authorization: Bearer KEY` or `x-api-key: KEY`)"
+                             if not given else "Incorrect API key provided; use the key the server was started with.")
+
+    # ---- plain endpoints -------------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "in_flight": core.in_flight, **core.engine_stats()}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(core.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", dependencies=[Depends(auth)])
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name, created=core.created, max_model_len=core.max_model_len)
+                               for name in core.model_names])
+
+    @app.get("/v1/models/{model_id}", dependencies=[Depends(auth)])
+    async def model(model_id: str) -> ModelCard:
+        core.check_model(model_id)
+        return ModelCard(id=model_id, created=core.created, max_model_len=core.max_model_len)
+
+    # ---- OpenAI ----------------------------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        core.check_model(body.model)
+        job = openai_api.chat_job(body)
+        prep = core.prepare_chat(job, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+        rid = new_id("chatcmpl-")
+        events = core.run(prep, rid, "chat")
+        want_lp = bool(body.logprobs)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await _stream(core, "chat", events, lambda ev: openai_api.chat_stream(
+                ev, rid, body.model, prep.n, include_usage, want_lp), openai_api.stream_error)
+        return await _unary(core, "chat", request, openai_api.chat_response(events, rid, body.model, prep.n, want_lp))
+
+    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        core.check_model(body.model)
+        sampling, stop = openai_api.completion_sampling(body)
+        prompts = openai_api.completion_prompts(body, core.encode)
+        preps = [core.prepare_completion(ids, sampling, stop, body.max_tokens) for ids in prompts]
+        rid = new_id("cmpl-")
+        want_lp = body.logprobs is not None
+        if body.stream:
+            if len(preps) != 1:
+                raise ServeError("invalid_request", "Streaming supports one prompt per request; send the prompts in "
+                                 "separate requests or set stream=false.", param="prompt")
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = core.run(preps[0], rid, "completions")
+            return await _stream(core, "completions", events, lambda ev: openai_api.completion_stream(
+                ev, rid, body.model, include_usage, want_lp), openai_api.stream_error)
+        echo = [core.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
+
+        async def collect_all() -> dict[str, Any]:
+            results = await asyncio.gather(*[_collect(core.run(p, f"{rid}-{i}", "completions"))
+                                             for i, p in enumerate(preps)])
+            return openai_api.completion_response(list(results), rid, body.model, preps[0].n, echo, want_lp)
+
+        return await _unary(core, "completions", request, collect_all())
+
+    # ---- Anthropic -------------------------------------------------------------------------------------------------
+    @app.post("/v1/messages", dependencies=[Depends(auth)])
+    async def messages(body: MessagesRequest, request: Request) -> Response:
+        core.check_model(body.model)
+        prep = core.prepare_chat(anthropic_api.chat_job(body))
+        events = core.run(prep, new_id("msg-"), "messages")
+        if body.stream:
+            return await _stream(core, "messages", events, lambda ev: anthropic_api.message_stream(
+                ev, body.model, len(prep.prompt_ids)), anthropic_api.stream_error)
+        return await _unary(core, "messages", request, anthropic_api.message_response(events, body.model))
+
+    @app.post("/v1/messages/count_tokens", dependencies=[Depends(auth)])
+    async def count_tokens(body: CountTokensRequest) -> CountTokensResponse:
+        core.check_model(body.model)
+        return CountTokensResponse(input_tokens=len(core.encode(core.render_chat(anthropic_api.chat_job(body)))))
+
+    return app
+
+
+async def _collect(events: AsyncIterator[Step | Usage]) -> list[Step | Usage]:
+    return [ev async for ev in events]
+
+
+async def _unary(core: ServingCore, endpoint: str, request: Request, work: Any) -> JSONResponse:
+    """Run a non-streaming request, cancelling it (and so aborting it in the engine) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_watch_disconnect(request, task))
+    try:
+        body = await task
+    except asyncio.CancelledError:
+        core.metrics.requests.labels(endpoint, "499").inc()
+        raise
+    finally:
+        watcher.cancel()
+    core.metrics.requests.labels(endpoint, "200").inc()
+    return JSONResponse(body)
+
+
+async def _watch_disconnect(request: Request, task: asyncio.Future[Any]) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            task.cancel()
+            return
+
+
+async def _stream(core: ServingCore, endpoint: str, events: AsyncIterator[Step | Usage],
+                  render: Callable[[AsyncIterator[Step | Usage]], AsyncIterator[bytes]],
+                  on_error: Callable[[ServeError], bytes]) -> StreamingResponse:
+    # The first event is awaited before the headers go out, so a request the engine rejects still gets a proper
+    # status code instead of a 200 stream carrying an error.
+    try:
+        first = await events.__anext__()
+    except BaseException:
+        await events.aclose()
+        raise
+
+    async def chained() -> AsyncIterator[Step | Usage]:
+        yield first
+        async for ev in events:
+            yield ev
+
+    async def body() -> AsyncIterator[bytes]:
+        status = "200"
+        try:
+            async for chunk in render(chained()):
+                yield chunk
+        except ServeError as e:
+            status = str(e.status)
+            yield on_error(e)
+        except Exception as e:  # the stream is already 200: report in-band, keep the server up
+            log.exception("stream failed")
+            status = "500"
+            yield on_error(ServeError("internal", f"Internal error ({type(e).__name__}: {e}); retry or report this."))
+        except BaseException:
+            status = "499"  # client disconnected: the stream task is cancelled
+            raise
+        finally:
+            core.metrics.requests.labels(endpoint, status).inc()
+            # closing the core's iterator aborts the request in the engine if it has not finished
+            await events.aclose()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ---- `dsv4 serve` ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv4 serve", description="Serve a V4 model with the OpenAI and Anthropic APIs.")
+    p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer / x-api-key)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients use (default: the model directory's name)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the engine's)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together (engine option)")
+    p.add_argument("--cache-memory-gb", type=float, default=None, help="KV-cache budget in GiB (engine option)")
+    p.add_argument("--max-concurrency", type=int, default=256,
+                   help="requests in flight before new ones get 503 + Retry-After")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def build_core(args: argparse.Namespace) -> ServingCore:
+    import torch
+
+    from dsv4.engine import LLM, AsyncLLM
+
+    if args.model is None:
+        from dsv4.cli import default_model_path
+
+        args.model = default_model_path()
+    if not (Path(args.model) / "config.json").is_file():
+        raise SystemExit(f"dsv4 serve: {args.model} is not a checkpoint directory (no config.json); pass --model PATH")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    options: dict[str, Any] = {}
+    for name in ("max_model_len", "max_num_seqs", "cache_memory_gb"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    log.info("dsv4 serve: loading %s on %s (%s)", args.model, device, dtype)
+    engine = AsyncLLM(LLM(str(args.model), dtype=getattr(torch, dtype), device=device, **options))
+    names = args.served_model_name or [Path(args.model).resolve().name]
+    return ServingCore(engine, engine.tokenizer, model_names=names, max_model_len=engine.engine.max_model_len,
+                       max_concurrency=args.max_concurrency)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    core = build_core(args)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await core.start()
+        log.info("dsv4 serve: listening on http://%s:%d (model %s)", args.host, args.port, ", ".join(core.model_names))
+        try:
+            yield
+        finally:
+            log.info("dsv4 serve: shutting down")
+            await core.stop()
+
+    app = create_app(core, api_key=args.api_key, lifespan=lifespan)
+    # uvicorn installs the SIGINT/SIGTERM handlers: it stops accepting, lets open requests finish for up to
+    # timeout_graceful_shutdown seconds, then runs the lifespan shutdown (which stops the engine loop).
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5, access_log=False)
+    uvicorn.Server(config).run()
+    return 0

@@ -1,0 +1,385 @@
+"""The API-neutral core of the server: one `ChatJob` in, a stream of per-choice `Step`s out.
+
+openai.py and anthropic.py translate their requests into a `ChatJob` (V4 chat messages + thinking mode + tools +
+sampling) and the `Step`s back into their own response and SSE shapes; everything between (the V4 prompt, limits,
+the constraint, the engine stream, the output parser, usage, metrics, abort on exit) happens here once.
+
+Deliberately not here: HTTP (app.py), request/response field names (protocol.py and the two API modules).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsv4.serve.metrics import ServerMetrics
+
+
+class ServeError(Exception):
+    """An error one request caused; each API renders it in its own error format."""
+
+    STATUS = {"invalid_request": 400, "authentication": 401, "not_found": 404, "overloaded": 503, "internal": 500}
+
+    def __init__(self, kind: str, message: str, param: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    @property
+    def status(self) -> int:
+        return self.STATUS[self.kind]
+
+
+@dataclass
+class ChatJob:
+    """One generation request in V4 terms (messages as `dsv4.chat.encode_messages` takes them)."""
+
+    messages: list[dict[str, Any]]
+    thinking: bool
+    reasoning_effort: str | None = None  # None | "high" | "max"
+    tools: list[dict[str, Any]] | None = None  # OpenAI format: [{"type": "function", "function": {...}}]
+    tool_choice: str | dict[str, str] = "auto"  # "none" | "auto" | "required" | {"name": ...}
+    parallel_tool_calls: bool = True
+    response_format: dict[str, Any] | None = None  # None | {"type": "json_object"} | {"type": "json_schema", "schema": {..}}
+    max_tokens: int | None = None  # None = up to the context length
+    stop: list[str] = field(default_factory=list)
+    sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, top_k, seed, n, penalties, logprobs
+
+
+@dataclass
+class ToolCallDelta:
+    index: int  # position among this choice's tool calls
+    id: str | None = None  # set on the first delta of a call
+    name: str | None = None  # set on the first delta of a call
+    arguments: str = ""  # JSON text to append
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class Step:
+    """What one choice added in one engine step."""
+
+    index: int
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "stop_sequence"
+    stop_sequence: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Prepared:
+    prompt_ids: list[int]
+    params: Any  # dsv4.engine.SamplingParams
+    thinking: bool
+    tools: list[dict[str, Any]] | None
+    n: int
+    raw_text: bool  # /v1/completions: plain text, no chat parsing
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+class ServingCore:
+    def __init__(self, engine: Any, tokenizer: Any, *, model_names: list[str], max_model_len: int,
+                 max_concurrency: int = 256, chat: Any = None) -> None:
+        if chat is None:
+            import dsv4.chat as chat
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.chat = chat
+        self.model_names = model_names
+        self.max_model_len = max_model_len
+        self.max_concurrency = max_concurrency
+        self.in_flight = 0
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(self.engine_stats)
+        self.eos_id: int | None = getattr(tokenizer, "eos_id", None)
+        self.eos_text = tokenizer.decode([self.eos_id], skip_special_tokens=False) if self.eos_id is not None else None
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await _maybe_await(getattr(self.engine, "start", None))
+
+    async def stop(self) -> None:
+        await _maybe_await(getattr(self.engine, "shutdown", None))
+
+    # ---- request checks -------------------------------------------------------------------------------------------
+    def check_model(self, model: str) -> None:
+        if model not in self.model_names:
+            raise ServeError(
+                "not_found",
+                f"The model `{model}` does not exist on this server; it serves {', '.join(map(repr, self.model_names))}"
+                " (see GET /v1/models, or start the server with --served-model-name).",
+                param="model",
+            )
+
+    def _check_length(self, prompt_len: int, max_tokens: int | None, field_name: str) -> int:
+        if prompt_len >= self.max_model_len:
+            raise ServeError(
+                "invalid_request",
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt is "
+                f"{prompt_len} tokens, which leaves no room for output. Please shorten the messages.",
+                param="messages",
+            )
+        if max_tokens is None:
+            return self.max_model_len - prompt_len
+        if prompt_len + max_tokens > self.max_model_len:
+            raise ServeError(
+                "invalid_request",
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "
+                f"Please reduce the length of the messages or the {field_name}.",
+                param=field_name,
+            )
+        return max_tokens
+
+    # ---- preparing ------------------------------------------------------------------------------------------------
+    def render_chat(self, job: ChatJob) -> str:
+        try:
+            fmt = job.response_format
+            return self.chat.encode_messages(
+                job.messages, thinking_mode="thinking" if job.thinking else "chat",
+                reasoning_effort=job.reasoning_effort,
+                # with tool_choice "none" the tools stay out of the prompt, so the model is not invited to call them
+                tools=job.tools if job.tool_choice != "none" else None,
+                # the V4 encoder writes the schema into the system prompt; json_object has no schema to show
+                response_format=fmt["schema"] if fmt and fmt["type"] == "json_schema" else None,
+            )
+        except (ValueError, AssertionError, KeyError, TypeError) as e:
+            raise ServeError("invalid_request", f"The messages cannot be rendered in the V4 chat format: {e}",
+                             param="messages") from e
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def prepare_chat(self, job: ChatJob, max_tokens_field: str = "max_tokens") -> Prepared:
+        prompt_ids = self.encode(self.render_chat(job))
+        max_tokens = self._check_length(len(prompt_ids), job.max_tokens, max_tokens_field)
+        constraint = None
+        if (job.tools and job.tool_choice != "auto" and job.tool_choice != "none") or job.response_format:
+            constraint = self._constraint(job)
+        params = self._params(job.sampling, job.stop, max_tokens, constraint)
+        return Prepared(prompt_ids, params, job.thinking, job.tools if job.tool_choice != "none" else None,
+                        params.n, raw_text=False)
+
+    def prepare_completion(self, prompt_ids: list[int], sampling: dict[str, Any], stop: list[str],
+                           max_tokens: int | None) -> Prepared:
+        max_tokens = self._check_length(len(prompt_ids), max_tokens, "max_tokens")
+        params = self._params(sampling, stop, max_tokens, None, skip_special_tokens=True)
+        return Prepared(prompt_ids, params, False, None, params.n, raw_text=True)
+
+    def _constraint(self, job: ChatJob) -> Any:
+        try:
+            return self.chat.build_constraint(
+                self.tokenizer, tools=job.tools, tool_choice=job.tool_choice, response_format=job.response_format,
+                thinking=job.thinking, parallel_tool_calls=job.parallel_tool_calls,
+            )
+        except (ValueError, TypeError) as e:
+            raise ServeError("invalid_request", f"Cannot build the constrained-decoding grammar: {e}",
+                             param="response_format" if job.response_format else "tools") from e
+
+    def _params(self, sampling: dict[str, Any], stop: list[str], max_tokens: int, constraint: Any,
+                skip_special_tokens: bool = False) -> Any:
+        from dsv4.engine.sampling import SamplingParams
+
+        kw = {k: v for k, v in sampling.items() if v is not None}
+        try:
+            # NOTE: special tokens stay in the text, because the V4 output parser needs `</think>` and the DSML
+            # markers; the parser removes them from what the client sees.
+            return SamplingParams(max_tokens=max_tokens, stop=list(stop), constraint=constraint,
+                                  skip_special_tokens=skip_special_tokens, **kw)
+        except ValueError as e:
+            raise ServeError("invalid_request", str(e)) from e
+
+    # ---- admission ------------------------------------------------------------------------------------------------
+    def admit(self) -> None:
+        if self.in_flight >= self.max_concurrency:
+            raise ServeError(
+                "overloaded",
+                f"The server is at its limit of {self.max_concurrency} concurrent requests; retry shortly.",
+                retry_after=1,
+            )
+
+    # ---- running --------------------------------------------------------------------------------------------------
+    async def run(self, prep: Prepared, request_id: str, endpoint: str) -> AsyncIterator[Step | Usage]:
+        """Stream `Step`s of all choices, then one `Usage`. Closing the iterator early aborts the request in the
+        engine (this is how a client disconnect frees its cache pages)."""
+        self.admit()
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        arrival = time.perf_counter()
+        first_token: float | None = None
+        parsers = [None if prep.raw_text else self.chat.StreamParser("thinking" if prep.thinking else "chat")
+                   for _ in range(prep.n)]
+        tool_counts = [0] * prep.n
+        done = [False] * prep.n
+        last = None
+        status = "error"
+        try:
+            stream = self.engine.stream(prep.prompt_ids, prep.params, request_id=request_id)
+            while True:
+                try:
+                    out = await stream.__anext__()
+                except StopAsyncIteration:
+                    break
+                except ValueError as e:
+                    if last is None:  # the engine refused the request (e.g. a token id outside the vocabulary)
+                        raise ServeError("invalid_request", str(e)) from e
+                    raise
+                last = out
+                for co in out.outputs:
+                    if done[co.index]:
+                        continue
+                    if first_token is None and co.token_ids:
+                        first_token = time.perf_counter()
+                    step = self._step(co, parsers[co.index], tool_counts, prep)
+                    done[co.index] = co.finish_reason is not None
+                    if step is not None:
+                        yield step
+            if not all(done):
+                raise ServeError("internal", f"request {request_id} ended before all its choices finished; retry.")
+            assert last is not None
+            usage = Usage(len(prep.prompt_ids), sum(len(c.token_ids) for c in last.outputs),
+                          getattr(last, "num_cached_tokens", 0))
+            status = "ok"
+            self.metrics.observe_request(
+                prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
+                output_tokens=usage.completion_tokens, ttft=None if first_token is None else first_token - arrival,
+                e2e=time.perf_counter() - arrival,
+            )
+            yield usage
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+            if status != "ok":
+                # client gone (generator closed / task cancelled) or an error: free the request's pages now
+                self.metrics.aborted.inc()
+                self.engine.abort(request_id)
+
+    def _step(self, co: Any, parser: Any, tool_counts: list[int], prep: Prepared) -> Step | None:
+        text = co.delta_text
+        finished = co.finish_reason is not None
+        if finished and self.eos_text and co.stop_reason == self.eos_id and text.endswith(self.eos_text):
+            text = text[: -len(self.eos_text)]
+        step = Step(index=co.index)
+        if parser is None:
+            step.content = text
+        else:
+            for d in parser.feed(text):
+                self._apply_delta(step, d, tool_counts, co.index)
+            if finished:
+                for d in parser.finish():
+                    self._apply_delta(step, d, tool_counts, co.index)
+        if co.logprobs is not None and co.delta_token_ids:
+            step.logprobs = self._logprobs(co.delta_token_ids, co.logprobs[-len(co.delta_token_ids):])
+        if finished:
+            if co.finish_reason == "length":
+                step.finish_reason = "length"
+            elif tool_counts[co.index]:
+                step.finish_reason = "tool_calls"
+            elif isinstance(co.stop_reason, str):
+                step.finish_reason, step.stop_sequence = "stop_sequence", co.stop_reason
+            else:
+                step.finish_reason = "stop"
+        if not (step.reasoning or step.content or step.tool_calls or step.finish_reason or step.logprobs):
+            return None
+        return step
+
+    def _apply_delta(self, step: Step, d: Any, tool_counts: list[int], index: int) -> None:
+        kind = d.kind
+        if kind == "reasoning":
+            step.reasoning += d.text
+        elif kind == "content":
+            step.content += d.text
+        elif kind == "tool_call":
+            # a parser delta starts a call when it carries its name; later deltas only add argument text
+            if d.name is not None:
+                tool_counts[index] += 1
+                step.tool_calls.append(ToolCallDelta(tool_counts[index] - 1, new_id("call_"), d.name, d.arguments or ""))
+            elif step.tool_calls and step.tool_calls[-1].index == tool_counts[index] - 1:
+                step.tool_calls[-1].arguments += d.arguments or ""
+            else:
+                step.tool_calls.append(ToolCallDelta(tool_counts[index] - 1, None, None, d.arguments or ""))
+
+    def _logprobs(self, ids: list[int], dists: list[dict[int, float]]) -> list[TokenLogprob]:
+        out = []
+        for tid, dist in zip(ids, dists):
+            tok = self.tokenizer.decode([tid], skip_special_tokens=False)
+            top = sorted(dist.items(), key=lambda kv: -kv[1])
+            out.append(TokenLogprob(tok, float(dist.get(tid, float("-inf"))),
+                                    [(self.tokenizer.decode([t], skip_special_tokens=False), float(lp)) for t, lp in top]))
+        return out
+
+    # ---- engine state ---------------------------------------------------------------------------------------------
+    def engine_stats(self) -> dict[str, Any]:
+        stats = getattr(self.engine, "stats", None)
+        if callable(stats):  # an engine that reports for itself (the test fakes)
+            return dict(stats())
+        return llm_engine_stats(self.engine.engine)
+
+
+def llm_engine_stats(eng: Any) -> dict[str, Any]:
+    """Cache and queue figures of a `dsv4.engine.LLMEngine`, read without its lock: the engine thread holds that lock
+    for a whole forward, and /metrics must not stall the event loop behind a step. The figures are a moment's
+    snapshot; a list that changes while it is copied is simply read again."""
+    bm, sched = eng.block_manager, eng.scheduler
+    for _ in range(5):
+        try:
+            live = list(sched.running) + list(sched.waiting)
+            held = eng.prefix_cache.held_pages() if eng.prefix_cache is not None else []
+            break
+        except RuntimeError:  # "deque mutated during iteration"
+            continue
+    else:
+        live, held = [], []
+    request_pages = {p for seq in live for p in seq.pages}
+    prompt, cached = eng.stats.get("prompt_tokens", 0), eng.stats.get("cached_tokens", 0)
+    return {
+        # pages held by live requests: 0 once every request has finished or been aborted
+        "pages_used": len(request_pages),
+        # pages kept only as prefix-cache entries (reclaimable; reused by later prompts with the same prefix)
+        "pages_prefix_cached": len({p for pages in held for p in pages} - request_pages),
+        "pages_free": bm.num_free_pages,
+        "pages_total": bm.num_pages,
+        "prefix_cache_hit_rate": cached / prompt if prompt else 0.0,
+        "running": len(sched.running),
+        "waiting": len(sched.waiting),
+    }
+
+
+async def _maybe_await(fn: Any) -> None:
+    if fn is not None:
+        result = fn()
+        if asyncio.iscoroutine(result):
+            await result
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
