@@ -1,0 +1,177 @@
+"""Attention of DeepSeek-V4, shared by the three layer types (architecture.md sec 4 and 6; report sec 2.3).
+
+* low-rank query ``qr = q_norm(wq_a x)``, ``q = wq_b qr`` split in H heads, per-head RMS norm without weight;
+* one shared KV head ``kv = kv_norm(wkv x)`` used as key *and* value by all heads (MQA);
+* partial interleaved RoPE on the last ``rope_head_dim`` dims of q and kv, inverse RoPE on the output (values carry
+  the key's rotation, so un-rotating by the query position leaves a relative-position signal);
+* keys = the raw sliding window (positions ``t - win + 1 .. t``) plus compressed entries: none (SWA), all visible
+  (HCA), or the Lightning Indexer's top-k (CSA); one softmax over them plus a per-head sink logit;
+* grouped low-rank output projection ``wo_a`` (per group of heads) then ``wo_b``.
+
+Numerics follow the official kernel: logits and softmax in fp32, probabilities rounded to the activation dtype
+before ``P V``. With ``Numerics.qat_sim`` the non-RoPE KV dims are FP8-rounded.
+
+Prefill chunks attend densely within the chunk (a [S, window + S] mask) and to compressed entries through a
+[S, E] selection mask; a decode token reads its window from the cache ring and *gathers* only the top-k CSA
+entries (no dense mask over the history). Deliberately not here: fused kernels (this is the plain-PyTorch
+reference path) and any cache policy.
+
+Shape legend: N flat tokens, Bg sequences, S chunk width, H heads, c head dim, W window keys, E entries, k picks,
+G = o_groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.config import CSA_RATIO, ModelConfig
+from dsv4.model.batch import BatchPlan, Group, pad_rows, unpad_rows
+from dsv4.model.cache import KVCache
+from dsv4.model.compressor import Compressor
+from dsv4.model.indexer import Indexer
+from dsv4.model.norm import RMSNorm, rms_unweighted
+from dsv4.model.qat import Numerics, fp8_sim
+from dsv4.model.rope import Rotary, apply_rope
+
+_NEG_INF = float("-inf")
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, ratio: int, numerics: Numerics, dtype: torch.dtype
+                 ) -> None:
+        super().__init__()
+        self.layer_id = layer_id  # also the cache index of this layer
+        self.ratio = ratio
+        self.numerics = numerics
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.nope_dim = config.nope_head_dim
+        self.window = config.window_size
+        self.eps = config.rms_norm_eps
+        self.n_groups, self.o_lora_rank = config.o_groups, config.o_lora_rank
+        self.softmax_scale = config.softmax_scale
+        d, h, c = config.dim, config.n_heads, config.head_dim
+        self.wq_a = nn.Linear(d, config.q_lora_rank, bias=False, dtype=dtype)
+        self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+        self.wq_b = nn.Linear(config.q_lora_rank, h * c, bias=False, dtype=dtype)
+        self.wkv = nn.Linear(d, c, bias=False, dtype=dtype)
+        self.kv_norm = RMSNorm(c, config.rms_norm_eps)
+        self.wo_a = nn.Linear(h * c // self.n_groups, self.n_groups * self.o_lora_rank, bias=False, dtype=dtype)
+        self.wo_b = nn.Linear(self.n_groups * self.o_lora_rank, d, bias=False, dtype=dtype)
+        self.attn_sink = nn.Parameter(torch.zeros(h, dtype=torch.float32))
+        self.compressor = Compressor(d, c, ratio, config.rms_norm_eps) if ratio > 0 else None
+        self.indexer = Indexer(config, dtype) if ratio == CSA_RATIO else None
+        self.rotary = Rotary.for_ratio(config, ratio)
+
+    def forward(self, x: torch.Tensor, plan: BatchPlan, cache: KVCache | None) -> torch.Tensor:
+        """x [N, D] (already attn_norm-ed) -> [N, D]."""
+        n = x.shape[0]
+        qat = self.numerics.qat_sim
+        cos, sin = self.rotary.cos_sin(plan.positions)  # [N, R/2]
+        qr = self.q_norm(self.wq_a(x))  # [N, q_lora]
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [N, H, c]
+        q = apply_rope(rms_unweighted(q, self.eps), cos[:, None], sin[:, None])
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [N, c]
+        if qat:
+            kv = self._kv_post(kv)
+        if self.compressor is not None:
+            ckv, cz = self.compressor.project(x, plan.positions)
+        if self.indexer is not None:
+            iq, iw = self.indexer.queries(x, qr, cos, sin, qat)
+            ikv, iz = self.indexer.compressor.project(x, plan.positions)
+
+        out = None
+        for grp in plan.groups:
+            qg = pad_rows(q, grp.tok_idx)  # [Bg, S, H, c]
+            kvg = pad_rows(kv, grp.tok_idx)  # [Bg, S, c]
+            raw_k, raw_mask = self._window_keys(kvg, grp, cache)
+            comp_k = comp_mask = None
+            gathered = False
+            if self.compressor is not None:
+                comp_k = self.compressor.group_entries(
+                    ckv, cz, grp, self.rotary, x.dtype, self._kv_post if qat else None,
+                    cache.comp_state[self.layer_id] if cache is not None else None,
+                    cache.entries[self.layer_id] if cache is not None else None,
+                    cache.page_size if cache is not None else 0)  # [Bg, E, c]
+                e = comp_k.shape[1]
+                if self.indexer is None:  # HCA: every visible entry
+                    comp_mask = torch.arange(e, device=x.device) < ((grp.pos + 1) // self.ratio)[..., None]
+                else:  # CSA: the indexer's picks
+                    keys = self.indexer.compressor.group_entries(
+                        ikv, iz, grp, self.rotary, x.dtype, Indexer.key_post(qat),
+                        cache.idx_state[self.layer_id] if cache is not None else None,
+                        cache.idx_entries[self.layer_id] if cache is not None else None,
+                        cache.page_size if cache is not None else 0)  # [Bg, E, I]
+                    top = self.indexer.select(iq, iw, keys, grp)  # [Bg, S, k]
+                    if grp.is_decode and e > top.shape[-1]:
+                        # sparse decode: gather only the picked entries
+                        b = torch.arange(grp.size, device=x.device)[:, None, None]
+                        comp_k = comp_k[b, top.clamp(min=0)]  # [Bg, 1, k, c]
+                        comp_mask = top >= 0
+                        gathered = True
+                    else:
+                        sel = torch.where(top >= 0, top, e)
+                        comp_mask = torch.zeros(grp.size, grp.width, e + 1, dtype=torch.bool, device=x.device)
+                        comp_mask = comp_mask.scatter(-1, sel, True)[..., :e]  # [Bg, S, E]
+            o = sparse_attention(qg, raw_k, raw_mask, comp_k, comp_mask, gathered, self.attn_sink,
+                                 self.softmax_scale)  # [Bg, S, H, c]
+            out = unpad_rows(o, grp, n, out)
+        o = apply_rope(out, cos[:, None], sin[:, None], inverse=True)  # [N, H, c]
+        o = o.reshape(n, self.n_groups, -1)  # [N, G, H*c/G]
+        wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)  # [G, d_g, H*c/G]
+        o = torch.einsum("ngd,grd->ngr", o, wo_a)  # [N, G, d_g]
+        return self.wo_b(o.flatten(1))
+
+    def _kv_post(self, kv: torch.Tensor) -> torch.Tensor:
+        """QAT: FP8-round the non-RoPE dims, keep the RoPE dims (official act_quant on kv[..., :-rd])."""
+        return torch.cat([fp8_sim(kv[..., : self.nope_dim], 64), kv[..., self.nope_dim:]], dim=-1)
+
+    def _window_keys(self, kvg: torch.Tensor, grp: Group, cache: KVCache | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw keys [Bg, W', c] (ring history + new chunk) and the sliding-window mask [Bg, S, W']."""
+        w = self.window
+        if cache is not None and w > 1:
+            ring = cache.window[self.layer_id]
+            hist_pos = grp.start[:, None] - (w - 1) + torch.arange(w - 1, device=kvg.device)  # [Bg, W-1]
+            hist = ring[grp.slots[:, None], hist_pos.clamp(min=0) % w]  # [Bg, W-1, c]
+            keys = torch.cat([hist.to(kvg.dtype), kvg], dim=1)
+            key_pos = torch.cat([torch.where(hist_pos >= 0, hist_pos, -1), grp.pos], dim=1)
+        else:
+            keys, key_pos = kvg, grp.pos
+        if cache is not None:
+            # write after reading: the chunk's last `w` tokens become the ring (rows p % w are unique)
+            with torch.no_grad():
+                keep = grp.valid & (grp.pos >= grp.end[:, None] - w)
+                slots = grp.slots[:, None].expand_as(grp.pos)
+                ring = cache.window[self.layer_id]
+                ring[slots[keep], grp.pos[keep] % w] = kvg[keep].to(ring.dtype)
+        qp = grp.pos[:, :, None]
+        kp = key_pos[:, None, :]
+        mask = (kp >= 0) & (kp <= qp) & (kp > qp - w)  # [Bg, S, W']
+        return keys, mask
+
+
+def sparse_attention(q: torch.Tensor, raw_k: torch.Tensor, raw_mask: torch.Tensor, comp_k: torch.Tensor | None,
+                     comp_mask: torch.Tensor | None, gathered: bool, sink: torch.Tensor, scale: float
+                     ) -> torch.Tensor:
+    """softmax([q.k_raw, q.k_comp, sink]) without the sink column, times the same keys (K = V).
+
+    q [Bg, S, H, c]; raw_k [Bg, W', c] with raw_mask [Bg, S, W']; comp_k [Bg, E, c] with comp_mask [Bg, S, E], or,
+    when ``gathered``, per-query keys [Bg, S, k, c] with mask [Bg, S, k]. Returns [Bg, S, H, c] in q's dtype.
+    """
+    bg, s, h, _ = q.shape
+    qf = q.float()
+    logits = [torch.einsum("bshc,bkc->bshk", qf, raw_k.float()).masked_fill(~raw_mask[:, :, None, :], _NEG_INF)]
+    if comp_k is not None:
+        eq = "bshc,bskc->bshk" if gathered else "bshc,bkc->bshk"
+        logits.append(torch.einsum(eq, qf, comp_k.float()).masked_fill(~comp_mask[:, :, None, :], _NEG_INF))
+    logits = torch.cat(logits, dim=-1) * scale
+    sink_col = sink.float().view(1, 1, h, 1).expand(bg, s, h, 1)
+    probs = torch.softmax(torch.cat([logits, sink_col], dim=-1), dim=-1)[..., :-1].to(q.dtype)  # [Bg, S, H, K]
+    w = raw_k.shape[1]
+    out = torch.einsum("bshk,bkc->bshc", probs[..., :w], raw_k.to(q.dtype))
+    if comp_k is not None:
+        eq = "bshk,bskc->bshc" if gathered else "bshk,bkc->bshc"
+        out = out + torch.einsum(eq, probs[..., w:], comp_k.to(q.dtype))
+    return out

@@ -1,0 +1,55 @@
+"""Manifold-constrained hyper-connections (mHC, architecture.md sec 3; report sec 2.2).
+
+The residual is ``hc_mult`` (M) parallel streams. Before each sub-layer, ``hc_pre`` mixes the streams into one input
+with weights ``pre`` and computes ``post`` (how the output is spread back) and ``comb`` (an M x M doubly stochastic
+matrix, Sinkhorn-projected) that mixes the old streams; ``hc_post`` combines them. All mixing runs in fp32 and is
+rounded once to the activation dtype, as the official code does. ``hc_head`` is the final collapse before the norm.
+
+Parameters live on the Block / Transformer under their checkpoint names (``hc_attn_fn`` ...); these are functions.
+Deliberately not here: any learned state, or the training-time optimiser split (AdamW for base/scale, Muon for fn).
+
+Shape legend: N tokens, M = hc_mult streams, D = dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """x [N, M, D] -> RMSNorm(flatten(x)) @ fn^T  [N, K] in fp32 (no norm weight)."""
+    xf = x.flatten(-2).float()  # [N, M*D]
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
+    return (xf @ fn.float().t()) * r
+
+
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, sinkhorn_iters: int,
+           hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [N, M, D] -> (y [N, D] in x.dtype, post [N, M] fp32, comb [N, M, M] fp32)."""
+    m = x.shape[-2]
+    mixes = _mixes(x, fn, norm_eps)  # [N, (2+M)*M]
+    base, scale = base.float(), scale.float()
+    pre = torch.sigmoid(mixes[..., :m] * scale[0] + base[:m]) + hc_eps  # [N, M]
+    post = 2 * torch.sigmoid(mixes[..., m:2 * m] * scale[1] + base[m:2 * m])  # [N, M]
+    comb = (mixes[..., 2 * m:] * scale[2] + base[2 * m:]).unflatten(-1, (m, m))  # [N, M, M], C[j,k] row-major
+    comb = torch.softmax(comb, dim=-1) + hc_eps
+    comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    for _ in range(sinkhorn_iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    y = (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)  # [N, D]
+    return y, post, comb
+
+
+def hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """X_new[k] = post[k] * f + sum_j comb[j, k] * res[j]; f [N, D], res [N, M, D] -> [N, M, D] in res.dtype."""
+    mixed = torch.einsum("njk,njd->nkd", comb, res.float())  # B = C^T: sum over the FIRST stream axis
+    return (post.unsqueeze(-1) * f.float().unsqueeze(-2) + mixed).to(res.dtype)
+
+
+def hc_head(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float,
+            norm_eps: float) -> torch.Tensor:
+    """Final collapse: x [N, M, D] -> [N, D] in x.dtype (sigmoid weights, no Sinkhorn, no post)."""
+    mixes = _mixes(x, fn, norm_eps)  # [N, M]
+    pre = torch.sigmoid(mixes * scale.float() + base.float()) + hc_eps
+    return (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)

@@ -1,0 +1,70 @@
+"""Lightning Indexer: picks which compressed entries a CSA query attends to (architecture.md sec 8; report eqs.
+13-17).
+
+Index score ``I[t, s] = sum_h w[t, h] * ReLU(qI[t, h] . K[s])`` between the query's ``n_I`` small heads (from the
+shared low-rank query ``qr``) and the indexer's own compressed keys (a second, ``index_head_dim``-wide CSA
+compressor). Each query keeps the top ``index_topk`` *visible* entries (``s < (t + 1) // 4``); picks that are not
+visible (early queries with few entries) become -1. The indexer scores every visible key, so its cost grows with the
+context; the main attention then reads only the picked entries.
+
+With ``Numerics.qat_sim`` the official Hadamard rotation + FP4 rounding is applied to q and to the keys when they are
+compressed. Scores are computed in the activation dtype (official: a bf16 einsum).
+
+Deliberately not here: the attention over the picked entries (attention.py).
+
+Shape legend: N flat tokens, Bg sequences, S chunk width, H = index_n_heads, I = index_head_dim, E entries, k picks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.config import CSA_RATIO, ModelConfig
+from dsv4.model.batch import Group, pad_rows
+from dsv4.model.compressor import Compressor
+from dsv4.model.qat import fp4_sim, hadamard
+from dsv4.model.rope import apply_rope
+
+
+class Indexer(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.n_heads = config.index_n_heads
+        self.head_dim = config.index_head_dim
+        self.topk = config.index_topk
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False, dtype=dtype)
+        self.weights_proj = nn.Linear(config.dim, self.n_heads, bias=False, dtype=dtype)
+        self.compressor = Compressor(config.dim, self.head_dim, CSA_RATIO, config.rms_norm_eps)
+        self.weight_scale = self.head_dim ** -0.5 * self.n_heads ** -0.5
+
+    def queries(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qat: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (qI [N, H, I] rotated, w [N, H] head weights incl. both softmax scales)."""
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [N, H, I]
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        if qat:
+            q = fp4_sim(hadamard(q))
+        w = self.weights_proj(x) * self.weight_scale  # [N, H]
+        return q, w
+
+    @staticmethod
+    def key_post(qat: bool):
+        return (lambda k: fp4_sim(hadamard(k))) if qat else None
+
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, grp: Group) -> torch.Tensor:
+        """Top-k visible entries per query of the group: [Bg, S, k] entry ids, -1 where fewer are visible."""
+        qg = pad_rows(q, grp.tok_idx)  # [Bg, S, H, I]
+        wg = pad_rows(w, grp.tok_idx)  # [Bg, S, H]
+        e = keys.shape[1]
+        k = min(self.topk, e)
+        vis = ((grp.pos + 1) // CSA_RATIO)[..., None]  # [Bg, S, 1] number of visible entries
+        if k == 0:
+            return torch.zeros(grp.size, grp.width, 0, dtype=torch.long, device=keys.device)
+        scores = torch.einsum("bshi,bei->bshe", qg, keys.to(qg.dtype))  # [Bg, S, H, E]
+        scores = (F.relu(scores) * wg[..., None]).sum(dim=2)  # [Bg, S, E]
+        ids = torch.arange(e, device=keys.device)
+        scores = scores.masked_fill(ids >= vis, float("-inf"))
+        top = scores.topk(k, dim=-1).indices  # [Bg, S, k]
+        return torch.where(top >= vis, -1, top)

@@ -1,0 +1,109 @@
+"""Mixture of experts of DeepSeek-V4 (architecture.md sec 9; report sec 2.1 and 4.2.3).
+
+* Router (``Gate``): affinity ``s = sqrt(softplus(x W^T))`` in fp32; the first ``num_hash_layers`` layers pick
+  experts by a fixed token-id table ``tid2eid``, the others by ``topk(s + bias)`` (the bias only steers selection,
+  aux-loss-free balancing). Weights ``s[picked]`` normalised to sum 1, times ``routed_scaling_factor``.
+* Experts: SwiGLU with clamping (gate branch ``min(g, limit)``, linear branch ``clamp(u, -limit, limit)``), the
+  routing weight applied to the activation *before* ``w2`` (official), routed outputs accumulated in fp32, plus
+  one always-on shared expert (also clamped).
+
+Each expert runs only on the tokens routed to it (tokens sorted by expert; one loop over the experts that got any
+token). Deliberately not here: expert parallelism, grouped-GEMM kernels, the training-time balance loss and the
+bias update (train/).
+
+Shape legend: N tokens, D dim, E experts, k experts per token, F expert inner dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.config import ModelConfig
+
+
+class Gate(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.topk = config.num_experts_per_tok
+        self.score_func = config.scoring_func
+        self.route_scale = config.routed_scaling_factor
+        self.hash = config.is_hash_layer(layer_id)
+        self.weight = nn.Parameter(torch.zeros(config.n_routed_experts, config.dim, dtype=dtype))
+        if self.hash:
+            self.register_buffer("tid2eid", torch.zeros(config.vocab_size, self.topk, dtype=torch.long))
+            self.bias = None
+        else:
+            self.bias = nn.Parameter(torch.zeros(config.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D], input_ids [N] -> (weights [N, k] fp32, expert ids [N, k])."""
+        logits = F.linear(x.float(), self.weight.float())  # [N, E] fp32 router (official)
+        if self.score_func == "sqrtsoftplus":
+            scores = F.softplus(logits).sqrt()
+        elif self.score_func == "softmax":
+            scores = logits.softmax(dim=-1)
+        else:
+            scores = logits.sigmoid()
+        if self.hash:
+            ids = self.tid2eid[input_ids].long()
+        else:
+            ids = (scores + self.bias.float()).topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.score_func != "softmax":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.route_scale, ids
+
+
+class Expert(nn.Module):
+    def __init__(self, dim: int, inter_dim: int, swiglu_limit: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False, dtype=dtype)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False, dtype=dtype)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False, dtype=dtype)
+        self.limit = swiglu_limit
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        g = self.w1(x).float()
+        u = self.w3(x).float()
+        if self.limit > 0:
+            g = g.clamp(max=self.limit)
+            u = u.clamp(-self.limit, self.limit)
+        h = F.silu(g) * u  # [n, F] fp32
+        if weights is not None:
+            h = weights[:, None] * h  # routing weight before w2 (official)
+        return self.w2(h.to(x.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.gate = Gate(config, layer_id, dtype)
+        self.experts = nn.ModuleList(
+            Expert(config.dim, config.moe_intermediate_size, config.swiglu_limit, dtype)
+            for _ in range(config.n_routed_experts))
+        self.shared_experts = (Expert(config.dim, config.shared_inter_dim, config.swiglu_limit, dtype)
+                               if config.n_shared_experts > 0 else None)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """x [N, D] -> [N, D]."""
+        n, k = x.shape[0], self.gate.topk
+        weights, ids = self.gate(x, input_ids)  # [N, k]
+        flat = ids.flatten()  # [N*k]
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()  # one host sync per layer
+        tok = order // k
+        w = weights.flatten()[order]
+        y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
+        a = 0
+        for e, cnt in enumerate(counts):
+            if cnt == 0:
+                continue
+            t = tok[a:a + cnt]
+            y.index_add_(0, t, self.experts[e](x[t], w[a:a + cnt]).float())  # autograd-safe: y is not a leaf
+            a += cnt
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x).float()
+        return y.to(x.dtype)
