@@ -23,7 +23,9 @@ from dsv4.config import ModelConfig
 
 def inv_freq(rope_dim: int, base: float, yarn: tuple[float, int, float, float] | None) -> torch.Tensor:
     """Per-pair inverse frequencies [R/2] in fp32, with the official YaRN ramp (sec 5)."""
-    freqs = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
+    # NOTE: explicit CPU device: the loader builds the model under `torch.device("meta")`, which would otherwise turn
+    # these plain (non-buffer) tables into meta tensors that nothing ever fills.
+    freqs = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32, device="cpu") / rope_dim))
     if yarn is None:
         return freqs
     factor, original_seq_len, beta_fast, beta_slow = yarn
@@ -35,7 +37,7 @@ def inv_freq(rope_dim: int, base: float, yarn: tuple[float, int, float, float] |
     high = min(math.ceil(correction_dim(beta_slow)), rope_dim - 1)
     if low == high:
         high += 0.001  # official: avoid a zero-width ramp
-    ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     smooth = 1 - ramp
     return freqs / factor * (1 - smooth) + freqs * smooth
 
