@@ -78,7 +78,8 @@ def _view_geometry(view: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]
 
 def _plan_sources(files: dict[str, Path], opened: dict[Path, SafetensorsFile]) -> tuple[dict[str, _Source], bool]:
     """Map every official tensor name to its stored source; returns (plan, is_transformers_layout)."""
-    names = [n for n in files if not n.endswith(".scale")]
+    # `<w>.scale` is a quantisation scale only next to a `<w>.weight` (transformers' `attn_hc.scale` is a parameter)
+    names = [n for n in files if not (n.endswith(".scale") and n[: -len("scale")] + "weight" in files)]
     hf = hf_mapping.is_hf_layout(names)
     plan: dict[str, _Source] = {}
 
@@ -143,19 +144,19 @@ def _max_index(names: Iterable[str], pattern: re.Pattern[str]) -> int:
     return max(found) if found else -1
 
 
-def _config_hint(config: ModelConfig, missing: set[str], unexpected: set[str], config_path: Path) -> str:
+def _config_hint(
+    config: ModelConfig, held: set[str], missing: set[str], unexpected: set[str], config_path: Path
+) -> str:
     """Name the config.json key that most likely disagrees with the weights."""
     hints = []
     extra_layer = _max_index((n for n in unexpected if n.startswith("layers.")), _LAYER_RE)
     if extra_layer >= config.num_hidden_layers:
         hints.append(f"the checkpoint holds layers up to {extra_layer} but {config_path.name} says "
                      f"num_hidden_layers={config.num_hidden_layers}")
-    missing_layers = {int(m.group(1)) for n in missing if n.startswith("layers.") and (m := _LAYER_RE.search(n))}
-    if missing_layers and max(missing_layers) == config.num_hidden_layers - 1:
-        first = min(missing_layers)
-        if set(range(first, config.num_hidden_layers)) == missing_layers:
-            hints.append(f"the checkpoint has no tensors for layers {first}.. but {config_path.name} says "
-                         f"num_hidden_layers={config.num_hidden_layers}")
+    held_layers = {int(m.group(1)) for n in held if n.startswith("layers.") and (m := _LAYER_RE.search(n))}
+    if held_layers and max(held_layers) < config.num_hidden_layers - 1:
+        hints.append(f"the checkpoint holds layers 0..{max(held_layers)} only but {config_path.name} says "
+                     f"num_hidden_layers={config.num_hidden_layers}")
     extra_expert = _max_index(unexpected, _EXPERT_RE)
     if extra_expert >= config.n_routed_experts:
         hints.append(f"the checkpoint holds experts up to {extra_expert} but {config_path.name} says "
@@ -221,7 +222,7 @@ def _check_plan(
         if len(shape_errors) > _MAX_LISTED:
             problems.append(f"... and {len(shape_errors) - _MAX_LISTED} more wrong shapes")
     if problems:
-        hint = _config_hint(config, missing, unexpected, config_path)
+        hint = _config_hint(config, set(plan), missing, unexpected, config_path)
         if shape_errors and not hint:
             hint = (f" {config_path} probably does not match the weights (e.g. hidden_size, head_dim, vocab_size, "
                     f"moe_intermediate_size): fix it, or use the config.json that came with these weights.")
