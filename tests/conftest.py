@@ -1,0 +1,32 @@
+"""Shared test helpers: tiny DeepSeek-V4 configs that exercise every layer type in seconds on a CPU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dsv4.config import ModelConfig
+
+
+def make_tiny_config(**overrides: Any) -> ModelConfig:
+    """5 layers SWA/CSA/HCA/CSA/HCA (+ an MTP block), 1 hash layer, window 8, CSA ratio 4, HCA ratio 16, YaRN,
+    16 indexer heads with top-4 (fewer than the visible entries once S > 20)."""
+    base: dict[str, Any] = dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=5, num_attention_heads=4, head_dim=32,
+        qk_rope_head_dim=16, q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=8,
+        compress_ratios=[0, 4, 16, 4, 16, 0], index_n_heads=16, index_head_dim=32, index_topk=4,
+        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        num_hash_layers=1, routed_scaling_factor=1.5, swiglu_limit=10.0, rope_theta=10000.0,
+        compress_rope_theta=160000.0,
+        rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 32, "beta_fast": 32,
+                      "beta_slow": 1},
+        hc_mult=4, hc_sinkhorn_iters=20, num_nextn_predict_layers=1, max_position_embeddings=4096,
+    )
+    base.update(overrides)
+    return ModelConfig.from_dict(base)
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    return make_tiny_config()
