@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 from .encoding import encode_messages
+from .parser import parse_completion
+from .stream import Delta, StreamParser
 from .tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
-__all__ = ["IncrementalDetokenizer", "Tokenizer", "encode_messages", "load_tokenizer"]
+__all__ = [
+    "Delta",
+    "IncrementalDetokenizer",
+    "StreamParser",
+    "Tokenizer",
+    "encode_messages",
+    "load_tokenizer",
+    "parse_completion",
+]
