@@ -113,6 +113,7 @@ class SafetensorsFile:
             self.entries = self._read_header()
         except BaseException:
             os.close(self._fd)
+            self._fd = -1
             raise
 
     def _corrupt(self, why: str) -> CheckpointError:
