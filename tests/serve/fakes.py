@@ -63,43 +63,14 @@ class FakeEngine:
             await asyncio.sleep(self.step_delay)
 
 
-class _Delta:
-    def __init__(self, kind: str, text: str = "", name: str | None = None, arguments: str = "") -> None:
-        self.kind, self.text, self.name, self.arguments = kind, text, name, arguments
-
-
-class SplitThinkParser:
-    """Just enough of a V4 stream parser for HTTP-layer tests: reasoning until `</think>` in thinking mode."""
-
-    def __init__(self, thinking_mode: str) -> None:
-        self.in_reasoning = thinking_mode == "thinking"
-        self.buf = ""
-
-    def feed(self, text: str) -> list[_Delta]:
-        if not self.in_reasoning:
-            return [_Delta("content", text)] if text else []
-        self.buf += text
-        if "</think>" in self.buf:
-            reasoning, content = self.buf.split("</think>", 1)
-            self.in_reasoning, self.buf = False, ""
-            return [d for d in (_Delta("reasoning", reasoning), _Delta("content", content)) if d.text]
-        keep = next((k for k in range(min(len(self.buf), 7), 0, -1) if "</think>".startswith(self.buf[-k:])), 0)
-        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
-        return [_Delta("reasoning", out)] if out else []
-
-    def finish(self) -> list[_Delta]:
-        out, self.buf = self.buf, ""
-        return [_Delta("reasoning", out)] if out else []
-
-
 class FakeChat:
-    """`dsv4.chat` with the stream parser swapped for `SplitThinkParser`."""
+    """`dsv4.chat` without constrained decoding (tests here check the HTTP layer, not grammars)."""
 
     def __init__(self) -> None:
-        import dsv4.chat.encoding as encoding
+        import dsv4.chat as chat
 
-        self.encode_messages = encoding.encode_messages
-        self.StreamParser = SplitThinkParser
+        self.encode_messages = chat.encode_messages
+        self.StreamParser = chat.StreamParser
 
     def build_constraint(self, *args: Any, **kwargs: Any) -> None:
         return None

@@ -134,7 +134,7 @@ def test_openai_history_translation_matches_encoder() -> None:
 
 # ---- Anthropic ----------------------------------------------------------------------------------------------------
 def messages(client: TestClient, **kw: Any) -> Any:
-    body = {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "Capital of France?"}], **kw}
+    body = {"model": MODEL, "max_tokens": 256, "messages": [{"role": "user", "content": "Capital of France?"}], **kw}
     return client.post("/v1/messages", json=body)
 
 
@@ -241,7 +241,7 @@ def test_anthropic_errors() -> None:
     r = client.post("/v1/messages", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     assert "max_tokens" in r.json()["error"]["message"]
-    r = messages(client, thinking={"type": "enabled", "budget_tokens": 100})
+    r = messages(client, thinking={"type": "enabled", "budget_tokens": 300})
     assert r.status_code == 400 and "budget_tokens" in r.json()["error"]["message"]
 
 
@@ -311,3 +311,50 @@ def test_completions_models_health_metrics() -> None:
                  "dsv4_prefix_cache_hit_rate"):
         assert name in text
     assert 'dsv4_requests_total{endpoint="completions",status="200"} 2.0' in text
+
+
+# ---- tool calls (DSML in the completion, parsed by dsv4.chat.StreamParser) ----------------------------------------
+DSML_CALL = ('Need the weather.</think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n'
+             '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n'
+             '<｜DSML｜parameter name="days" string="false">3</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>')
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
+
+
+def test_openai_tool_call_response_and_stream() -> None:
+    client, _, _ = make(DSML_CALL)
+    body = chat(client, tools=[WEATHER]).json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    msg = choice["message"]
+    assert msg["reasoning_content"] == "Need the weather." and msg["content"] is None
+    (call,) = msg["tool_calls"]
+    assert call["id"].startswith("call_") and call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "days": 3}
+    chunks = [c for c in sse(chat(client, tools=[WEATHER], stream=True))[:-1] if c["choices"]]
+    calls = [tc for c in chunks for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert calls[0]["id"].startswith("call_") and calls[0]["function"]["name"] == "get_weather"
+    assert all(tc["index"] == 0 for tc in calls) and all("id" not in tc for tc in calls[1:])
+    assert json.loads("".join(tc["function"]["arguments"] for tc in calls)) == {"city": "Paris", "days": 3}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # with tool_choice "none" the tools are left out of the prompt, and an unoffered call is dropped by the parser
+    body = chat(client, tools=[WEATHER], tool_choice="none").json()
+    assert "tool_calls" not in body["choices"][0]["message"]
+
+
+def test_anthropic_tool_use_response_and_stream() -> None:
+    client, _, _ = make(DSML_CALL)
+    tool = {"name": "get_weather", "input_schema": WEATHER["function"]["parameters"]}
+    body = messages(client, tools=[tool]).json()
+    assert body["stop_reason"] == "tool_use"
+    assert [b["type"] for b in body["content"]] == ["thinking", "tool_use"]
+    use = body["content"][1]
+    assert use["id"].startswith("toolu_") and use["input"] == {"city": "Paris", "days": 3}
+    r = messages(client, tools=[tool], stream=True)
+    datas = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    starts = [d["content_block"] for d in datas if d["type"] == "content_block_start"]
+    assert [s["type"] for s in starts] == ["thinking", "tool_use"] and starts[1]["name"] == "get_weather"
+    partial = "".join(d["delta"]["partial_json"] for d in datas
+                      if d["type"] == "content_block_delta" and d["delta"]["type"] == "input_json_delta")
+    assert json.loads(partial) == {"city": "Paris", "days": 3}
+    assert datas[-2]["delta"]["stop_reason"] == "tool_use"

@@ -120,8 +120,6 @@ class ServingCore:
         self.in_flight = 0
         self.created = int(time.time())
         self.metrics = ServerMetrics(self.engine_stats)
-        self.eos_id: int | None = getattr(tokenizer, "eos_id", None)
-        self.eos_text = tokenizer.decode([self.eos_id], skip_special_tokens=False) if self.eos_id is not None else None
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -186,8 +184,9 @@ class ServingCore:
         if (job.tools and job.tool_choice != "auto" and job.tool_choice != "none") or job.response_format:
             constraint = self._constraint(job)
         params = self._params(job.sampling, job.stop, max_tokens, constraint)
-        return Prepared(prompt_ids, params, job.thinking, job.tools if job.tool_choice != "none" else None,
-                        params.n, raw_text=False)
+        # the parser drops calls to tools that were not offered (none at all with tool_choice "none")
+        offered = (job.tools or []) if job.tool_choice != "none" else []
+        return Prepared(prompt_ids, params, job.thinking, offered, params.n, raw_text=False)
 
     def prepare_completion(self, prompt_ids: list[int], sampling: dict[str, Any], stop: list[str],
                            max_tokens: int | None) -> Prepared:
@@ -236,8 +235,8 @@ class ServingCore:
         self.metrics.in_flight.inc()
         arrival = time.perf_counter()
         first_token: float | None = None
-        parsers = [None if prep.raw_text else self.chat.StreamParser("thinking" if prep.thinking else "chat")
-                   for _ in range(prep.n)]
+        mode = "thinking" if prep.thinking else "chat"
+        parsers = [None if prep.raw_text else self.chat.StreamParser(mode, tools=prep.tools) for _ in range(prep.n)]
         tool_counts = [0] * prep.n
         done = [False] * prep.n
         last = None
@@ -284,10 +283,9 @@ class ServingCore:
                 self.engine.abort(request_id)
 
     def _step(self, co: Any, parser: Any, tool_counts: list[int], prep: Prepared) -> Step | None:
+        # NOTE: the text still holds the final <｜end▁of▁sentence｜>; the V4 parser reads it as the end of the message
         text = co.delta_text
         finished = co.finish_reason is not None
-        if finished and self.eos_text and co.stop_reason == self.eos_id and text.endswith(self.eos_text):
-            text = text[: -len(self.eos_text)]
         step = Step(index=co.index)
         if parser is None:
             step.content = text
@@ -312,21 +310,21 @@ class ServingCore:
             return None
         return step
 
-    def _apply_delta(self, step: Step, d: Any, tool_counts: list[int], index: int) -> None:
-        kind = d.kind
-        if kind == "reasoning":
+    @staticmethod
+    def _apply_delta(step: Step, d: Any, tool_counts: list[int], index: int) -> None:
+        if d.kind == "reasoning":
             step.reasoning += d.text
-        elif kind == "content":
+        elif d.kind == "content":
             step.content += d.text
-        elif kind == "tool_call":
-            # a parser delta starts a call when it carries its name; later deltas only add argument text
+        elif d.kind == "tool_call":
+            # a parser delta that carries the name opens call `d.index`; later ones add argument JSON text
             if d.name is not None:
                 tool_counts[index] += 1
-                step.tool_calls.append(ToolCallDelta(tool_counts[index] - 1, new_id("call_"), d.name, d.arguments or ""))
-            elif step.tool_calls and step.tool_calls[-1].index == tool_counts[index] - 1:
-                step.tool_calls[-1].arguments += d.arguments or ""
+                step.tool_calls.append(ToolCallDelta(d.index, new_id("call_"), d.name, d.text))
+            elif step.tool_calls and step.tool_calls[-1].index == d.index:
+                step.tool_calls[-1].arguments += d.text
             else:
-                step.tool_calls.append(ToolCallDelta(tool_counts[index] - 1, None, None, d.arguments or ""))
+                step.tool_calls.append(ToolCallDelta(d.index, None, None, d.text))
 
     def _logprobs(self, ids: list[int], dists: list[dict[int, float]]) -> list[TokenLogprob]:
         out = []
