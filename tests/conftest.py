@@ -30,3 +30,31 @@ def make_tiny_config(**overrides: Any) -> ModelConfig:
 @pytest.fixture
 def tiny_config() -> ModelConfig:
     return make_tiny_config()
+
+
+def random_model(cfg: ModelConfig, seed: int = 0, dtype=None):
+    """A dsv4 Transformer with every parameter random and O(1)-scaled (init_weights' small std makes most
+    comparisons trivially pass); fp32 by default."""
+    import torch
+
+    from dsv4.model.transformer import Transformer
+
+    model = Transformer(cfg, dtype=dtype or torch.float32).init_weights(seed).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if "norm" in name:
+                v = 1 + 0.1 * r
+            elif name.endswith(("attn_sink", "ape", "gate.bias")):
+                v = 0.5 * r
+            elif name.endswith("_base"):
+                v = 0.3 * r
+            elif name.endswith("_scale"):
+                v = 1 + 0.2 * r
+            elif name == "embed.weight":
+                v = r
+            else:
+                v = r * p.shape[-1] ** -0.5
+            p.copy_(v.to(p.dtype))
+    return model

@@ -1,0 +1,192 @@
+"""Incremental decoding through ForwardBatch + KVCache equals the pure full forward.
+
+Covers: prefill then token-by-token decode at every position; chunked prefill with odd chunk sizes; a varlen batch
+mixing sequences of different lengths (prefill chunks and decode tokens together) equals each sequence alone;
+snapshot/restore of a slot at a page boundary reproduces the continuation (prefix caching); the decode step is
+sparse (the CSA attention gathers only top-k entries).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_config, random_model
+from dsv4.model.batch import ForwardBatch
+from dsv4.model.cache import KVCache
+
+PAGE = 16  # multiple of the tiny config's ratios 4 and 16
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = make_tiny_config()
+    model = random_model(cfg, seed=11)
+    return cfg, model
+
+
+def full_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens[None])[0]
+
+
+def pages_for(seq_idx: int, max_len: int) -> list[int]:
+    per = -(-max_len // PAGE)
+    return list(range(seq_idx * per, (seq_idx + 1) * per))
+
+
+def run_chunks(model, cache, slot: int, pages: list[int], tokens: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    out, pos = [], 0
+    for n in chunks:
+        batch = ForwardBatch.from_sequences([tokens[pos:pos + n]], start_pos=[pos], slots=[slot],
+                                            block_tables=torch.tensor([pages]))
+        with torch.no_grad():
+            out.append(model.forward_batch(batch, cache).logits)
+        pos += n
+    return torch.cat(out)
+
+
+def test_prefill_then_decode_every_position(setup) -> None:
+    cfg, model = setup
+    s = 70
+    tokens = torch.randint(0, cfg.vocab_size, (s,), generator=torch.Generator().manual_seed(0))
+    want = full_logits(model, tokens)
+    cache = KVCache(cfg, num_slots=2, num_pages=8, page_size=PAGE, dtype=torch.float32)
+    got = run_chunks(model, cache, 1, pages_for(0, s), tokens, [9] + [1] * (s - 9))
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+
+
+def test_decode_from_first_token(setup) -> None:
+    cfg, model = setup
+    s = 40
+    tokens = torch.randint(0, cfg.vocab_size, (s,), generator=torch.Generator().manual_seed(1))
+    cache = KVCache(cfg, num_slots=1, num_pages=4, page_size=PAGE, dtype=torch.float32)
+    got = run_chunks(model, cache, 0, pages_for(0, s), tokens, [1] * s)
+    torch.testing.assert_close(got, full_logits(model, tokens), atol=ATOL, rtol=ATOL)
+
+
+def test_chunked_prefill_odd_chunks(setup) -> None:
+    cfg, model = setup
+    chunks = [5, 3, 11, 1, 7, 2, 13, 1, 1, 9]
+    s = sum(chunks)
+    tokens = torch.randint(0, cfg.vocab_size, (s,), generator=torch.Generator().manual_seed(2))
+    cache = KVCache(cfg, num_slots=1, num_pages=4, page_size=PAGE, dtype=torch.float32)
+    got = run_chunks(model, cache, 0, pages_for(0, s), tokens, chunks)
+    torch.testing.assert_close(got, full_logits(model, tokens), atol=ATOL, rtol=ATOL)
+
+
+def test_varlen_batch_equals_each_alone(setup) -> None:
+    cfg, model = setup
+    lens = [37, 5, 21, 1, 50]
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in lens]
+    with torch.no_grad():
+        out = model.forward_batch(ForwardBatch.from_sequences(seqs), None)
+    got = out.logits.split(lens)
+    assert out.hidden.shape == (sum(lens), cfg.hc_mult, cfg.dim)
+    for s, lg in zip(seqs, got):
+        torch.testing.assert_close(lg, full_logits(model, s), atol=ATOL, rtol=ATOL)
+
+
+def test_mixed_batch_with_cache(setup) -> None:
+    """Steps where some sequences prefill a chunk while others decode, all in one varlen batch."""
+    cfg, model = setup
+    total = [30, 45, 20]
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in total]
+    # per-step chunk sizes of each sequence (0 = idle this step)
+    plan = [[12, 1, 20], [1, 17, 0], [5, 1, 0], [1, 9, 0], [11, 1, 0], [0, 16, 0]]
+    cache = KVCache(cfg, num_slots=3, num_pages=12, page_size=PAGE, dtype=torch.float32)
+    bt = torch.tensor([pages_for(i, 48) for i in range(3)])
+    pos = [0, 0, 0]
+    got: list[list[torch.Tensor]] = [[], [], []]
+    for step in plan:
+        ids = [i for i in range(3) if step[i] > 0]
+        batch = ForwardBatch.from_sequences([seqs[i][pos[i]:pos[i] + step[i]] for i in ids],
+                                            start_pos=[pos[i] for i in ids], slots=ids, block_tables=bt[ids])
+        with torch.no_grad():
+            lg = model.forward_batch(batch, cache).logits.split([step[i] for i in ids])
+        for i, x in zip(ids, lg):
+            got[i].append(x)
+            pos[i] += step[i]
+    assert pos == total
+    for i in range(3):
+        torch.testing.assert_close(torch.cat(got[i]), full_logits(model, seqs[i]), atol=ATOL, rtol=ATOL)
+
+
+def test_logits_indices(setup) -> None:
+    cfg, model = setup
+    seqs = [torch.arange(10) % cfg.vocab_size, torch.arange(7) + 3]
+    idx = torch.tensor([9, 16])
+    with torch.no_grad():
+        full = model.forward_batch(ForwardBatch.from_sequences(seqs), None).logits
+        part = model.forward_batch(ForwardBatch.from_sequences(seqs, logits_indices=idx), None).logits
+    torch.testing.assert_close(part, full[idx])
+
+
+def test_snapshot_restore_prefix(setup) -> None:
+    """Prefix caching: a second sequence reuses the first page and the slot snapshot taken at the page boundary."""
+    cfg, model = setup
+    g = torch.Generator().manual_seed(5)
+    prefix = torch.randint(0, cfg.vocab_size, (2 * PAGE,), generator=g)
+    tail_a = torch.randint(0, cfg.vocab_size, (9,), generator=g)
+    tail_b = torch.randint(0, cfg.vocab_size, (13,), generator=g)
+    cache = KVCache(cfg, num_slots=2, num_pages=8, page_size=PAGE, dtype=torch.float32)
+    pages_a, pages_b = [0, 1, 2], [0, 1, 3]  # b shares the two prefix pages
+    run_chunks(model, cache, 0, pages_a, prefix, [2 * PAGE])
+    snap = cache.snapshot_state(0)
+    a = _continue(model, cache, 0, pages_a, prefix, tail_a)
+    cache.restore_state(1, snap)
+    b = _continue(model, cache, 1, pages_b, prefix, tail_b)
+    torch.testing.assert_close(a, full_logits(model, torch.cat([prefix, tail_a]))[2 * PAGE:], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(b, full_logits(model, torch.cat([prefix, tail_b]))[2 * PAGE:], atol=ATOL, rtol=ATOL)
+    # copy_state forks a slot too
+    cache.copy_state(1, 0)
+    for t0, t1 in zip(cache.snapshot_state(0), cache.snapshot_state(1)):
+        assert torch.equal(t0, t1)
+
+
+def _continue(model, cache, slot, pages, prefix, tail) -> torch.Tensor:
+    out = []
+    pos = prefix.shape[0]
+    for i in range(tail.shape[0]):
+        batch = ForwardBatch.from_sequences([tail[i:i + 1]], start_pos=[pos + i], slots=[slot],
+                                            block_tables=torch.tensor([pages]))
+        with torch.no_grad():
+            out.append(model.forward_batch(batch, cache).logits)
+    return torch.cat(out)
+
+
+def test_decode_is_sparse(setup, monkeypatch) -> None:
+    """A decode step's CSA attention sees top-k gathered keys, not all entries."""
+    import dsv4.model.attention as att
+
+    cfg, model = setup
+    s = 60
+    tokens = torch.randint(0, cfg.vocab_size, (s,), generator=torch.Generator().manual_seed(6))
+    cache = KVCache(cfg, num_slots=1, num_pages=4, page_size=PAGE, dtype=torch.float32)
+    run_chunks(model, cache, 0, pages_for(0, s + 1), tokens, [s])
+    seen = []
+    real = att.sparse_attention
+
+    def spy(q, raw_k, raw_mask, comp_k, comp_mask, gathered, sink, scale):
+        seen.append((raw_k.shape[1], None if comp_k is None else tuple(comp_k.shape), gathered))
+        return real(q, raw_k, raw_mask, comp_k, comp_mask, gathered, sink, scale)
+
+    monkeypatch.setattr(att, "sparse_attention", spy)
+    batch = ForwardBatch.from_sequences([tokens[:1]], start_pos=[s], slots=[0],
+                                        block_tables=torch.tensor([pages_for(0, s + 1)]))
+    with torch.no_grad():
+        model.forward_batch(batch, cache)
+    csa = [x for x, r in zip(seen, cfg.layer_ratios) if r == 4]
+    assert all(g and shape[2] == cfg.index_topk for _, shape, g in csa), csa
+    assert all(w <= cfg.window_size for w, _, _ in seen)
+
+
+def test_cache_bytes(setup) -> None:
+    cfg, _ = setup
+    cache = KVCache(cfg, num_slots=3, num_pages=5, page_size=PAGE, dtype=torch.float32)
+    assert cache.nbytes == KVCache.bytes_needed(cfg, 3, 5, PAGE, torch.float32)
+    with pytest.raises(ValueError, match="page_size"):
+        KVCache(cfg, num_slots=1, num_pages=1, page_size=24)
