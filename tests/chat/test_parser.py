@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dsv4.chat import StreamParser, encode_messages, load_tokenizer, parse_completion
+from dsv4.chat import StreamParser, encode_messages, parse_completion
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EOS = "<｜end▁of▁sentence｜>"
@@ -140,7 +140,7 @@ def _fixed_texts() -> list[tuple[str, str]]:
     return [*texts, (mixed, "chat")]
 
 
-@pytest.mark.parametrize(("text", "mode"), _fixed_texts())
+@pytest.mark.parametrize(("text", "mode"), _fixed_texts(), ids=lambda v: str(len(v)) if len(v) > 9 else v)
 def test_streaming_equals_strict_at_every_split(text: str, mode: str) -> None:
     strict = parse_completion(text, mode)
     for cut in range(len(text) + 1):
@@ -151,9 +151,8 @@ def test_streaming_equals_strict_at_every_split(text: str, mode: str) -> None:
         assert parser.message() == strict and parser.errors == [], cut
 
 
-@pytest.mark.parametrize(("text", "mode"), _fixed_texts())
-def test_streaming_token_by_token(text: str, mode: str) -> None:
-    tok = load_tokenizer()
+@pytest.mark.parametrize(("text", "mode"), _fixed_texts(), ids=lambda v: str(len(v)) if len(v) > 9 else v)
+def test_streaming_token_by_token(text: str, mode: str, tok) -> None:
     ids = tok.encode(text)
     detok, parser, deltas = tok.detokenizer(), StreamParser(mode), []
     for token_id in ids:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from .constraint import Constraint, build_constraint
 from .encoding import encode_messages
 from .parser import parse_completion
 from .stream import Delta, StreamParser
 from .tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
+    "Constraint",
     "Delta",
     "IncrementalDetokenizer",
     "StreamParser",
     "Tokenizer",
+    "build_constraint",
     "encode_messages",
     "load_tokenizer",
     "parse_completion",
