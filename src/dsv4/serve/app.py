@@ -171,6 +171,20 @@ def create_app(core: ServingCore, api_key: str | None = None,
         core.check_model(body.model)
         return CountTokensResponse(input_tokens=len(core.encode(core.render_chat(anthropic_api.chat_job(body)))))
 
+    def openapi() -> dict[str, Any]:
+        # Advertise the served names as the `model` enum: clients and fuzzers then see which names are valid.
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for schema in doc.get("components", {}).get("schemas", {}).values():
+                model_prop = schema.get("properties", {}).get("model")
+                if model_prop is not None and schema.get("title", "").endswith("Request"):
+                    model_prop["enum"] = list(core.model_names)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
