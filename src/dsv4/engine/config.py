@@ -12,7 +12,7 @@ class EngineConfig:
     # from it and never grows; `num_pages` overrides the derived page count (tests use it to force preemption).
     cache_memory_gb: float = 1.0
     num_pages: int | None = None
-    page_size: int = 128  # tokens per page: lcm of the compression ratios (4, 128)
+    page_size: int = 128  # tokens per page: a multiple of every compression ratio (V4: lcm(4, 128) = 128)
     max_num_seqs: int = 32  # state slots = most sequences running at once
     max_num_batched_tokens: int = 512  # token budget of one forward (chunked prefill splits longer prompts)
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the cache capacity
@@ -31,8 +31,8 @@ class EngineConfig:
             raise bad("cache_memory_gb", "it must be > 0")
         if self.num_pages is not None and self.num_pages < 1:
             raise bad("num_pages", "it must be >= 1 (or None to size the cache from cache_memory_gb)")
-        if self.page_size < 1 or self.page_size % 128:
-            raise bad("page_size", "it must be a positive multiple of 128 (the lcm of V4's compression ratios)")
+        if self.page_size < 1:
+            raise bad("page_size", "it must be a positive multiple of the model's compression ratios (V4: 128)")
         if self.max_num_seqs < 1:
             raise bad("max_num_seqs", "it must be >= 1")
         if self.max_num_batched_tokens < 2:

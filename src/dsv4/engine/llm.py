@@ -219,21 +219,14 @@ class LLMEngine:
         rollback = {it.seq.seq_id: self.cache.snapshot_state(it.seq.slot) for it in out.items if it.draft is not None}
         res = self.runner.run(out)
         touched: list[Sequence] = []
-        # 1. cache bookkeeping and prefix snapshots (state is exactly at a page boundary right after the forward)
+        # 1. cache bookkeeping
         for it in out.items:
             it.seq.num_computed += it.num_new
-            if it.snapshot and self.prefix_cache is not None and not self.prefix_cache.contains(
-                it.seq.tokens, it.seq.num_computed
-            ):
-                snap = self.cache.snapshot_state(it.seq.slot)
-                self.prefix_cache.insert(it.seq.tokens, it.seq.pages, it.seq.num_computed, snap)
         # 2. first token of every sampling item
         sampling = [(k, it) for k, it in enumerate(out.items) if it.samples]
-        if not sampling:
-            return touched
         first_rows = [res.rows[k][0] for k, _ in sampling]
         seqs = [it.seq for _, it in sampling]
-        firsts = self.sampler(res.logits[first_rows], seqs)
+        firsts = self.sampler(res.logits[first_rows], seqs) if sampling else []
         second: list[tuple[int, Any]] = []
         for (k, it), (tok, lp) in zip(sampling, firsts):
             seq = it.seq
@@ -260,9 +253,16 @@ class LLMEngine:
             rows = [res.rows[k][1] for k, _ in second]
             for (k, it), (tok, lp) in zip(second, self.sampler(res.logits[rows], [it.seq for _, it in second])):
                 it.seq.append_token(tok, lp)
-        # 4. draft the next token with MTP for sequences that will decode next step
+        # 4. MTP over every position computed this step (keeps its window complete); drafts for the next decodes
         if spec is not None:
             spec.draft(out, res, self.stats)
+        # 5. prefix snapshots: chunks that end on a page boundary (mid-prompt, so nothing above changed their state)
+        if self.prefix_cache is not None:
+            for it in out.items:
+                s = it.seq
+                if it.snapshot and not self.prefix_cache.contains(s.tokens, s.num_computed):
+                    snap = self.cache.snapshot_state(s.slot)
+                    self.prefix_cache.insert(s.tokens, s.pages, s.num_computed, snap)
         return touched
 
     # --- offline API -------------------------------------------------------------------------------------------

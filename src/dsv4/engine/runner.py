@@ -23,6 +23,7 @@ class StepResult:
     hidden: torch.Tensor | None  # [N, hc, D] streams after the last block (MTP needs them)
     rows: list[list[int]]  # per item: its rows in `logits` (empty when the chunk does not reach the end)
     token_index: list[list[int]]  # per item: the matching indices into the N tokens (for `hidden`)
+    offsets: list[int]  # per item: index of its first token in the N tokens
 
 
 class ModelRunner:
@@ -34,7 +35,7 @@ class ModelRunner:
         self.cache = cache
         self.device = device
 
-    def build_batch(self, out: SchedulerOutput) -> tuple[Any, list[list[int]], list[list[int]]]:
+    def build_batch(self, out: SchedulerOutput) -> tuple[Any, list[list[int]], list[list[int]], list[int]]:
         ids: list[int] = []
         positions: list[int] = []
         start_pos: list[int] = []
@@ -43,11 +44,13 @@ class ModelRunner:
         logits_indices: list[int] = []
         rows: list[list[int]] = []
         token_index: list[list[int]] = []
+        offsets: list[int] = []
         max_pages = max(len(it.seq.pages) for it in out.items)
         tables = torch.full((len(out.items), max_pages), -1, dtype=torch.int64)  # [B, max_pages]
         for b, it in enumerate(out.items):
             toks = it.token_ids
             offset = len(ids)
+            offsets.append(offset)
             ids += toks
             positions += range(it.start, it.start + len(toks))
             start_pos.append(it.start)
@@ -73,10 +76,10 @@ class ModelRunner:
             block_tables=tables.to(self.device),
             logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=self.device),
         )
-        return batch, rows, token_index
+        return batch, rows, token_index, offsets
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> StepResult:
-        batch, rows, token_index = self.build_batch(out)
+        batch, rows, token_index, offsets = self.build_batch(out)
         res = self.model.forward_batch(batch, self.cache)
-        return StepResult(res.logits.float(), getattr(res, "hidden", None), rows, token_index)
+        return StepResult(res.logits.float(), getattr(res, "hidden", None), rows, token_index, offsets)

@@ -29,6 +29,12 @@ class ScheduledSeq:
     num_new: int  # tokens of `seq.tokens` computed this step
     draft: int | None = None  # an MTP draft token appended after them (speculative decoding)
     snapshot: bool = False  # take a prefix-cache snapshot after this step (chunk ends on a page boundary)
+    # True when this chunk reaches the end of the known tokens, so its last logits give the next token. Fixed at
+    # scheduling time (the sequence grows once the token is appended).
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_new == self.seq.num_tokens
 
     @property
     def token_ids(self) -> list[int]:
@@ -38,11 +44,6 @@ class ScheduledSeq:
     @property
     def num_tokens(self) -> int:
         return self.num_new + (self.draft is not None)
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the known tokens, so its last logits give the next token."""
-        return self.start + self.num_new == self.seq.num_tokens
 
 
 @dataclass
