@@ -5,17 +5,17 @@ so a run can resume on a different number of ranks), the data loader position, e
 written to a temporary directory and renamed into place, and `latest` is replaced atomically afterwards, so a crash
 mid-save never leaves a checkpoint that looks complete but is not.
 
-Export writes what `dsv4.load_model` and transformers' `DeepseekV4ForCausalLM` read: `model.safetensors` with the
-official tensor names, `config.json` (published HF keys) and the tokenizer files. Weights are stored unquantised (BF16
-by default; FP32 where the release keeps FP32: mHC parameters, attention sinks, compressor `ape`, gate biases), and
-config.json carries no `quantization_config`, which tells both loaders the linear weights are plain.
+Export writes what `dsv4.load_model` and transformers' `DeepseekV4ForCausalLM` read, through the loader's writer
+(`model/checkpoint_io.save_checkpoint`): safetensors shards with the official tensor names, `config.json` (published HF
+keys) and the tokenizer files. Weights are stored unquantised (BF16 by default; FP32 where the release keeps FP32: mHC
+parameters, attention sinks, compressor `ape`, gate biases), and config.json carries no `quantization_config`, which
+tells both loaders the linear weights are plain.
 
 Deliberately not here: FP8/FP4 export (a tiny model does not need it; quantising would change its logits).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -26,10 +26,6 @@ import torch
 from torch import nn
 
 LATEST = "latest"
-
-# Tensors the release keeps in FP32 (params_flash.txt); everything else floating is written in the export dtype.
-_FP32_LEAVES = ("hc_attn_fn", "hc_ffn_fn", "hc_attn_base", "hc_ffn_base", "hc_attn_scale", "hc_ffn_scale",
-                "hc_head_fn", "hc_head_base", "hc_head_scale", "attn_sink", "ape")
 
 
 def rng_state() -> dict:
@@ -128,22 +124,12 @@ def load_training_state(path: str | Path) -> dict:
     return torch.load(f, map_location="cpu", weights_only=False)
 
 
-def export_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """Official-layout tensors: shared MTP embed/head dropped (as convert.py does), release dtypes."""
-    out = {}
-    for name, t in state.items():
-        if name.startswith("mtp.") and (".emb" in name or name.endswith("head.weight")):
-            continue  # the MTP block shares the main embedding and head
-        t = t.detach().cpu()
-        leaf = name.rsplit(".", 1)[-1]
-        if not t.dtype.is_floating_point:
-            t = t.to(torch.int64)  # tid2eid is I64 in the HF checkpoint
-        elif leaf in _FP32_LEAVES or name.endswith("gate.bias"):
-            t = t.float()
-        else:
-            t = t.to(dtype)
-        out[name] = t.contiguous()
-    return out
+def export_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official-layout tensors: the MTP block's shared embed/head dropped (as the release's convert.py does)."""
+    return {
+        name: t for name, t in state.items()
+        if not (name.startswith("mtp.") and (".emb" in name or name.endswith("head.weight")))
+    }
 
 
 def export_model(
@@ -153,19 +139,10 @@ def export_model(
     tokenizer_dir: str | Path | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
-    from safetensors.torch import save_file
+    """Published layout via the loader's writer (model/checkpoint_io.py), plus the tokenizer files."""
+    from dsv4.model.checkpoint_io import save_checkpoint
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = export_tensors(state, dtype)
-    tmp = out / ".model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
-    cfg.update(architectures=["DeepseekV4ForCausalLM"], model_type="deepseek_v4",
-               torch_dtype=str(dtype).removeprefix("torch."))
-    cfg.pop("expert_dtype", None)  # experts are not FP4 here
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    out = save_checkpoint(out_dir, export_state(state), config, quantize=False, dtype=dtype)
     if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             src = Path(tokenizer_dir) / name

@@ -244,7 +244,8 @@ def forward_losses(model, batch: Batch, with_mtp: bool, record_router: bool = Tr
         mtp_logits = None
         if with_mtp:
             # The MTP block sees the main model's mHC streams and the embedding of the *next* token (targets).
-            mtp_logits = model.forward_mtp(fb, out.hidden, batch.targets.clamp_min(0))
+            nxt = ForwardBatch(batch.targets.clamp_min(0), batch.positions, fb.start_pos, fb.seq_lens)
+            mtp_logits = model.forward_mtp(nxt, out.hidden).logits
     return out.logits, mtp_logits, (rec.stats if rec is not None else [])
 
 

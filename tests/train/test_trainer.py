@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import base_args
+from dsv4.train.trainer import Trainer, main, parse_args
+
+
+def read_losses(out):
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if "loss" in r], [r for r in recs if "eval_loss" in r]
+
+
+def test_loss_falls_on_synthetic_corpus(train_assets, tmp_path):
+    out = tmp_path / "run"
+    assert main(base_args(train_assets, out, steps=30, lr=1e-2, **{"eval-every": 0})) == 0
+    train, evals = read_losses(out)
+    first, last = train[0], train[-1]
+    assert last["step"] == 30
+    assert last["ce"] < first["ce"] - 3.0, (first["ce"], last["ce"])  # from ~ln(vocab)=7.4 to well under 4.4
+    assert last["mtp"] < first["mtp"] - 2.0
+    assert evals[-1]["eval_loss"] < first["ce"] - 3.0
+    # every routed layer (not the hash layer 0) reports its expert load, and the MTP block's gate too
+    assert set(last["expert_load"]) == {"layers.1.ffn.gate", "layers.2.ffn.gate", "mtp.0.ffn.gate"}
+    assert sum(last["expert_load"]["layers.1.ffn.gate"]) == last["tokens"] * 2  # top-2
+
+
+def test_resume_is_exact(train_assets, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    main(base_args(train_assets, full, steps=6, **{"grad-accum": 2}))
+    cfg = parse_args(base_args(train_assets, part, steps=6, **{"grad-accum": 2}))
+    t = Trainer(cfg)
+    for _ in range(3):
+        t.log(t.train_step())
+    t.save()
+    del t
+    main(base_args(train_assets, part, steps=6, **{"grad-accum": 2}))  # picks up checkpoints/latest at step 3
+    a, _ = read_losses(full)
+    b, _ = read_losses(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical
+    assert [r["expert_load"] for r in a] == [r["expert_load"] for r in b]
+
+
+def test_export_loads_in_dsv4_and_transformers(train_assets, tmp_path):
+    out = tmp_path / "run"
+    cfg = parse_args(base_args(train_assets, out, steps=3, export="true", **{"export-dtype": "float32"}))
+    t = Trainer(cfg)
+    t.run()
+    export = out / "export"
+    assert (export / "config.json").is_file() and (export / "tokenizer.json").is_file()
+    ids = torch.randint(3, 1600, (2, 40), generator=torch.Generator().manual_seed(0))
+    t.model.eval()
+    with torch.no_grad():
+        want = t.model(ids)
+    import dsv4
+
+    ours = dsv4.load_model(export, dtype=torch.float32, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), want, atol=1e-5, rtol=1e-5)
+    # the trained gate biases (aux-loss-free balancing) travel with the export
+    torch.testing.assert_close(ours.layers[1].ffn.gate.bias, t.model.layers[1].ffn.gate.bias)
+    assert t.model.layers[1].ffn.gate.bias.abs().sum() > 0
+    transformers = pytest.importorskip("transformers")
+    hf, info = transformers.DeepseekV4ForCausalLM.from_pretrained(
+        export, torch_dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_errors_are_actionable(train_assets, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--data", str(train_assets["data"])])
+    assert "--model-config" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(base_args(train_assets, tmp_path, bogus=1))
+    with pytest.raises(SystemExit):
+        parse_args(base_args(train_assets, tmp_path, steps="many"))
+
+
+def test_toml_config_with_overrides(train_assets, tmp_path):
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'model_config = "{train_assets["config"]}"\ndata = ["{train_assets["data"]}"]\nsteps = 7\n'
+                    '[optim]\nlr = 1e-3\nschedule = "constant"\n[loss]\nmtp_weight = 0.1\n')
+    cfg = parse_args(["--config", str(toml), "--steps", "9", "--lr", "2e-3"])
+    assert cfg.steps == 9 and cfg.optim.lr == 2e-3 and cfg.optim.schedule == "constant" and cfg.loss.mtp_weight == 0.1
