@@ -5,8 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 from dsv4.config import ModelConfig
+
+# The suite runs tiny models on a shared 2-core machine: with several intra-op threads every small op pays OpenMP
+# hand-off/spin costs (measured 17x slower decode steps under load). One thread per test process is fastest here.
+torch.set_num_threads(1)
 
 
 def make_tiny_config(**overrides: Any) -> ModelConfig:
@@ -35,8 +40,6 @@ def tiny_config() -> ModelConfig:
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=None):
     """A dsv4 Transformer with every parameter random and O(1)-scaled (init_weights' small std makes most
     comparisons trivially pass); fp32 by default."""
-    import torch
-
     from dsv4.model.transformer import Transformer
 
     model = Transformer(cfg, dtype=dtype or torch.float32).init_weights(seed).eval()
