@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_config, random_model
+from tests.conftest import make_tiny_config, random_model
 from dsv4.model.batch import ForwardBatch
 from dsv4.model.cache import KVCache
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_config
+from tests.conftest import make_tiny_config
 from dsv4.config import ModelConfig
 from dsv4.model.hf_mapping import hf_state_dict_to_official, official_state_dict_to_hf
 from dsv4.model.transformer import Transformer
