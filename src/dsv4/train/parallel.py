@@ -42,13 +42,18 @@ def apply_data_parallel(model: nn.Module, world: int) -> nn.Module:
     if world <= 1:
         return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
     blocks = list(getattr(model, "layers", [])) + list(getattr(model, "mtp", []) or [])
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    # The trainer calls forward_batch / forward_mtp, not forward(): FSDP2 must gather the root's parameters (embed,
+    # head, hc_head, norm) around those methods too.
+    for method in ("forward_batch", "forward_mtp"):
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
     return model
 
 
