@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import base_args
+from tests.train.conftest import base_args
 from dsv4.train.trainer import Trainer, main, parse_args
 
 
