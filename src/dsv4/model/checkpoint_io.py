@@ -181,12 +181,16 @@ class SafetensorsFile:
 
     def release(self, name: str) -> None:
         """Drop the pages of ``name`` from this process (they stay in the OS page cache)."""
+        e = self.entries[name]
+        self.release_bytes(e.begin, e.end)
+
+    def release_bytes(self, begin: int, end: int) -> None:
+        """Drop the pages covering file bytes [begin, end); a view touching them later simply re-reads them."""
         if self._mmap is None or not hasattr(self._mmap, "madvise"):
             return
-        e = self.entries[name]
-        start = e.begin // mmap.PAGESIZE * mmap.PAGESIZE
-        if e.end > start:
-            self._mmap.madvise(mmap.MADV_DONTNEED, start, e.end - start)
+        start = begin // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, min(end, len(self._mmap)) - start)
 
     def close(self) -> None:
         if self._mmap is not None:

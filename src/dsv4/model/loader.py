@@ -46,6 +46,7 @@ _EXPERT_RE = re.compile(r"\.ffn\.experts\.(\d+)\.")
 # convert.py drops these: the MTP block shares the main model's embedding and head (architecture.md sec. 10).
 _SHARED_MTP_RE = re.compile(r"^mtp\.\d+\.(.*emb.*|(.*\.)?head\.weight)$")
 _MAX_LISTED = 6
+_CHUNK_BYTES = 8 * 2**20  # file bytes copied per step while streaming one tensor
 
 
 @dataclass(frozen=True)
@@ -315,20 +316,47 @@ def _stream(
             for name in by_stored[(file, key)]:
                 src, param = plan[name], expected[name]
                 out = torch.empty(param.shape, dtype=param.dtype, device=device)
-                if src.scale_key is not None:
+                if src.view is not None:
+                    out.copy_(stored.as_strided(*src.view))
+                elif src.scale_key is None:
+                    _fill_chunked(out, stored, None, f, key)
+                else:
                     scale_f = opened[src.scale_file]
                     try:
-                        quant.dequantize(stored, scale_f.tensor(src.scale_key), param.dtype, out=out)
+                        _fill_chunked(out, stored, scale_f.tensor(src.scale_key), f, key)
                     except quant.QuantFormatError as e:
                         raise CheckpointError(f"tensor {key!r} in {file}: {e}") from None
                     scale_f.release(src.scale_key)
-                else:
-                    value = stored if src.view is None else stored.as_strided(*src.view)
-                    out.copy_(value)
                 _set_tensor(model, name, out)
             del stored
             f.release(key)
             bar.update(f.entries[key].end - f.entries[key].begin)
+
+
+def _fill_chunked(out: torch.Tensor, stored: torch.Tensor, scale: torch.Tensor | None, f: SafetensorsFile,
+                  key: str) -> None:
+    """Copy / dequantise ``stored`` into ``out`` a few MB of rows at a time, dropping each chunk's file pages after
+    use, so a tensor that is a large part of the model (the head, the embedding) never sits in memory twice."""
+    entry = f.entries[key]
+    if stored.dim() == 0 or stored.numel() == 0:
+        out.copy_(stored if scale is None else quant.dequantize(stored, scale, out.dtype))
+        return
+    rows = stored.shape[0]
+    row_bytes = (entry.end - entry.begin) // rows
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    fp8 = scale is not None and quant.is_fp8(stored)
+    if fp8:  # FP8 scales cover 128-row blocks: chunks must start on a block boundary
+        step = -(-step // quant.FP8_BLOCK) * quant.FP8_BLOCK
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        if scale is None:
+            out[r0:r1].copy_(stored[r0:r1])
+        elif fp8:
+            rows_scale = scale[r0 // quant.FP8_BLOCK : -(-r1 // quant.FP8_BLOCK)]
+            quant.dequantize_fp8(stored[r0:r1], rows_scale, out.dtype, out=out[r0:r1])
+        else:
+            quant.dequantize(stored[r0:r1], scale[r0:r1], out.dtype, out=out[r0:r1])
+        f.release_bytes(entry.begin + r0 * row_bytes, entry.begin + r1 * row_bytes)
 
 
 def _check_materialised(model: nn.Module, root: Path) -> None:

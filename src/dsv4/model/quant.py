@@ -36,9 +36,6 @@ _ROW_CHUNK = 1024
 
 # e2m1 code -> value; bit 3 is the sign, bits 2..1 the exponent, bit 0 the mantissa (0.5 = subnormal).
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-# Midpoints between consecutive e2m1 magnitudes; a tie rounds to the neighbour whose code is even.
-_FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-_FP4_TIES_UP = (0.75, 1.75, 3.5)  # ties whose upper neighbour has the even code (2, 4, 6)
 
 FP4_PACKED_DTYPES = (torch.int8, torch.uint8) + (
     (torch.float4_e2m1fn_x2,) if hasattr(torch, "float4_e2m1fn_x2") else ()
@@ -182,15 +179,18 @@ def dequantize_fp4(
 
 
 def _round_to_fp4_codes(x: torch.Tensor) -> torch.Tensor:
-    """fp32 values already clamped to [-6, 6] -> e2m1 codes (uint8), round to nearest, ties to even code."""
+    """fp32 values already clamped to [-6, 6] -> e2m1 codes (uint8), round to nearest, ties to even code.
+
+    Within binade e (m in [2^e, 2^(e+1)), e = 0, 1, 2; e = 0 also covers the subnormals [0, 1)) the e2m1 grid has
+    spacing 2^(e-1) and the codes are ``2e + m / 2^(e-1)``, so ``2e + round_half_even(m / 2^(e-1))`` is the
+    nearest code; adding the even ``2e`` keeps ties on the even code, and a round-up carries into the next binade.
+    """
     magnitude = x.abs()
-    midpoints = torch.tensor(_FP4_MIDPOINTS, dtype=torch.float32, device=x.device)
-    # bucketize(right=False) counts midpoints strictly below the value, i.e. rounds exact ties down ...
-    code = torch.bucketize(magnitude, midpoints, right=False)
-    # ... and the ties whose even-code neighbour is the upper one go up.
-    ties_up = torch.tensor(_FP4_TIES_UP, dtype=torch.float32, device=x.device)
-    code = code + torch.isin(magnitude, ties_up).to(code.dtype)
-    return (code | (torch.signbit(x).to(code.dtype) << 3)).to(torch.uint8)
+    _, exp = torch.frexp(magnitude)  # magnitude = mant * 2^exp, mant in [0.5, 1): floor(log2) = exp - 1
+    binade = (exp - 1).clamp(0, 2)
+    step = torch.ldexp(torch.ones_like(magnitude), binade - 1)  # exact power of two
+    code = 2 * binade + torch.round(magnitude / step).to(torch.int32)  # torch.round is half-to-even
+    return (code | (torch.signbit(x).to(torch.int32) << 3)).to(torch.uint8)
 
 
 def pack_fp4_codes(codes: torch.Tensor) -> torch.Tensor:
