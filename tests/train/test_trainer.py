@@ -89,3 +89,12 @@ def test_toml_config_with_overrides(train_assets, tmp_path):
                     '[optim]\nlr = 1e-3\nschedule = "constant"\n[loss]\nmtp_weight = 0.1\n')
     cfg = parse_args(["--config", str(toml), "--steps", "9", "--lr", "2e-3"])
     assert cfg.steps == 9 and cfg.optim.lr == 2e-3 and cfg.optim.schedule == "constant" and cfg.loss.mtp_weight == 0.1
+
+
+def test_bf16_autocast_tracks_fp32(train_assets, tmp_path):
+    for dtype in ("float32", "bfloat16"):
+        main(base_args(train_assets, tmp_path / dtype, steps=2, dtype=dtype))
+    a, _ = read_losses(tmp_path / "float32")
+    b, _ = read_losses(tmp_path / "bfloat16")
+    assert a[0]["ce"] != b[0]["ce"]  # autocast really ran the matmuls in bf16
+    assert abs(a[0]["ce"] - b[0]["ce"]) < 0.05 and abs(a[1]["ce"] - b[1]["ce"]) < 0.1
