@@ -138,3 +138,22 @@ def test_transformers_loads_the_unquantised_export(hf_reference, tmp_path):
                                                            attn_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits.float(), hf_logits, atol=1e-5, rtol=0)
+
+
+def test_single_file_with_float4_experts_like_convert_py(hf_reference, tmp_path):
+    """DeepSeek's convert.py output: one file with a non-standard name, no index, experts as float4_e2m1fn_x2."""
+    from safetensors.torch import save_file
+
+    root, official, _, _ = hf_reference
+    stored = cio.read_state_dict(root / "published")
+    n_fp4 = 0
+    for name, t in stored.items():
+        if t.dtype == torch.int8:
+            stored[name] = t.view(torch.float4_e2m1fn_x2)
+            n_fp4 += 1
+    assert n_fp4 > 0
+    save_file(stored, str(tmp_path / "model0-mp1.safetensors"))
+    (tmp_path / "config.json").write_text((root / "published" / "config.json").read_text())
+    loaded = load_model(tmp_path, dtype=torch.float32, progress=False).state_dict()
+    for name, t in official.items():
+        assert torch.equal(loaded[name].to(t.dtype), t), name
