@@ -47,7 +47,7 @@ def test_resume_is_exact(train_assets, tmp_path):
 
 def test_export_loads_in_dsv4_and_transformers(train_assets, tmp_path):
     out = tmp_path / "run"
-    cfg = parse_args(base_args(train_assets, out, steps=3, export="true", **{"export-dtype": "float32"}))
+    cfg = parse_args(base_args(train_assets, out, steps=8, lr=1e-2, export="true", **{"export-dtype": "float32"}))
     t = Trainer(cfg)
     t.run()
     export = out / "export"
@@ -71,6 +71,12 @@ def test_export_loads_in_dsv4_and_transformers(train_assets, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+    # fine-tuning starts from the exported weights: its first loss continues the trained run, not a fresh init
+    ft = tmp_path / "ft"
+    main(base_args(train_assets, ft, steps=1, **{"init-from": export, "model-config": ""}))
+    first_scratch = read_losses(out)[0][0]["ce"]
+    first_ft = read_losses(ft)[0][0]["ce"]
+    assert first_ft < first_scratch - 1.0, (first_scratch, first_ft)
 
 
 def test_cli_errors_are_actionable(train_assets, tmp_path, capsys):
