@@ -60,7 +60,7 @@ class _Source:
     view: tuple[tuple[int, ...], tuple[int, ...], int] | None = None  # (shape, stride, offset) into the stored tensor
 
 
-def _hf_saved_name(name: str) -> str | None:
+def _hf_saved_name(name: str) -> str:
     """Official name of a tensor from transformers' default ``save_pretrained`` (``save_original_format=True``).
 
     transformers reverses its own rename table on save, which restores official names under the ``model.`` prefix
@@ -128,7 +128,7 @@ def _stored_shape(src: _Source, opened: dict[Path, SafetensorsFile]) -> tuple[tu
     entry = opened[src.file].entries[src.key]
     if src.view is not None:
         return src.view[0], entry.dtype
-    if src.scale_key is not None and quant.is_packed_fp4(torch.empty(0, dtype=entry.dtype)):
+    if src.scale_key is not None and quant.is_packed_fp4(entry.dtype):
         return (entry.shape[0], 2 * entry.shape[1]), entry.dtype
     return entry.shape, entry.dtype
 
@@ -184,40 +184,12 @@ def _check_plan(
         problems.append(f"unexpected tensors {_describe(unexpected, plan)}")
     shape_errors = []
     for name in sorted(set(plan) & set(expected)):
-        src, param = plan[name], expected[name]
-        shape, dtype = _stored_shape(src, opened)
-        where = f"tensor {src.key!r} in {src.file}"
-        if src.scale_key is not None:
-            scale = opened[src.scale_file]
-            s_entry = scale.entries.get(src.scale_key)
-            if s_entry is None:
-                problems.append(f"{scale.path} does not hold {src.scale_key!r} although the index lists it there")
-                continue
-            if not (quant.is_fp8(torch.empty(0, dtype=dtype)) or quant.is_packed_fp4(torch.empty(0, dtype=dtype))):
-                problems.append(f"{where} has a .scale but dtype {dtype} (expected float8_e4m3fn or int8-packed FP4)")
-                continue
-            if s_entry.dtype not in (torch.float8_e8m0fnu, torch.uint8):
-                problems.append(f"scale {src.scale_key!r} in {scale.path} is {s_entry.dtype}, expected float8_e8m0fnu")
-                continue
-            entry = opened[src.file].entries[src.key]
-            want = (quant.fp8_scale_shape(entry.shape) if quant.is_fp8(torch.empty(0, dtype=dtype))
-                    else quant.fp4_scale_shape(entry.shape))
-            if tuple(s_entry.shape) != want:
-                problems.append(f"scale {src.scale_key!r} in {scale.path} has shape {list(s_entry.shape)}, the "
-                                f"weight {list(entry.shape)} needs {list(want)}")
-                continue
-            if not param.is_floating_point():
-                problems.append(f"{where} is a quantised float weight but the model's {name!r} is {param.dtype}")
-                continue
-        elif param.is_floating_point() != (dtype.is_floating_point and dtype.itemsize > 1) or (
-            not param.is_floating_point() and dtype == torch.bool
-        ):
-            hint = " (a quantised weight whose .scale tensor is missing?)" if dtype in quant.FP4_PACKED_DTYPES or (
-                dtype.is_floating_point and dtype.itemsize == 1) else ""
-            problems.append(f"{where} is {dtype}, which cannot be converted to the model's {param.dtype}{hint}")
-            continue
-        if tuple(shape) != tuple(param.shape):
-            shape_errors.append(f"{where} has shape {list(shape)}, the model expects {list(param.shape)} for {name!r}")
+        problem = _tensor_problem(name, plan[name], expected[name], opened)
+        if problem is not None:
+            is_shape, message = problem
+            (shape_errors if is_shape else problems).append(message)
+    if len(problems) > 2 * _MAX_LISTED:
+        problems[2 * _MAX_LISTED :] = [f"... and {len(problems) - 2 * _MAX_LISTED} more problems"]
     if shape_errors:
         problems.extend(shape_errors[:_MAX_LISTED])
         if len(shape_errors) > _MAX_LISTED:
@@ -231,6 +203,47 @@ def _check_plan(
             f"checkpoint {config_path.parent} does not fit the model built from {config_path}: "
             + "; ".join(problems) + "." + hint
         )
+
+
+def _convertible(stored: torch.dtype, param: torch.dtype) -> bool:
+    """Plain (unscaled) conversions the loader does: float -> float (1-byte floats need a scale), int -> int."""
+    if param.is_floating_point:
+        return stored.is_floating_point and stored.itemsize >= 2
+    if param == torch.bool:
+        return stored == torch.bool
+    return not stored.is_floating_point and not stored.is_complex and stored != torch.bool
+
+
+def _tensor_problem(
+    name: str, src: _Source, param: torch.Tensor, opened: dict[Path, SafetensorsFile]
+) -> tuple[bool, str] | None:
+    """(is_a_wrong_weight_shape, message) for what is wrong with one stored tensor (+ scale) as the source of the
+    model's ``name``, or None. Wrong weight shapes are told apart because they usually mean a wrong config.json."""
+    shape, dtype = _stored_shape(src, opened)
+    where = f"tensor {src.key!r} in {src.file}"
+    if src.scale_key is not None:
+        scale = opened[src.scale_file]
+        s_entry = scale.entries.get(src.scale_key)
+        if s_entry is None:
+            return False, f"{scale.path} does not hold {src.scale_key!r} although the index lists it there"
+        if not (quant.is_fp8(dtype) or quant.is_packed_fp4(dtype)):
+            return False, f"{where} has a .scale but dtype {dtype} (expected float8_e4m3fn or int8-packed FP4)"
+        if s_entry.dtype not in (torch.float8_e8m0fnu, torch.uint8):
+            return False, f"scale {src.scale_key!r} in {scale.path} is {s_entry.dtype}, expected float8_e8m0fnu"
+        entry = opened[src.file].entries[src.key]
+        want = quant.fp8_scale_shape(entry.shape) if quant.is_fp8(dtype) else quant.fp4_scale_shape(entry.shape)
+        if tuple(s_entry.shape) != want:
+            return False, (f"scale {src.scale_key!r} in {scale.path} has shape {list(s_entry.shape)}, the weight "
+                    f"{list(entry.shape)} needs {list(want)}")
+        if not param.is_floating_point():
+            return False, f"{where} is a quantised float weight but the model's {name!r} is {param.dtype}"
+    elif not _convertible(dtype, param.dtype):
+        needs_scale = quant.is_packed_fp4(dtype) or (dtype.is_floating_point and dtype.itemsize == 1)
+        hint = " (a quantised weight whose .scale tensor is missing?)" if needs_scale else ""
+        return False, f"{where} is {dtype}, which cannot be converted to the model's {param.dtype}{hint}"
+    if tuple(shape) != tuple(param.shape):
+        return True, f"{where} has shape {list(shape)}, the model expects {list(param.shape)} for {name!r}"
+    return None
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -224,12 +224,14 @@ def quantize_fp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Dispatch on the stored dtype
 
 
-def is_fp8(weight: torch.Tensor) -> bool:
-    return weight.dtype == torch.float8_e4m3fn
+def is_fp8(weight: torch.Tensor | torch.dtype) -> bool:
+    dtype = weight if isinstance(weight, torch.dtype) else weight.dtype
+    return dtype == torch.float8_e4m3fn
 
 
-def is_packed_fp4(weight: torch.Tensor) -> bool:
-    return weight.dtype in FP4_PACKED_DTYPES
+def is_packed_fp4(weight: torch.Tensor | torch.dtype) -> bool:
+    dtype = weight if isinstance(weight, torch.dtype) else weight.dtype
+    return dtype in FP4_PACKED_DTYPES
 
 
 def dequantize(
