@@ -9,6 +9,7 @@ import torch
 
 from dsv4.chat import encode_messages, parse_completion
 from dsv4.chat.constraint import allocate_bitmask, apply_bitmask, build_constraint
+from tests.chat.chat_fixtures import tok  # noqa: F401  (fixture)
 
 WEATHER = {
     "type": "function",

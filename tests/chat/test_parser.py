@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from dsv4.chat import StreamParser, encode_messages, parse_completion
+from tests.chat.chat_fixtures import tok  # noqa: F401  (fixture)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EOS = "<｜end▁of▁sentence｜>"
