@@ -49,11 +49,15 @@ def hf_reference(tmp_path_factory):
     hf = transformers.DeepseekV4ForCausalLM(hf_config).eval()
     official = hf_mapping.hf_state_dict_to_official(hf.state_dict())
     gen = torch.Generator().manual_seed(1)
-    for name in official:
-        if name.endswith("tid2eid"):  # transformers' init routes every token to expert 0
-            official[name] = torch.randint(0, TINY["n_routed_experts"], official[name].shape, generator=gen)
-        elif official[name].is_floating_point() and name.endswith("weight") and "norm" not in name:
-            official[name] = torch.randn(official[name].shape, generator=gen) * 0.05
+    # Every tensor gets distinct random values (transformers' init leaves many zeros / ones, and two equal tensors of
+    # one shape, e.g. hc_attn_fn and hc_ffn_fn, would hide a swapped mapping); tid2eid: init routes all to expert 0.
+    for name, t in official.items():
+        if name.endswith("tid2eid"):
+            official[name] = torch.randint(0, TINY["n_routed_experts"], t.shape, generator=gen)
+        elif "norm" in name:
+            official[name] = 1 + 0.1 * torch.randn(t.shape, generator=gen)
+        else:
+            official[name] = torch.randn(t.shape, generator=gen) * 0.05
     official = representable(official)
     hf.load_state_dict(hf_mapping.official_state_dict_to_hf(official, TINY["n_routed_experts"]), strict=True)
     root = tmp_path_factory.mktemp("ckpt")

@@ -33,12 +33,15 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors.torch import save_file
 
 from dsv4.model import quant
+
+if TYPE_CHECKING:
+    from dsv4.config import ModelConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -279,9 +282,9 @@ def _stored_tensors(name: str, t: torch.Tensor, quantize: bool, dtype: torch.dty
     return [(name, t.to(dtype, copy=True).contiguous())]
 
 
-def release_config(config: Any, quantize: bool) -> dict[str, Any]:
+def release_config(config: ModelConfig | Mapping[str, Any], quantize: bool) -> dict[str, Any]:
     """The config.json dict for a checkpoint written by :func:`save_checkpoint` (HF key set)."""
-    d = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+    d = dict(config) if isinstance(config, Mapping) else config.to_dict()
     d.pop("quantization_config", None)
     d.pop("expert_dtype", None)
     d.setdefault("architectures", ["DeepseekV4ForCausalLM"])
@@ -300,7 +303,7 @@ def release_config(config: Any, quantize: bool) -> dict[str, Any]:
 def save_checkpoint(
     path: str | Path,
     state_dict: Mapping[str, torch.Tensor],
-    config: Any,
+    config: ModelConfig | Mapping[str, Any],
     *,
     quantize: bool = False,
     dtype: torch.dtype = torch.bfloat16,

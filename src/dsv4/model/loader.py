@@ -30,7 +30,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from torch import nn
 from dsv4.config import ModelConfig
 from dsv4.model import hf_mapping, quant
 from dsv4.model.checkpoint_io import CONFIG_NAME, CheckpointError, SafetensorsFile, find_weight_files
+
+if TYPE_CHECKING:
+    from dsv4.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +259,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[leaf] = value
 
 
-def _build_model(config: ModelConfig, dtype: torch.dtype, options: dict[str, Any]) -> nn.Module:
+def _build_model(config: ModelConfig, dtype: torch.dtype, options: dict[str, Any]) -> Transformer:
     from dsv4.model.transformer import Transformer
 
     with torch.device("meta"):
@@ -270,7 +273,7 @@ def load_model(
     *,
     progress: bool = True,
     **model_options: Any,
-) -> nn.Module:
+) -> Transformer:
     """Load a DeepSeek-V4 checkpoint directory into a ``Transformer`` in eval mode (see the module docstring).
 
     ``dtype`` is the compute dtype (bf16 or fp32); parameters the model keeps in fp32 by design stay fp32.
