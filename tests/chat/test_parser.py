@@ -231,3 +231,37 @@ def test_tolerant_drops_special_tokens_from_content() -> None:
     out = parse_completion("a<｜User｜>b</think>c" + EOS + "junk", "chat", strict=False)
     assert out["content"] == "abc"
     assert len(out["errors"]) == 3
+
+
+# Pieces of V4 output, well-formed or not, glued in any order: what a weak or cut-off model can produce.
+PIECES = st.sampled_from([
+    "</think>", "<think>", EOS, "<｜begin▁of▁sentence｜>", "<｜User｜>", "\n\n", "\n", ">", "<", "/", '"', "｜", DS,
+    f"\n\n<{DS}tool_calls>\n", f"<{DS}tool_calls>", f"</{DS}tool_calls>", f'<{DS}invoke name="get_weather">\n',
+    f'<{DS}invoke name="other">\n', f"</{DS}invoke>\n", f"</{DS}invoke>", f'<{DS}parameter name="a" string="true">',
+    f'<{DS}parameter name="b" string="false">', f"</{DS}parameter>\n", f"</{DS}parameter>", "[1, 2]", "{bad", "text",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.one_of(PIECES, TEXT), max_size=25), mode=st.sampled_from(["chat", "thinking"]),
+       cuts=st.lists(st.integers(0, 400), max_size=8))
+def test_tolerant_parser_never_raises_or_leaks_markup(pieces: list[str], mode: str, cuts: list[int]) -> None:
+    text = "".join(pieces)
+    parser, last = StreamParser(mode, tools=WEATHER), 0
+    deltas = []
+    for cut in sorted(c for c in cuts if c <= len(text)) + [len(text)]:
+        deltas += parser.feed(text[last:cut])
+        last = cut
+    deltas += parser.finish()
+    message = parser.message()
+    for key in ("content", "reasoning_content"):
+        for token in ("<think>", "</think>", EOS, "<｜begin▁of▁sentence｜>", "<｜User｜>", DS):
+            assert token not in message[key], (key, token, message[key])
+    for call in message["tool_calls"]:
+        assert call["function"]["name"] == "get_weather"
+        json.loads(call["function"]["arguments"])
+    # the deltas carry exactly the message
+    assert "".join(d.text for d in deltas if d.kind == "content") == message["content"]
+    assert "".join(d.text for d in deltas if d.kind == "reasoning") == message["reasoning_content"]
+    whole = parse_completion(text, mode, strict=False, tools=WEATHER)
+    assert {k: v for k, v in whole.items() if k != "errors"} == message
