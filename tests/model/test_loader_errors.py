@@ -218,3 +218,19 @@ def test_nothing_is_left_on_meta(good):
     model = load(good)
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
     assert not model.training
+
+
+def test_model_state_outside_the_checkpoint_left_on_meta_is_an_error(good, monkeypatch):
+    """A plain tensor attribute (here the RoPE table) built under the meta device and never filled is caught."""
+    from dsv4.model import rope
+
+    monkeypatch.setattr(rope, "inv_freq", lambda rope_dim, base, yarn: torch.ones(rope_dim // 2))  # ambient device
+    with pytest.raises(CheckpointError, match=r"left \d+ tensor\(s\) unmaterialised .*rotary\._inv_freq"):
+        load(good)
+
+
+def test_progress_bar_and_quiet_mode(good, capsys):
+    load_model(good, dtype=torch.float32, progress=True)
+    assert "loading weights" in capsys.readouterr().err
+    load_model(good, dtype=torch.float32, progress=False)
+    assert "loading weights" not in capsys.readouterr().err

@@ -374,8 +374,23 @@ def _fill_chunked(out: torch.Tensor, stored: torch.Tensor, scale: torch.Tensor |
         f.release_bytes(entry.begin + r0 * row_bytes, entry.begin + r1 * row_bytes)
 
 
+def _meta_attributes(model: nn.Module) -> list[str]:
+    """Plain tensors held as module attributes (or one object deep, e.g. a RoPE table holder) left on meta."""
+    left = []
+    for mod_name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if attr.startswith("_") and attr in ("_parameters", "_buffers", "_modules"):
+                continue
+            holders = [(attr, value)]
+            if not isinstance(value, (torch.Tensor, nn.Module)) and hasattr(value, "__dict__"):
+                holders += [(f"{attr}.{k}", v) for k, v in vars(value).items()]
+            left += [f"{mod_name}.{k}".lstrip(".") for k, v in holders if isinstance(v, torch.Tensor) and v.is_meta]
+    return left
+
+
 def _check_materialised(model: nn.Module, root: Path) -> None:
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    left += _meta_attributes(model)
     if left:
         raise CheckpointError(
             f"loading {root} left {len(left)} tensor(s) unmaterialised ({_describe(left)}); the model defines state "
