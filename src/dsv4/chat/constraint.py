@@ -27,9 +27,9 @@ that function. response_format json_object / json_schema: the content is JSON (v
 grammar); with tools and "auto", JSON or a tool-call block.
 
 Deliberately not covered (the arguments are still well-formed DSML, and their values still JSON where non-string):
-`minLength` and `format` of string parameters (`pattern`, `enum`, `const` and `maxLength` are enforced), `additionalProperties` beyond the declared properties, and `patternProperties`. Free text
-(content, reasoning, string values) cannot contain the character "｜" (U+FF5C), which every special token but
-<think>/</think> contains.
+`minLength` and `format` of string parameters (`pattern`, `enum`, `const` and `maxLength` are enforced),
+`additionalProperties` beyond the declared properties, and `patternProperties`. Free text (content, reasoning, string
+values) cannot contain the character "｜" (U+FF5C), which every special token but <think>/</think> contains.
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def structural_tag(
     return {"type": "structural_tag", "format": body}
 
 
-# -- the per-request object ---------------------------------------------------------------------------------------------
+# -- the per-request object ----------------------------------------------------------------------------------------
 
 
 class Constraint:

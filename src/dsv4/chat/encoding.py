@@ -282,7 +282,11 @@ def merge_tool_messages(messages: list[Message]) -> list[Message]:
         prev = merged[-1] if merged else None
         joinable = prev is not None and prev.get("role") == "user" and "content_blocks" in prev
         if role == "tool":
-            block = {"type": "tool_result", "tool_use_id": msg.get("tool_call_id", ""), "content": msg.get("content", "")}
+            block = {
+                "type": "tool_result",
+                "tool_use_id": msg.get("tool_call_id", ""),
+                "content": msg.get("content", ""),
+            }
             if joinable:
                 prev["content_blocks"].append(block)
             else:

@@ -4,14 +4,16 @@
 excluded, final `<｜end▁of▁sentence｜>` included) the way `parse_message_from_completion_text` of the official
 `encoding_dsv4.py` does (spec chat-encoding.md section 5):
 
-    thinking mode:  {reasoning}</think>{content}[\\n\\n<｜DSML｜tool_calls>...</｜DSML｜tool_calls>]<｜end▁of▁sentence｜>
-    chat mode:      {content}[\\n\\n<｜DSML｜tool_calls>...</｜DSML｜tool_calls>]<｜end▁of▁sentence｜>
+    thinking mode:  {reasoning}</think>{content}[{block}]<｜end▁of▁sentence｜>
+    chat mode:      {content}[{block}]<｜end▁of▁sentence｜>
+    block:          \\n\\n<｜DSML｜tool_calls>\\n<｜DSML｜invoke name="f">\\n...</｜DSML｜tool_calls>
 
 Tool-call arguments come back as a JSON object string: `string="true"` values JSON-quoted, others inserted as
 written. Malformed output raises `ValueError` naming the problem. Differences from the official parser, all on
 output it would either reject or turn into something a client cannot use: a non-string parameter whose value is not
-JSON raises (the official parser returns invalid JSON arguments), and the role tokens `<｜User｜>`, `<｜Assistant｜>`,
-`<｜latest_reminder｜>` are rejected in content and reasoning like the other special tokens.
+JSON raises (the official parser returns invalid JSON arguments), a tool-call block or invoke that is not closed
+raises (the official parser returns the cut-off call as if complete), and the role tokens `<｜User｜>`,
+`<｜Assistant｜>`, `<｜latest_reminder｜>` are rejected in content and reasoning like the other special tokens.
 
 `parse_completion(text, thinking_mode, strict=False, tools=...)` never raises: it runs the streaming parser
 (stream.py) over the whole text and returns what it recovered plus `"errors"`, a list of plain-language problems
