@@ -13,8 +13,10 @@ re-implements its rules (section numbers refer to that spec):
 
 Extensions over the official encoder, none of which changes the text of an input the official encoder accepts:
 `tools=` / `response_format=` keyword arguments attach to the first system message (one is inserted when there is
-none); OpenAI content-part lists (`[{"type": "text", "text": ...}]`) are accepted for text content; malformed input
-raises `ValueError` saying what to fix instead of `AssertionError`/`KeyError`.
+none); OpenAI content-part lists (`[{"type": "text", "text": ...}]`) are accepted for text content; tool-call
+arguments given as a dict (rather than OpenAI's JSON string) render as the parameters they hold, and a JSON string
+that is not an object as one "arguments" parameter (the official encoder would wrap the dict in one parameter and
+crash on the non-object); malformed input raises `ValueError` saying what to fix instead of `AssertionError`.
 
 Deliberately not here: tokenization (tokenizer.py) and parsing model output (parser.py, stream.py).
 """

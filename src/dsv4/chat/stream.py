@@ -95,7 +95,7 @@ class StreamParser:
         if thinking_mode not in ("chat", "thinking"):
             raise ValueError(f"thinking_mode must be 'chat' or 'thinking', got {thinking_mode!r}")
         self.thinking_mode = thinking_mode
-        self.tool_names = None if tools is None else {t["function"]["name"] for t in tools}
+        self.tool_names = None if tools is None else {(t.get("function") or t).get("name") for t in tools}
         self.expect_eos = expect_eos
         self.errors: list[str] = []
         self.reasoning = ""
@@ -112,6 +112,7 @@ class StreamParser:
         self._key = ""
         self._is_str = False
         self._skip_param = False
+        self._value = ""  # the part of a non-string value read so far
 
     # -- public -----------------------------------------------------------------------------------------------------
 
@@ -313,6 +314,7 @@ class StreamParser:
             if self._key in self._keys and self._call is not None:
                 self.errors.append(f"tool call {self._call['name']!r} repeats parameter {self._key!r}; repeat dropped")
             self._keys.add(self._key)
+            self._value = ""
             if self._is_str and not self._skip_param:
                 self._args(self._param_prefix(self._key) + '"')
             self._state = PARAM_VALUE
@@ -332,12 +334,17 @@ class StreamParser:
         buf = self._buf
         pos, marker = _find_first(buf, (PARAM_STOP, EOS))
         if marker is None:
+            keep = _held(buf, (PARAM_END, PARAM_STOP, EOS))
             if self._is_str and not self._skip_param:
-                keep = _held(buf, (PARAM_END, PARAM_STOP, EOS))
                 self._args(_escape(buf[: len(buf) - keep]))
-                self._buf = buf[len(buf) - keep:]
+            else:
+                # a non-string value is checked whole at its end; set the scanned part aside so that long values
+                # are not searched again on every delta
+                self._value += buf[: len(buf) - keep]
+            self._buf = buf[len(buf) - keep:]
             return False
-        value, self._buf = buf[:pos], buf[pos + len(marker):]
+        value, self._buf = self._value + buf[:pos], buf[pos + len(marker):]
+        self._value = ""
         if marker == EOS:
             self._cut_off(value)
             self._end(self._buf)
