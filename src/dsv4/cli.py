@@ -98,7 +98,7 @@ def chat_main(argv: list[str]) -> int:
         messages.append({"role": "user", "content": line})
         prompt = encode_messages(messages, thinking_mode=mode)
         out = llm.generate([prompt], _sampling(args))[0].outputs[0]
-        reply = parse_completion(out.text, thinking_mode=mode)
+        reply = parse_completion(out.text, thinking_mode=mode, strict=False)  # text lacks the (special) EOS
         if reply.get("reasoning_content"):
             print(f"\033[2m{reply['reasoning_content']}\033[0m")
         print(reply.get("content") or "")
