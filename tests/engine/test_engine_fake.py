@@ -93,6 +93,8 @@ def test_prefix_cache_hits_give_identical_output(make_engine):
     for p, o in zip(ps, outs):
         assert o.outputs[0].token_ids == model.reference_greedy(p, 6)
     assert sum(o.num_cached_tokens for o in outs) >= 3 * 256
+    assert eng.stats["cached_tokens"] == 256 + sum(o.num_cached_tokens for o in outs)
+    assert eng.stats["prompt_tokens"] == len(base) + len(turn2) + sum(len(p) for p in ps)
     eng.prefix_cache.clear()
     assert eng.block_manager.num_free_pages == eng.block_manager.num_pages
 

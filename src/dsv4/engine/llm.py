@@ -103,7 +103,9 @@ class LLMEngine:
         self._req_counter = itertools.count()
         self._seed_rng = random.Random(c.seed)
         self.lock = threading.RLock()  # AsyncLLM adds/aborts from another thread
-        self.stats = {"steps": 0, "drafted": 0, "accepted": 0, "prompt_tokens": 0, "cached_tokens": 0}
+        # Counters since start (read by the server's /metrics without the lock; plain ints).
+        self.stats = {"steps": 0, "drafted": 0, "accepted": 0, "prompt_tokens": 0, "cached_tokens": 0,
+                      "preemptions": 0}
 
     # --- requests ----------------------------------------------------------------------------------------------
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -169,6 +171,7 @@ class LLMEngine:
                     )
                 )
             self.requests[request_id] = _Request(request_id, text, ids, params, seqs)
+            self.stats["prompt_tokens"] += len(ids) * params.n
             for s in seqs:
                 self.scheduler.add(s)
             return request_id
@@ -201,6 +204,8 @@ class LLMEngine:
             touched = self._execute(out)
             self.scheduler.finish_step(out)
             self.stats["steps"] += 1
+            self.stats["cached_tokens"] = self.scheduler.num_cached_tokens
+            self.stats["preemptions"] = self.scheduler.num_preemptions
             results = []
             for rid in dict.fromkeys(s.request_id for s in touched):
                 req = self.requests.get(rid)

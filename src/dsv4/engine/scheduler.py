@@ -79,6 +79,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission (all requests)
 
     # --- queue management --------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -182,6 +183,7 @@ class Scheduler:
             out.restores.append((seq.slot, entry.snapshot))
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = entry.num_tokens
+                self.num_cached_tokens += entry.num_tokens
         self.waiting.popleft()
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
