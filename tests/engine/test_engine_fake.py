@@ -283,3 +283,18 @@ def test_top_k_top_p_min_p_restrict_support():
         s = Sequence(0, "r", 0, [0], sp, 0, g)
         seen = {sample_row(logits.clone(), s) for _ in range(200)}
         assert seen == allowed, (kw, seen)
+
+
+def test_real_tokenizer_detokenizes_multibyte_and_stops():
+    from dsv4.chat import load_tokenizer
+    from dsv4.engine.request import Sequence
+
+    tok = load_tokenizer(None)
+    text = "Hello, 世界! こんにちは 🌍 STOP tail"
+    s = Sequence(0, "r", 0, [1], SamplingParams(max_tokens=100, stop=[" STOP"]), 0, None, tok, tok.eos_id)
+    for t in tok.encode(text):
+        s.append_token(t)
+        assert "\ufffd" not in s.visible_text()
+        if s.is_finished:
+            break
+    assert s.text == "Hello, 世界! こんにちは 🌍" and s.finish_reason == "stop" and s.stop_reason == " STOP"

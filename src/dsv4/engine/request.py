@@ -65,14 +65,18 @@ class RequestOutput:
 
 
 class Detokenizer:
-    """Incremental detokenization (the usual prefix/read offset scheme): decoding the whole output every step is
-    quadratic, and decoding token by token breaks multi-byte characters split across tokens."""
+    """Incremental detokenization. Uses the tokenizer's own byte-exact incremental detokenizer when it has one
+    (`dsv4.chat.Tokenizer.detokenizer`); otherwise the usual prefix/read offset scheme over `decode` (decoding the
+    whole output every step is quadratic, and decoding token by token breaks characters split across tokens)."""
 
     def __init__(self, tokenizer: Any, skip_special_tokens: bool) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.prefix_offset = 0
         self.read_offset = 0
+        make = getattr(tokenizer, "detokenizer", None)
+        self.native = make(skip_special_tokens=skip_special_tokens) if callable(make) else None
+        self.fed = 0
 
     def _decode(self, ids: list[int]) -> str:
         try:
@@ -82,6 +86,10 @@ class Detokenizer:
 
     def step(self, ids: list[int]) -> str:
         """New text contributed by the tokens appended since the last call (may be "" while a character is split)."""
+        if self.native is not None:
+            text = "".join(self.native.add(t) for t in ids[self.fed :])
+            self.fed = len(ids)
+            return text
         prefix = self._decode(ids[self.prefix_offset : self.read_offset])
         full = self._decode(ids[self.prefix_offset :])
         if full.endswith("\ufffd") or len(full) <= len(prefix):
