@@ -170,3 +170,19 @@ def test_bad_input_leaves_other_requests_alone(model):
     final = eng.run_to_completion([rid])
     assert final[rid].outputs[0].token_ids == plain_greedy(model, [good[0]], [6])[0]
     assert not eng.has_unfinished()
+
+
+def test_llm_from_checkpoint_directory(model, tmp_path):
+    """LLM(path): load_model + engine; token-id prompts work without a tokenizer, string prompts say why not."""
+    from dsv4.model import checkpoint_io as cio
+
+    cio.save_checkpoint(tmp_path, model.state_dict(), ModelConfig.from_dict(TINY), quantize=False,
+                        dtype=torch.float32)
+    llm = LLM(str(tmp_path), dtype=torch.float32, page_size=PAGE, max_num_seqs=2, cache_memory_gb=0.01)
+    p = prompts(1, 12, 12, seed=9)[0]
+    (out,) = llm.generate([p], greedy(5))
+    assert out.outputs[0].token_ids == plain_greedy(model, [p], [5])[0]
+    with pytest.raises(ValueError, match="tokenizer"):
+        llm.generate("hello", greedy(2))
+    with pytest.raises(TypeError, match="unknown engine option"):
+        LLM(model, max_batch=3)

@@ -69,6 +69,7 @@ class LLMEngine:
             torch.set_num_threads(self.config.num_threads)
         self.model = model
         self.tokenizer = tokenizer
+        self.tokenizer_error: str | None = None
         self.model_config = _model_config(model)
         self.vocab_size = int(self.model_config.vocab_size)
         eos = getattr(self.model_config, "eos_token_id", None)
@@ -111,9 +112,10 @@ class LLMEngine:
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
+                why = f" ({self.tokenizer_error})" if self.tokenizer_error else ""
                 raise ValueError(
-                    "a string prompt needs a tokenizer: build LLM from a checkpoint directory, pass tokenizer=..., "
-                    "or give the prompt as a list of token ids"
+                    f"a string prompt needs a tokenizer and this engine has none{why}: pass tokenizer=... (a "
+                    "dsv4.chat.Tokenizer or a tokenizer.json path), or give the prompt as a list of token ids"
                 )
             return prompt, list(self.tokenizer.encode(prompt))
         if isinstance(prompt, torch.Tensor):
@@ -302,6 +304,7 @@ class LLM:
         **engine_options: Any,
     ) -> None:
         config = EngineConfig.from_kwargs(**engine_options)
+        tokenizer_error = None
         if isinstance(model, (str, Path)):
             import dsv4
 
@@ -312,7 +315,11 @@ class LLM:
             if tokenizer is None:
                 from dsv4.chat import load_tokenizer
 
-                tokenizer = load_tokenizer(path)
+                try:
+                    tokenizer = load_tokenizer(path)
+                except (FileNotFoundError, ValueError) as err:
+                    # Token-id prompts still work; a string prompt then raises with this reason.
+                    tokenizer_error = str(err)
         elif not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a checkpoint path or a dsv4 Transformer, got {type(model).__name__}")
         if isinstance(tokenizer, (str, Path)):
@@ -320,6 +327,7 @@ class LLM:
 
             tokenizer = load_tokenizer(tokenizer)
         self.engine = LLMEngine(model.eval(), tokenizer, config)
+        self.engine.tokenizer_error = tokenizer_error
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
