@@ -197,7 +197,7 @@ class LLMEngine:
         with self.lock:
             out = self.scheduler.schedule()
             if out.empty:
-                if self.scheduler.waiting and not self.scheduler.running:
+                if self.scheduler.waiting and not self.scheduler.running and not out.preempted:
                     raise RuntimeError(
                         "the engine cannot admit any waiting request: the KV cache is too small for its first "
                         "chunk; raise cache_memory_gb / num_pages or lower max_num_batched_tokens"
