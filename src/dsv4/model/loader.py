@@ -367,10 +367,10 @@ def _fill_chunked(out: torch.Tensor, stored: torch.Tensor, scale: torch.Tensor |
         r1 = min(rows, r0 + step)
         if scale is None:
             out[r0:r1].copy_(stored[r0:r1])
-            continue
-        # Dequantise on the target device (a no-op move on CPU): the raw bytes are 2-4x smaller than the result.
-        rows_scale = scale[r0 // quant.FP8_BLOCK : -(-r1 // quant.FP8_BLOCK)] if fp8 else scale[r0:r1]
-        quant.dequantize(stored[r0:r1].to(out.device), rows_scale.to(out.device), out.dtype, out=out[r0:r1])
+        else:
+            # Dequantise on the target device (a no-op move on CPU): the raw bytes are 2-4x smaller than the result.
+            rows_scale = scale[r0 // quant.FP8_BLOCK : -(-r1 // quant.FP8_BLOCK)] if fp8 else scale[r0:r1]
+            quant.dequantize(stored[r0:r1].to(out.device), rows_scale.to(out.device), out.dtype, out=out[r0:r1])
         f.release_bytes(entry.begin + r0 * row_bytes, entry.begin + r1 * row_bytes)
 
 
