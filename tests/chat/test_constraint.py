@@ -173,3 +173,25 @@ def test_bitmask_and_bool_mask_agree(tok) -> None:
 def test_bad_requests_say_what_is_wrong(tok, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_constraint(tok, **kwargs)
+
+
+def test_added_tokens_other_than_the_format_never_come_out(tok) -> None:
+    rf = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object", "properties": {
+        "s": {"type": "string"}}, "required": ["s"]}}}
+    c = build_constraint(tok, response_format=rf)
+    assert _accepts(tok, c, '{"s": "inside a JSON string')
+    mask = c.allowed_mask()
+    added = tok.backend.get_added_tokens_decoder()
+    allowed_added = {i for i in added if mask[i]}
+    assert allowed_added == set()  # no role/task/placeholder token as string text (EOS only once JSON is complete)
+    assert mask[tok.encode("abc")[0]]
+    bitmask = allocate_bitmask(2, tok.vocab_size)
+    c.fill_bitmask(bitmask, 1)
+    logits = torch.zeros(2, tok.vocab_size)
+    apply_bitmask(logits, bitmask)
+    assert torch.equal(torch.isfinite(logits[1]), mask)
+    c = build_constraint(tok, tools=TOOLS, tool_choice="required", thinking_mode="thinking")
+    mask = c.allowed_mask()
+    assert {i for i in added if mask[i]} == {tok.token_id("</think>")}  # reasoning may close, nothing else
+    assert c.accept(tok.token_id("</think>")) and _accepts(tok, c, "\n\n<")
+    assert {i for i in added if c.allowed_mask()[i]} == {tok.token_id("｜DSML｜")}

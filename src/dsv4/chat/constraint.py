@@ -29,7 +29,8 @@ grammar); with tools and "auto", JSON or a tool-call block.
 Deliberately not covered (the arguments are still well-formed DSML, and their values still JSON where non-string):
 `minLength` and `format` of string parameters (`pattern`, `enum`, `const` and `maxLength` are enforced),
 `additionalProperties` beyond the declared properties, and `patternProperties`. Free text (content, reasoning, string
-values) cannot contain the character "｜" (U+FF5C), which every special token but <think>/</think> contains.
+values) cannot contain the character "｜" (U+FF5C), which every special token but <think>/</think> contains; JSON
+strings are held to the same rule unless the schema has length bounds (then only the token-level ban applies).
 """
 
 from __future__ import annotations
@@ -58,7 +59,12 @@ TEXT_EXCLUDES = ["｜", THINK_START, THINK_END]
 # Bounded whitespace inside JSON values: free whitespace lets a weak model loop on spaces forever.
 JSON_WHITESPACE = 1
 
-_INFO_CACHE: dict[int, tuple[Any, Any]] = {}
+# Token-level ban, on top of the grammar: every added token (role, task, legacy/FIM/placeholder tokens, <think>) is
+# masked out except EOS, `｜DSML｜` when tool calls are possible and `</think>` in thinking mode. This also covers JSON
+# string values, where a text-level exclusion is only applied to schemas without length bounds (xgrammar drops
+# maxLength/minLength from strings it filters).
+
+_INFO_CACHE: dict[int, tuple[Tokenizer, Any, np.ndarray]] = {}
 
 
 def _xgr():
@@ -69,8 +75,11 @@ def _xgr():
     return xgrammar
 
 
-def _compiler(tokenizer: Tokenizer) -> Any:
-    """One xgrammar TokenizerInfo + GrammarCompiler per tokenizer (building the info walks all 129280 tokens)."""
+def _setup(tokenizer: Tokenizer) -> tuple[Tokenizer, Any, np.ndarray]:
+    """(tokenizer, xgrammar GrammarCompiler, keep) per tokenizer; building the info walks all 129280 tokens.
+
+    keep: bool [32 * ceil(V/32)], False for every added token but EOS (see the token-level ban above).
+    """
     key = id(tokenizer)
     if key not in _INFO_CACHE:
         xgr = _xgr()
@@ -81,8 +90,11 @@ def _compiler(tokenizer: Tokenizer) -> Any:
             vocab, xgr.VocabType.BYTE_LEVEL, vocab_size=tokenizer.vocab_size, stop_token_ids=[tokenizer.eos_id]
         )
         threads = min(8, os.cpu_count() or 1)
-        _INFO_CACHE[key] = (tokenizer, xgr.GrammarCompiler(info, max_threads=threads))
-    return _INFO_CACHE[key][1]
+        keep = np.ones(-(-tokenizer.vocab_size // 32) * 32, dtype=np.bool_)
+        for token_id in tokenizer.backend.get_added_tokens_decoder():
+            keep[token_id] = token_id == tokenizer.eos_id
+        _INFO_CACHE[key] = (tokenizer, xgr.GrammarCompiler(info, max_threads=threads), keep)
+    return _INFO_CACHE[key]
 
 
 # -- schema -> structural-tag formats ---------------------------------------------------------------------------------
@@ -125,6 +137,14 @@ def _string_value(schema: dict[str, Any]) -> dict[str, Any]:
     return text
 
 
+def _json_content(schema: Any) -> dict[str, Any]:
+    fmt: dict[str, Any] = {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": JSON_WHITESPACE}
+    if '"maxLength"' not in json.dumps(schema) and '"minLength"' not in json.dumps(schema):
+        # keep markup out of JSON strings too (only without length bounds, which xgrammar would drop)
+        fmt["excludes"] = list(TEXT_EXCLUDES)
+    return fmt
+
+
 def _with_defs(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
     # A property schema compiled on its own still needs the root's definitions for its $refs.
     extra = {k: root[k] for k in ("$defs", "definitions") if k in root and k not in schema}
@@ -145,7 +165,7 @@ def _parameter(key: str, schema: dict[str, Any], root: dict[str, Any]) -> dict[s
             {
                 "type": "tag",
                 "begin": head + '"false">',
-                "content": {"type": "json_schema", "json_schema": json_schema, "max_whitespace_cnt": JSON_WHITESPACE},
+                "content": _json_content(json_schema),
                 "end": PARAM_END + "\n",
             }
         )
@@ -202,7 +222,7 @@ def _json_format(response_format: dict[str, Any] | None) -> dict[str, Any] | Non
             raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
     else:
         raise ValueError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
-    return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": JSON_WHITESPACE}
+    return _json_content(schema)
 
 
 def _functions(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[list[dict[str, Any]], str]:
@@ -277,19 +297,24 @@ def structural_tag(
 class Constraint:
     """One request's grammar state. Not thread-safe; one per sequence (fork() for parallel samples)."""
 
-    def __init__(self, matcher: Any, vocab_size: int, eos_id: int) -> None:
+    def __init__(self, matcher: Any, vocab_size: int, eos_id: int, keep_bits: np.ndarray) -> None:
         self._matcher = matcher
         self.vocab_size = vocab_size
         self.eos_id = eos_id
+        self._keep_bits = keep_bits
 
     def fill_bitmask(self, bitmask: torch.Tensor, index: int = 0) -> None:
         """Write row `index` of an xgrammar bitmask (int32 [B, ceil(V/32)], see `allocate_bitmask`)."""
+        import torch
+
         self._matcher.fill_next_token_bitmask(bitmask, index)
+        keep = torch.from_numpy(self._keep_bits[: bitmask.shape[1]]).to(bitmask.device)
+        bitmask[index, : keep.numel()] &= keep
 
     def allowed_mask(self, vocab_size: int | None = None) -> torch.Tensor:
         """bool [vocab_size]: True where the token may come next (ids past the tokenizer's vocabulary: False)."""
         bitmask = _xgr().allocate_token_bitmask(1, self.vocab_size)
-        self._matcher.fill_next_token_bitmask(bitmask, 0)
+        self.fill_bitmask(bitmask, 0)
         # bit j of int32 word w is token 32*w + j (little-endian words and bits)
         import torch  # lazily: `import dsv4.chat` stays light for tokenizer/encoding users
 
@@ -332,7 +357,7 @@ class Constraint:
         self._matcher.reset()
 
     def fork(self) -> Constraint:
-        return Constraint(self._matcher.fork(), self.vocab_size, self.eos_id)
+        return Constraint(self._matcher.fork(), self.vocab_size, self.eos_id, self._keep_bits)
 
 
 def allocate_bitmask(batch_size: int, vocab_size: int) -> torch.Tensor:
@@ -362,8 +387,15 @@ def build_constraint(
     if tag is None:
         return None
     xgr = _xgr()
+    _, compiler, keep = _setup(tokenizer)
+    keep = keep.copy()
+    if _functions(tools, tool_choice)[1] != "none":
+        keep[tokenizer.token_id(DSML)] = True
+    if thinking_mode == "thinking":
+        keep[tokenizer.token_id(THINK_END)] = True
+    keep_bits = np.packbits(keep, bitorder="little").view(np.int32)  # [ceil(V/32)], xgrammar's bitmask layout
     try:
-        compiled = _compiler(tokenizer).compile_structural_tag(json.dumps(tag))
+        compiled = compiler.compile_structural_tag(json.dumps(tag))
     except Exception as err:
         raise ValueError(f"could not build a grammar from these tools / response_format: {err}") from err
-    return Constraint(xgr.GrammarMatcher(compiled), tokenizer.vocab_size, tokenizer.eos_id)
+    return Constraint(xgr.GrammarMatcher(compiled), tokenizer.vocab_size, tokenizer.eos_id, keep_bits)
