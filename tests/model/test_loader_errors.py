@@ -234,3 +234,24 @@ def test_progress_bar_and_quiet_mode(good, capsys):
     assert "loading weights" in capsys.readouterr().err
     load_model(good, dtype=torch.float32, progress=False)
     assert "loading weights" not in capsys.readouterr().err
+
+
+def test_corrupt_index(ckpt):
+    index = ckpt / cio.INDEX_NAME
+    index.write_text(index.read_text()[:40])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json is not a valid safetensors index"):
+        load(ckpt)
+
+
+def test_corrupt_config_json(ckpt):
+    (ckpt / "config.json").write_text('{"hidden_size": 64,')
+    with pytest.raises(CheckpointError, match=r"config\.json.*not valid JSON"):
+        load(ckpt)
+
+
+def test_mtp_copies_of_embedding_and_head_are_ignored_like_convert_py(ckpt):
+    """Some releases also store the MTP block's (shared) embedding and head; convert.py drops them, so do we."""
+    rewrite_shard(ckpt, "norm.weight", lambda t: t.update({"mtp.0.emb.tok_emb.weight": torch.zeros(64, 64),
+                                                           "mtp.0.head.weight": torch.zeros(64, 64)}))
+    model = load(ckpt)
+    assert not any(n.startswith("mtp.0.emb") or n == "mtp.0.head.weight" for n in model.state_dict())
