@@ -8,7 +8,6 @@ import pytest
 
 from dsv4.engine.async_llm import AsyncLLM
 from dsv4.engine.llm import LLMEngine
-from dsv4.engine.sampling import SamplingParams
 from tests.engine.fakes import FakeModel, patch_fake_cache
 from tests.engine.test_engine_fake import V, greedy, prompts
 

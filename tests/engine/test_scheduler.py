@@ -48,7 +48,8 @@ def test_chunked_prefill_interleaves_with_decode():
     a.append_token(5)
     out = sched.schedule()
     # a decodes one token, b gets the rest of the budget for its next chunk
-    assert [(it.seq.seq_id, it.start, it.num_new, it.samples) for it in out.items] == [(0, 3, 1, True), (1, 7, 9, False)]
+    got = [(it.seq.seq_id, it.start, it.num_new, it.samples) for it in out.items]
+    assert got == [(0, 3, 1, True), (1, 7, 9, False)]
     assert out.num_tokens == 10
 
 

@@ -189,6 +189,7 @@ def engine_context_step(model: Any, ctx: int, threads: int) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from dsv4.engine.llm import LLM
+    from dsv4.engine.sampling import SamplingParams
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -222,6 +223,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res["bandwidth_util"] = round(wbytes / step / bw, 3)
     log(f"engine single-stream decode: {1 / step:.1f} tok/s ({step * 1e3:.1f} ms/step), "
         f"bandwidth utilisation {res['bandwidth_util']:.0%}")
+    if args.spec_new:
+        # MTP speculation on the same weights. NOTE: a random MTP block almost never agrees with the random main
+        # model, so the acceptance rate here measures the mechanism's overhead, not the speed-up of a real checkpoint.
+        spec_llm = LLM(model, max_num_seqs=1, max_num_batched_tokens=args.budget, cache_memory_gb=0.5,
+                       enable_prefix_caching=False, speculative=True, num_threads=args.threads)
+        t = time.perf_counter()
+        spec_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=args.spec_new, ignore_eos=True))
+        res["spec_tok_s"] = round(args.spec_new / (time.perf_counter() - t), 2)
+        res["spec_acceptance_rate"] = round(spec_llm.engine.acceptance_rate or 0.0, 3)
+        log(f"MTP speculative single stream: {res['spec_tok_s']} tok/s (prefill included), acceptance rate "
+            f"{res['spec_acceptance_rate']}")
+        del spec_llm
     long_prompt = _prompt(args.prefill_len, 3)
     pre_long, _ = engine_decode_steps(llm, long_prompt, 2)
     res["engine_prefill_tok_s"] = round(args.prefill_len / pre_long, 1)
@@ -302,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-len", type=int, default=1024)
     ap.add_argument("--long-ctx", type=int, default=32768, help="0 skips the 1K/32K step comparison")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--spec-new", type=int, default=32, help="tokens for the MTP speculative run (0 skips it)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="engine compute dtype (weights are the bf16 checkpoint's, upcast losslessly for float32)")
     ap.add_argument("--hf-dtype", default="bfloat16", choices=["float32", "bfloat16"])
