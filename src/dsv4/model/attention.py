@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import CSA_RATIO, ModelConfig
-from dsv4.model.batch import BatchPlan, Group, pad_rows, unpad_rows
+from dsv4.model.batch import BatchPlan, Group, group_rows, unpad_rows
 from dsv4.model.cache import KVCache
-from dsv4.model.compressor import Compressor
+from dsv4.model.compressor import Compressor, _page_row
 from dsv4.model.indexer import Indexer
 from dsv4.model.norm import RMSNorm, rms_unweighted
 from dsv4.model.qat import Numerics, fp8_sim
@@ -68,7 +68,7 @@ class Attention(nn.Module):
         """x [N, D] (already attn_norm-ed) -> [N, D]."""
         n = x.shape[0]
         qat = self.numerics.qat_sim
-        cos, sin = self.rotary.cos_sin(plan.positions)  # [N, R/2]
+        cos, sin = plan.memoize(("rope", self.ratio > 0), lambda: self.rotary.cos_sin(plan.positions))  # [N, R/2]
         qr = self.q_norm(self.wq_a(x))  # [N, q_lora]
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [N, H, c]
         q = apply_rope(rms_unweighted(q, self.eps), cos[:, None], sin[:, None])
@@ -80,35 +80,38 @@ class Attention(nn.Module):
         if self.indexer is not None:
             iq, iw = self.indexer.queries(x, qr, cos, sin, qat)
             ikv, iz = self.indexer.compressor.project(x, plan.positions)
+        lid = self.layer_id
+        page_size = cache.page_size if cache is not None else 0
 
         out = None
         for grp in plan.groups:
-            qg = pad_rows(q, grp.tok_idx)  # [Bg, S, H, c]
-            kvg = pad_rows(kv, grp.tok_idx)  # [Bg, S, c]
-            raw_k, raw_mask = self._window_keys(kvg, grp, cache)
+            qg = group_rows(q, grp)  # [Bg, S, H, c]
+            raw_k, raw_mask = self._window_keys(kv, grp, cache)
             comp_k = comp_mask = None
             gathered = False
             if self.compressor is not None:
+                sparse_decode = self.indexer is not None and grp.is_decode and cache is not None
                 comp_k = self.compressor.group_entries(
                     ckv, cz, grp, self.rotary, x.dtype, self._kv_post if qat else None,
-                    cache.comp_state[self.layer_id] if cache is not None else None,
-                    cache.entries[self.layer_id] if cache is not None else None,
-                    cache.page_size if cache is not None else 0)  # [Bg, E, c]
-                e = comp_k.shape[1]
+                    cache.comp_state[lid] if cache is not None else None,
+                    cache.entries[lid] if cache is not None else None, page_size,
+                    read=not sparse_decode)  # [Bg, E, c]
+                vis = grp.memoize(("visible", self.ratio), lambda: (grp.pos + 1) // self.ratio)  # [Bg, S]
                 if self.indexer is None:  # HCA: every visible entry
-                    comp_mask = torch.arange(e, device=x.device) < ((grp.pos + 1) // self.ratio)[..., None]
+                    e = comp_k.shape[1]
+                    comp_mask = torch.arange(e, device=x.device) < vis[..., None]
                 else:  # CSA: the indexer's picks
                     keys = self.indexer.compressor.group_entries(
                         ikv, iz, grp, self.rotary, x.dtype, Indexer.key_post(qat),
-                        cache.idx_state[self.layer_id] if cache is not None else None,
-                        cache.idx_entries[self.layer_id] if cache is not None else None,
-                        cache.page_size if cache is not None else 0)  # [Bg, E, I]
-                    top = self.indexer.select(iq, iw, keys, grp)  # [Bg, S, k]
-                    if grp.is_decode and e > top.shape[-1]:
-                        # sparse decode: gather only the picked entries
-                        b = torch.arange(grp.size, device=x.device)[:, None, None]
-                        comp_k = comp_k[b, top.clamp(min=0)]  # [Bg, 1, k, c]
-                        comp_mask = top >= 0
+                        cache.idx_state[lid] if cache is not None else None,
+                        cache.idx_entries[lid] if cache is not None else None, page_size)  # [Bg, E, I]
+                    top = self.indexer.select(iq, iw, keys, grp, vis)  # [Bg, S, k]
+                    e = keys.shape[1]
+                    if sparse_decode:
+                        # sparse decode: read only the picked entries from the pages
+                        page, row = _page_row(grp.block_tables, top.clamp(min=0).flatten(1), self.ratio, page_size)
+                        comp_k = cache.entries[lid][page, row].view(grp.size, grp.width, -1, self.head_dim)
+                        comp_mask = top >= 0  # [Bg, 1, k]
                         gathered = True
                     else:
                         sel = torch.where(top >= 0, top, e)
@@ -127,29 +130,43 @@ class Attention(nn.Module):
         """QAT: FP8-round the non-RoPE dims, keep the RoPE dims (official act_quant on kv[..., :-rd])."""
         return torch.cat([fp8_sim(kv[..., : self.nope_dim], 64), kv[..., self.nope_dim:]], dim=-1)
 
-    def _window_keys(self, kvg: torch.Tensor, grp: Group, cache: KVCache | None
+    def _window_keys(self, kv: torch.Tensor, grp: Group, cache: KVCache | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw keys [Bg, W', c] (ring history + new chunk) and the sliding-window mask [Bg, S, W']."""
-        w = self.window
-        if cache is not None and w > 1:
+        lay = grp.memoize(("window", self.window, cache is not None),
+                          lambda: _WindowLayout(grp, self.window, cache is not None))
+        kvg = group_rows(kv, grp)  # [Bg, S, c]
+        if lay.hist_rows is not None:
             ring = cache.window[self.layer_id]
-            hist_pos = grp.start[:, None] - (w - 1) + torch.arange(w - 1, device=kvg.device)  # [Bg, W-1]
-            hist = ring[grp.slots[:, None], hist_pos.clamp(min=0) % w]  # [Bg, W-1, c]
-            keys = torch.cat([hist.to(kvg.dtype), kvg], dim=1)
-            key_pos = torch.cat([torch.where(hist_pos >= 0, hist_pos, -1), grp.pos], dim=1)
+            keys = torch.cat([ring[lay.hist_slots, lay.hist_rows].to(kvg.dtype), kvg], dim=1)
         else:
-            keys, key_pos = kvg, grp.pos
+            keys = kvg
         if cache is not None:
-            # write after reading: the chunk's last `w` tokens become the ring (rows p % w are unique)
-            with torch.no_grad():
-                keep = grp.valid & (grp.pos >= grp.end[:, None] - w)
-                slots = grp.slots[:, None].expand_as(grp.pos)
+            with torch.no_grad():  # write after reading: the chunk's last `w` tokens become the ring
                 ring = cache.window[self.layer_id]
-                ring[slots[keep], grp.pos[keep] % w] = kvg[keep].to(ring.dtype)
-        qp = grp.pos[:, :, None]
-        kp = key_pos[:, None, :]
-        mask = (kp >= 0) & (kp <= qp) & (kp > qp - w)  # [Bg, S, W']
-        return keys, mask
+                ring[lay.w_slots, lay.w_rows] = kv[lay.w_tok].to(ring.dtype)
+        return keys, lay.mask
+
+
+class _WindowLayout:
+    """Sliding-window index tensors of one group, shared by all layers in a forward."""
+
+    def __init__(self, grp: Group, w: int, cached: bool) -> None:
+        dev = grp.pos.device
+        self.hist_rows = None
+        key_pos = grp.pos
+        if cached and w > 1:
+            hist_pos = grp.start[:, None] - (w - 1) + torch.arange(w - 1, device=dev)  # [Bg, W-1]
+            self.hist_slots = grp.slots[:, None]
+            self.hist_rows = hist_pos.clamp(min=0) % w
+            key_pos = torch.cat([torch.where(hist_pos >= 0, hist_pos, -1), grp.pos], dim=1)
+        qp, kp = grp.pos[:, :, None], key_pos[:, None, :]
+        self.mask = (kp >= 0) & (kp <= qp) & (kp > qp - w)  # [Bg, S, W']
+        if cached:
+            keep = grp.valid & (grp.pos >= grp.end[:, None] - w)  # rows p % w are unique among these
+            self.w_slots = grp.slots[:, None].expand_as(grp.pos)[keep]
+            self.w_rows = grp.pos[keep] % w
+            self.w_tok = grp.tok_idx[keep]
 
 
 def sparse_attention(q: torch.Tensor, raw_k: torch.Tensor, raw_mask: torch.Tensor, comp_k: torch.Tensor | None,

@@ -94,7 +94,13 @@ class Group:
     slots: torch.Tensor | None  # [Bg]
     block_tables: torch.Tensor | None  # [Bg, P]
     is_decode: bool
-    _cache: dict = field(default_factory=dict)  # per-forward memo (e.g. cos/sin per rope flavour)
+    dense: tuple[int, int] | None = None  # (a, b) when tok_idx == arange(a, b).view(Bg, S): pad/unpad are views
+    memo: dict = field(default_factory=dict)  # per-forward index tensors shared by all layers of a kind
+
+    def memoize(self, key: tuple, build):
+        if key not in self.memo:
+            self.memo[key] = build()
+        return self.memo[key]
 
     @property
     def size(self) -> int:
@@ -111,8 +117,18 @@ def pad_rows(x: torch.Tensor, tok_idx: torch.Tensor) -> torch.Tensor:
     return xp[tok_idx]
 
 
+def group_rows(x: torch.Tensor, grp: Group) -> torch.Tensor:
+    """Flat [N, ...] -> the group's padded [Bg, S, ...]; a view when the group is a dense slice of the batch."""
+    if grp.dense is not None:
+        a, b = grp.dense
+        return x[a:b].view((grp.size, grp.width) + x.shape[1:])
+    return pad_rows(x, grp.tok_idx)
+
+
 def unpad_rows(y: torch.Tensor, grp: Group, n: int, out: torch.Tensor | None) -> torch.Tensor:
     """Padded [Bg, S, ...] -> contributes the valid rows into a flat [N, ...] tensor (out of place)."""
+    if grp.dense == (0, n) and out is None:
+        return y.reshape((n,) + y.shape[2:])
     if out is None:
         out = y.new_zeros((n,) + y.shape[2:])
     return out.index_put((grp.tok_idx[grp.valid],), y[grp.valid])
@@ -134,10 +150,14 @@ class BatchPlan:
         decode = [i for i, n_ in enumerate(lens) if n_ == 1]
         prefill = [i for i, n_ in enumerate(lens) if n_ > 1]
         self.groups: list[Group] = []
+        self.memo: dict = {}  # per-forward values shared by all layers (e.g. cos/sin per RoPE flavour)
         for ids, is_decode in ((decode, True), (prefill, False)):
             if not ids:
                 continue
             width = max(lens[i] for i in ids)
+            # sequences of equal length laid out back to back: the padded view is a plain reshape
+            contiguous = all(lens[i] == width for i in ids) and all(
+                offs[i] == offs[ids[0]] + r * width for r, i in enumerate(ids))
             idx = torch.full((len(ids), width), self.n, dtype=torch.long)
             for r, i in enumerate(ids):
                 idx[r, : lens[i]] = torch.arange(offs[i], offs[i] + lens[i])
@@ -161,4 +181,10 @@ class BatchPlan:
                 if with_cache else None,
                 block_tables=batch.block_tables.to(device)[seq_ids].long() if with_cache else None,
                 is_decode=is_decode,
+                dense=(offs[ids[0]], offs[ids[0]] + len(ids) * width) if contiguous else None,
             ))
+
+    def memoize(self, key: tuple, build):
+        if key not in self.memo:
+            self.memo[key] = build()
+        return self.memo[key]

@@ -58,98 +58,106 @@ class Compressor(nn.Module):
 
     def group_entries(self, kv: torch.Tensor, z: torch.Tensor, grp: Group, rotary: Rotary, out_dtype: torch.dtype,
                       post: Callable[[torch.Tensor], torch.Tensor] | None, state: torch.Tensor | None,
-                      pages: torch.Tensor | None, page_size: int) -> torch.Tensor:
-        """All compressed entries each sequence of the group can see after this chunk: [Bg, E, c].
+                      pages: torch.Tensor | None, page_size: int, read: bool = True) -> torch.Tensor | None:
+        """Pool the blocks this chunk completes; return all entries each sequence can see after it: [Bg, E, c].
 
         Entry ``i`` of sequence ``b`` is meaningful for ``i < end_b // r``; rows past that are padding (queries never
-        see them: visibility is ``i < (t + 1) // r <= end_b // r``).
+        see them: visibility is ``i < (t + 1) // r <= end_b // r``). With a cache the new entries and tails are
+        written first; ``read=False`` then skips gathering the entries (the caller reads only what it needs).
         """
         r, c = self.ratio, self.head_dim
-        bg = grp.size
-        dev = kv.device
-        start, end = grp.start, grp.end
-        s0 = (start // r) * r  # first row of the extended chunk: the start of the block holding `start`
-        n_blocks = end // r - start // r  # blocks this chunk completes, per sequence
-        k_max = max(e // r - s // r for s, e in zip(grp.start_list, grp.end_list))
-        length = max(e - (s // r) * r for s, e in zip(grp.start_list, grp.end_list))
-        length = -(-length // r) * r
-        p = s0[:, None] + torch.arange(length, device=dev)  # [Bg, L] absolute position of each extended row
-        from_new = (p >= start[:, None]) & (p < end[:, None])
-        j = (p - start[:, None]).clamp(0, grp.width - 1)
-        tok = torch.where(from_new, grp.tok_idx.gather(1, j), kv.shape[0])  # [Bg, L] flat row (N = zero row)
-        ext_kv = pad_rows(kv, tok)  # [Bg, L, C]
-        ext_z = torch.where(from_new[..., None], pad_rows(z, tok), _NEG_INF)
-        cur = r if self.overlap else 0  # state rows of the unfinished block
-        if state is not None:
-            from_state = (p < start[:, None])[..., None]
-            rows = cur + p % r
-            slots = grp.slots[:, None]
-            ext_kv = torch.where(from_state, state[slots, 0, rows], ext_kv)
-            ext_z = torch.where(from_state, state[slots, 1, rows], ext_z)
-
+        cached = state is not None
+        lay = grp.memoize(("compress", r, cached, page_size),
+                          lambda: _Layout(grp, r, self.overlap, cached, page_size, kv.shape[0], rotary))
         entries = None
-        if k_max > 0:
-            blk_kv = ext_kv[:, : k_max * r].unflatten(1, (k_max, r))  # [Bg, K, r, C]
-            blk_z = ext_z[:, : k_max * r].unflatten(1, (k_max, r))
+        if lay.k_max > 0:
+            ext_kv = pad_rows(kv, lay.tok)  # [Bs, L, C]
+            ext_z = torch.where(lay.from_new[..., None], pad_rows(z, lay.tok), _NEG_INF)
+            if cached:
+                ext_kv = torch.where(lay.from_state, state[lay.slots2, 0, lay.state_rows], ext_kv)
+                ext_z = torch.where(lay.from_state, state[lay.slots2, 1, lay.state_rows], ext_z)
+            bs, k = ext_kv.shape[0], lay.k_max
+            blk_kv = ext_kv[:, : k * r].unflatten(1, (k, r))  # [Bs, K, r, C]
+            blk_z = ext_z[:, : k * r].unflatten(1, (k, r))
             if self.overlap:
                 # previous block's [:c] half; block 0's comes from the state (or is empty at position 0)
-                first_kv = kv.new_zeros(bg, 1, r, c)
-                first_z = kv.new_full((bg, 1, r, c), _NEG_INF)
-                if state is not None:
-                    has_prev = (start // r > 0)[:, None, None, None]
-                    first_kv = torch.where(has_prev, state[grp.slots, 0, :r, :c][:, None], first_kv)
-                    first_z = torch.where(has_prev, state[grp.slots, 1, :r, :c][:, None], first_z)
-                prev_kv = torch.cat([first_kv, blk_kv[:, :-1, :, :c]], dim=1)  # [Bg, K, r, c]
-                prev_z = torch.cat([first_z, blk_z[:, :-1, :, :c]], dim=1)
-                pool_kv = torch.cat([prev_kv, blk_kv[..., c:]], dim=2)  # [Bg, K, 2r, c]
-                pool_z = torch.cat([prev_z, blk_z[..., c:]], dim=2)
+                first_kv = kv.new_zeros(bs, 1, r, c)
+                first_z = kv.new_full((bs, 1, r, c), _NEG_INF)
+                if cached:
+                    first_kv = torch.where(lay.has_prev, state[lay.slots, 0, :r, :c][:, None], first_kv)
+                    first_z = torch.where(lay.has_prev, state[lay.slots, 1, :r, :c][:, None], first_z)
+                pool_kv = torch.cat([torch.cat([first_kv, blk_kv[:, :-1, :, :c]], dim=1), blk_kv[..., c:]], dim=2)
+                pool_z = torch.cat([torch.cat([first_z, blk_z[:, :-1, :, :c]], dim=1), blk_z[..., c:]], dim=2)
             else:
-                pool_kv, pool_z = blk_kv, blk_z
-            done = (torch.arange(k_max, device=dev)[None] < n_blocks[:, None])  # [Bg, K]
+                pool_kv, pool_z = blk_kv, blk_z  # [Bs, K, r, c]
             # blocks a sequence did not complete hold -inf rows; zero them so no NaN reaches softmax (or autograd)
-            pool_z = torch.where(done[..., None, None], pool_z, 0.0)
-            pooled = (pool_z.softmax(dim=2) * pool_kv).sum(dim=2)  # [Bg, K, c] fp32
-            e = self.norm(pooled.to(out_dtype))
-            ent_pos = (start // r)[:, None] + torch.arange(k_max, device=dev)  # [Bg, K] entry index
-            cos, sin = rotary.cos_sin(ent_pos * r)
-            e = apply_rope(e, cos, sin)
+            pool_z = torch.where(lay.done[..., None, None], pool_z, 0.0)
+            pooled = (pool_z.softmax(dim=2) * pool_kv).sum(dim=2)  # [Bs, K, c] fp32
+            e = apply_rope(self.norm(pooled.to(out_dtype)), lay.cos, lay.sin)
             if post is not None:
                 e = post(e)
-            entries = torch.where(done[..., None], e, 0.0)
+            entries = torch.where(lay.done[..., None], e, 0.0)
 
-        if state is None:
+        if not cached:
             # pure path: every sequence starts at 0, so the new entries are all of them
-            return entries if entries is not None else kv.new_zeros(bg, 0, c).to(out_dtype)
-
+            return entries if entries is not None else kv.new_zeros(grp.size, 0, c).to(out_dtype)
         with torch.no_grad():
-            self._write(grp, state, pages, page_size, entries, ext_kv, ext_z, p, from_new, n_blocks, k_max)
-        return _read_entries(pages, grp, r, page_size)
+            if entries is not None:
+                pages[lay.w_page, lay.w_row] = entries[lay.done].to(pages.dtype)
+                if self.overlap:  # remember the last complete block for the next chunk's first entry
+                    last = lay.last_rows[..., None]
+                    state[lay.slots, 0, :r] = ext_kv.gather(1, last.expand(-1, -1, ext_kv.shape[-1]))
+                    state[lay.slots, 1, :r] = ext_z.gather(1, last.expand(-1, -1, ext_z.shape[-1]))
+            # the unfinished tail: new tokens past the last complete block
+            state[lay.tail_slots, 0, lay.tail_rows] = kv[lay.tail_tok]
+            state[lay.tail_slots, 1, lay.tail_rows] = z[lay.tail_tok]
+        return pages[lay.read_page, lay.read_row] if read else None  # [Bg, E, c]
 
-    def _write(self, grp: Group, state: torch.Tensor, pages: torch.Tensor, page_size: int,
-               entries: torch.Tensor | None, ext_kv: torch.Tensor, ext_z: torch.Tensor, p: torch.Tensor,
-               from_new: torch.Tensor, n_blocks: torch.Tensor, k_max: int) -> None:
-        r = self.ratio
-        slots = grp.slots[:, None].expand_as(p)
-        cur = r if self.overlap else 0
-        if entries is not None:
-            done = torch.arange(k_max, device=p.device)[None] < n_blocks[:, None]  # [Bg, K]
-            i = (grp.start // r)[:, None] + torch.arange(k_max, device=p.device)
-            page, row = _page_row(grp.block_tables, i, r, page_size)
-            pages[page[done], row[done]] = entries[done].to(pages.dtype)
-            if self.overlap:
-                # remember the last complete block for the next chunk's first entry
-                has = n_blocks > 0
-                last = (n_blocks - 1).clamp(min=0)
-                blk = (last[:, None] * r + torch.arange(r, device=p.device)[None])  # [Bg, r] rows of that block
-                kv_last = ext_kv.gather(1, blk[..., None].expand(-1, -1, ext_kv.shape[-1]))
-                z_last = ext_z.gather(1, blk[..., None].expand(-1, -1, ext_z.shape[-1]))
-                state[grp.slots[has], 0, :r] = kv_last[has]
-                state[grp.slots[has], 1, :r] = z_last[has]
-        # the unfinished tail: new tokens past the last complete block
-        tail = from_new & (p >= (grp.end // r * r)[:, None])
-        rows = cur + p % r
-        state[slots[tail], 0, rows[tail]] = ext_kv[tail]
-        state[slots[tail], 1, rows[tail]] = ext_z[tail]
+
+class _Layout:
+    """Index tensors of one group for one compress ratio, shared by every layer with that ratio in a forward.
+
+    With a cache only the sequences that complete a block in this chunk (Bs of them) are pooled; the others just
+    append to their tails. Without a cache all Bg sequences are pooled (they all start at 0).
+    """
+
+    def __init__(self, grp: Group, r: int, overlap: bool, cached: bool, page_size: int, n: int,
+                 rotary: Rotary) -> None:
+        dev = grp.tok_idx.device
+        starts, ends = grp.start_list, grp.end_list
+        nb = [e // r - s // r for s, e in zip(starts, ends)]
+        self.k_max = max(nb)
+        sel = [b for b in range(grp.size) if nb[b] > 0] if cached else list(range(grp.size))
+        if self.k_max > 0:
+            sel_t = torch.tensor(sel, dtype=torch.long, device=dev)
+            start, end = grp.start[sel_t], grp.end[sel_t]
+            length = max(ends[b] - starts[b] // r * r for b in sel)
+            length = -(-length // r) * r
+            p = (start // r * r)[:, None] + torch.arange(length, device=dev)  # [Bs, L] position of each row
+            self.from_new = (p >= start[:, None]) & (p < end[:, None])
+            j = (p - start[:, None]).clamp(0, grp.width - 1)
+            self.tok = torch.where(self.from_new, grp.tok_idx[sel_t].gather(1, j), n)  # flat row, N = zero row
+            n_blocks = torch.tensor([nb[b] for b in sel], dtype=torch.long, device=dev)
+            self.done = torch.arange(self.k_max, device=dev)[None] < n_blocks[:, None]  # [Bs, K]
+            ent = (start // r)[:, None] + torch.arange(self.k_max, device=dev)  # [Bs, K] entry index
+            self.cos, self.sin = rotary.cos_sin(ent * r)  # entry i sits at position i * r
+            if cached:
+                self.slots = grp.slots[sel_t]
+                self.slots2 = self.slots[:, None]
+                self.from_state = (p < start[:, None])[..., None]
+                self.state_rows = (r if overlap else 0) + p % r
+                self.has_prev = (start // r > 0)[:, None, None, None]
+                page, row = _page_row(grp.block_tables[sel_t], ent, r, page_size)
+                self.w_page, self.w_row = page[self.done], row[self.done]
+                self.last_rows = (n_blocks - 1)[:, None] * r + torch.arange(r, device=dev)  # [Bs, r]
+        if cached:
+            tail = grp.valid & (grp.pos >= (grp.end // r * r)[:, None])
+            self.tail_tok = grp.tok_idx[tail]
+            self.tail_slots = grp.slots[:, None].expand_as(grp.pos)[tail]
+            self.tail_rows = (r if overlap else 0) + grp.pos[tail] % r
+            e_max = max(e // r for e in ends)
+            i = torch.arange(e_max, device=dev)[None].expand(grp.size, -1)
+            self.read_page, self.read_row = _page_row(grp.block_tables, i, r, page_size)
 
 
 def _page_row(block_tables: torch.Tensor, i: torch.Tensor, r: int, page_size: int
@@ -160,10 +168,3 @@ def _page_row(block_tables: torch.Tensor, i: torch.Tensor, r: int, page_size: in
     row = (i * r % page_size) // r
     return page, row
 
-
-def _read_entries(pages: torch.Tensor, grp: Group, r: int, page_size: int) -> torch.Tensor:
-    """Entries 0 .. max(end // r) - 1 of every sequence of the group, gathered through the block tables."""
-    e_max = max(e // r for e in grp.end_list)
-    i = torch.arange(e_max, device=pages.device)[None].expand(grp.size, -1)
-    page, row = _page_row(grp.block_tables, i, r, page_size)
-    return pages[page, row]  # [Bg, E, c]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import CSA_RATIO, ModelConfig
-from dsv4.model.batch import Group, pad_rows
+from dsv4.model.batch import Group, group_rows
 from dsv4.model.compressor import Compressor
 from dsv4.model.qat import fp4_sim, hadamard
 from dsv4.model.rope import apply_rope
@@ -53,13 +53,15 @@ class Indexer(nn.Module):
     def key_post(qat: bool):
         return (lambda k: fp4_sim(hadamard(k))) if qat else None
 
-    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, grp: Group) -> torch.Tensor:
-        """Top-k visible entries per query of the group: [Bg, S, k] entry ids, -1 where fewer are visible."""
-        qg = pad_rows(q, grp.tok_idx)  # [Bg, S, H, I]
-        wg = pad_rows(w, grp.tok_idx)  # [Bg, S, H]
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, grp: Group, visible: torch.Tensor
+               ) -> torch.Tensor:
+        """Top-k visible entries per query of the group: [Bg, S, k] entry ids, -1 where fewer are visible.
+        ``visible`` [Bg, S] = number of entries each query may see, (t + 1) // 4."""
+        qg = group_rows(q, grp)  # [Bg, S, H, I]
+        wg = group_rows(w, grp)  # [Bg, S, H]
         e = keys.shape[1]
         k = min(self.topk, e)
-        vis = ((grp.pos + 1) // CSA_RATIO)[..., None]  # [Bg, S, 1] number of visible entries
+        vis = visible[..., None]  # [Bg, S, 1]
         if k == 0:
             return torch.zeros(grp.size, grp.width, 0, dtype=torch.long, device=keys.device)
         scores = torch.einsum("bshi,bei->bshe", qg, keys.to(qg.dtype))  # [Bg, S, H, E]
