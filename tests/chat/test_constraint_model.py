@@ -133,3 +133,19 @@ def test_thinking_mode_reasoning_then_a_valid_call(model, tok) -> None:
     text = _generate(model, tok, constraint, prompt + tok.decode(reasoning) + "</think>", seed=7)
     message = parse_completion("I should set an alarm for seven.</think>" + text, "thinking")
     assert message["reasoning_content"] == "I should set an alarm for seven." and message["tool_calls"]
+
+
+def test_engine_applies_the_constraint_end_to_end(model, tok) -> None:
+    # The contract with the engine: SamplingParams(constraint=c) -> allowed_mask() each step, accept() each token.
+    from dsv4 import LLM, SamplingParams
+
+    llm = LLM(model, tokenizer=tok)
+    prompt = encode_messages([{"role": "user", "content": "Wake me at 7."}], "chat")
+    named = {"type": "function", "function": {"name": "set_alarm"}}
+    constraint = build_constraint(tok, tools=TOOLS, tool_choice=named, parallel_tool_calls=False)
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=300, constraint=constraint, skip_special_tokens=False)
+    out = llm.generate([prompt], params)[0].outputs[0]
+    assert out.finish_reason == "stop" and constraint.is_finished()
+    (call,) = parse_completion(out.text, "chat")["tool_calls"]
+    assert call["function"]["name"] == "set_alarm"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), ALARM["function"]["parameters"])
