@@ -158,8 +158,8 @@ def test_quantised_weight_without_its_scale(ckpt):
 def test_unconvertible_dtype(ckpt):
     name = "layers.0.ffn.gate.tid2eid"
     rewrite_shard(ckpt, name, lambda t: t.update({name: t[name].float()}))
-    with pytest.raises(CheckpointError, match=r"'layers\.0\.ffn\.gate\.tid2eid' in .* is torch\.float32, which cannot be "
-                                              r"converted to the model's torch\.int64"):
+    with pytest.raises(CheckpointError, match=r"'layers\.0\.ffn\.gate\.tid2eid' in .* is torch\.float32, which "
+                                              r"cannot be converted to the model's torch\.int64"):
         load(ckpt)
 
 

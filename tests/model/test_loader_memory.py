@@ -1,11 +1,11 @@
 """Peak resident memory of load_model stays below 1.3x the size of the loaded model (issue 2, item 6).
 
 The load runs in a fresh subprocess. Baseline: after importing torch, dsv4 and every module the load uses, and after
-building one tiny model on the meta device (torch initialises ~150 MB of internals lazily the first time, whatever
-the model's size), the child reads its current RSS and resets the kernel's peak-RSS watermark to it (``echo 5 > /proc/self/clear_refs`` sets
-VmHWM = VmRSS), so the measured peak (VmHWM after loading) minus that baseline is exactly the memory the load added:
-parameters, file pages mapped while reading, and temporaries. The model's size is the bytes of all its parameters
-and buffers as loaded.
+building one tiny model on the meta device (the first ``normal_`` on a meta parameter makes torch import
+``torch._dynamo``, ~150 MB, once per process and whatever the model's size), the child reads its current RSS and
+resets the kernel's peak-RSS watermark to it (``echo 5 > /proc/self/clear_refs`` sets VmHWM = VmRSS), so the measured
+peak (VmHWM after loading) minus that baseline is exactly the memory the load added: parameters, file pages mapped
+while reading, and temporaries. The model's size is the bytes of all its parameters and buffers as loaded.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from dsv4.config import ModelConfig
 from dsv4.model.transformer import Transformer
 from dsv4.model.loader import load_model
 
-# Warm-up: the first model built under torch.device("meta") triggers ~150 MB of one-time lazy initialisation inside
-# torch, independent of the model's size; it belongs to the baseline, not to the load.
+# Warm-up: the first model built under torch.device("meta") makes torch import torch._dynamo (~150 MB, once per
+# process, independent of the model's size); it belongs to the baseline, not to the load.
 with torch.device("meta"):
     Transformer(ModelConfig.from_dict(json.loads(sys.argv[2])))
 

@@ -281,7 +281,9 @@ def load_model(
     """
     root = Path(path)
     if not root.is_dir():
-        raise CheckpointError(f"{root} is not a directory; pass the checkpoint directory (with config.json and weights)")
+        raise CheckpointError(
+            f"{root} is not a directory; pass the checkpoint directory (with config.json and weights)"
+        )
     config_path = root / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"{root} has no {CONFIG_NAME}; a dsv4 checkpoint directory needs the model's config.json "

@@ -93,7 +93,9 @@ def dequantize_fp8(
 ) -> torch.Tensor:
     """FP8 e4m3 ``[O, I]`` + ue8m0 ``[ceil(O/128), ceil(I/128)]`` -> ``[O, I]`` in ``dtype`` (exact)."""
     if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
-        raise QuantFormatError(f"an FP8 weight must be a 2-D float8_e4m3fn tensor, got {weight.dtype} {tuple(weight.shape)}")
+        raise QuantFormatError(
+            f"an FP8 weight must be a 2-D float8_e4m3fn tensor, got {weight.dtype} {tuple(weight.shape)}"
+        )
     expected = fp8_scale_shape(weight.shape)
     if tuple(scale.shape) != expected:
         raise QuantFormatError(
@@ -196,7 +198,9 @@ def _round_to_fp4_codes(x: torch.Tensor) -> torch.Tensor:
 def pack_fp4_codes(codes: torch.Tensor) -> torch.Tensor:
     """e2m1 codes ``[O, I]`` (uint8, 0..15, I even) -> int8 ``[O, I/2]`` (low nibble = even column)."""
     if codes.dim() != 2 or codes.shape[1] % 2:
-        raise QuantFormatError(f"FP4 packing needs a 2-D code tensor with an even column count, got {tuple(codes.shape)}")
+        raise QuantFormatError(
+            f"FP4 packing needs a 2-D code tensor with an even column count, got {tuple(codes.shape)}"
+        )
     codes = codes.to(torch.uint8)
     return (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(torch.int8)
 
