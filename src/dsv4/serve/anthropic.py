@@ -179,7 +179,7 @@ async def message_response(events: AsyncIterator[Step | Usage], model: str) -> d
     content: list[dict[str, Any]] = []
     if reasoning:
         content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
-    if text or not calls:
+    if text or not (calls or reasoning):  # an empty answer is still one (empty) text block, as in the stream
         content.append({"type": "text", "text": text})
     content += [{"type": "tool_use", "id": c["id"], "name": c["name"], "input": _input(c["arguments"])} for c in calls]
     return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": content,

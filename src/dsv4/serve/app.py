@@ -192,25 +192,31 @@ async def _collect(events: AsyncIterator[Step | Usage]) -> list[Step | Usage]:
     return [ev async for ev in events]
 
 
-async def _unary(core: ServingCore, endpoint: str, request: Request, work: Any) -> JSONResponse:
+async def _unary(core: ServingCore, endpoint: str, request: Request, work: Any) -> Response:
     """Run a non-streaming request, cancelling it (and so aborting it in the engine) if the client goes away."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_watch_disconnect(request, task))
+    gone = asyncio.Event()
+    watcher = asyncio.ensure_future(_watch_disconnect(request, task, gone))
     try:
         body = await task
     except asyncio.CancelledError:
+        if not gone.is_set():
+            raise  # the server itself is stopping
+        # The client hung up: its request is aborted; answer into the void (nginx's 499) instead of letting the
+        # cancellation reach uvicorn as an application error.
         core.metrics.requests.labels(endpoint, "499").inc()
-        raise
+        return Response(status_code=499)
     finally:
         watcher.cancel()
     core.metrics.requests.labels(endpoint, "200").inc()
     return JSONResponse(body)
 
 
-async def _watch_disconnect(request: Request, task: asyncio.Future[Any]) -> None:
+async def _watch_disconnect(request: Request, task: asyncio.Future[Any], gone: asyncio.Event) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
+            gone.set()
             task.cancel()
             return
 
@@ -276,6 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _uvicorn_server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after its graceful shutdown, so the process dies "killed by SIGINT" with a
+            # KeyboardInterrupt traceback; the graceful shutdown already is the whole answer to the signal: exit 0.
+            self._captured_signals.clear()
+
+    return Server
+
+
 def build_core(args: argparse.Namespace) -> ServingCore:
     import torch
 
@@ -318,9 +337,11 @@ def main(argv: list[str] | None = None) -> int:
             await core.stop()
 
     app = create_app(core, api_key=args.api_key, lifespan=lifespan)
+    _Server = _uvicorn_server_class()
     # uvicorn installs the SIGINT/SIGTERM handlers: it stops accepting, lets open requests finish for up to
     # timeout_graceful_shutdown seconds, then runs the lifespan shutdown (which stops the engine loop).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, access_log=False)
-    uvicorn.Server(config).run()
+    _Server(config).run()
+    log.info("dsv4 serve: stopped")
     return 0

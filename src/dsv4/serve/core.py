@@ -111,6 +111,10 @@ class ServingCore:
                  max_concurrency: int = 256, chat: Any = None) -> None:
         if chat is None:
             import dsv4.chat as chat
+        builder = getattr(chat, "build_constraint", None)
+        if builder is None:
+            from dsv4.chat.constraint import build_constraint as builder
+        self.build_constraint = builder
         self.engine = engine
         self.tokenizer = tokenizer
         self.chat = chat
@@ -195,12 +199,22 @@ class ServingCore:
         return Prepared(prompt_ids, params, False, None, params.n, raw_text=True)
 
     def _constraint(self, job: ChatJob) -> Any:
+        """The grammar that makes a forced tool call (tool_choice required / named) or a JSON answer well-formed and
+        schema-valid. tool_choice "auto" stays unconstrained: a capable model writes DSML correctly, and the
+        parser recovers from the rest without a per-token mask on every chat turn."""
+        choice: Any = job.tool_choice
+        if isinstance(choice, dict):
+            choice = {"type": "function", "function": {"name": choice["name"]}}
+        fmt = job.response_format
+        if fmt is not None and fmt["type"] == "json_schema":
+            fmt = {"type": "json_schema", "json_schema": {"name": fmt.get("name"), "schema": fmt["schema"]}}
         try:
-            return self.chat.build_constraint(
-                self.tokenizer, tools=job.tools, tool_choice=job.tool_choice, response_format=job.response_format,
-                thinking=job.thinking, parallel_tool_calls=job.parallel_tool_calls,
+            return self.build_constraint(
+                self.tokenizer, tools=job.tools if choice != "none" else None, tool_choice=choice,
+                response_format=fmt, thinking_mode="thinking" if job.thinking else "chat",
+                parallel_tool_calls=job.parallel_tool_calls,
             )
-        except (ValueError, TypeError) as e:
+        except ValueError as e:
             raise ServeError("invalid_request", f"Cannot build the constrained-decoding grammar: {e}",
                              param="response_format" if job.response_format else "tools") from e
 
