@@ -202,3 +202,45 @@ def test_bad_arguments_say_what_is_wrong(kwargs: dict, message: str) -> None:
 def test_unknown_role_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown role"):
         encode_messages([{"role": "robot", "content": "Q"}])
+
+
+# Outputs of the official encoding_dsv4.py (DeepSeek-V4-Flash @ 60d8d70) for small conversations, as transcribed in
+# the public osaurus-ai DeepseekV4ChatEncoder tests ("rendered by running that Python file"); not produced by dsv4.
+def _call(call_id: str, name: str, args: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+
+
+_DSML_HEAD = f"{A}</think>\n\n<｜DSML｜tool_calls>\n"
+_ALPHA = '<｜DSML｜invoke name="alpha">\n<｜DSML｜parameter name="n" string="true">1</｜DSML｜parameter>\n</｜DSML｜invoke>'
+_BETA = '<｜DSML｜invoke name="beta">\n<｜DSML｜parameter name="n" string="true">2</｜DSML｜parameter>\n</｜DSML｜invoke>'
+OFFICIAL_SMALL_CASES = [
+    (
+        "tool results follow the call order, not the return order",
+        [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "Q"},
+            {"role": "assistant", "content": "", "reasoning_content": "R",
+             "tool_calls": [_call("call_A", "alpha", '{"n": "1"}'), _call("call_B", "beta", '{"n": "2"}')]},
+            {"role": "tool", "tool_call_id": "call_B", "content": "B result"},
+            {"role": "tool", "tool_call_id": "call_A", "content": "A result"},
+        ],
+        f"{B}S{U}Q{_DSML_HEAD}{_ALPHA}\n{_BETA}\n</｜DSML｜tool_calls>{E}"
+        f"{U}<tool_result>A result</tool_result>\n\n<tool_result>B result</tool_result>{A}<think>",
+    ),
+    (
+        "a text block follows a tool result after a blank line",
+        [
+            {"role": "user", "content": "Q"},
+            {"role": "assistant", "content": "", "reasoning_content": "R",
+             "tool_calls": [_call("call_1", "alpha", '{"n": "1"}')]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "result"},
+            {"role": "user", "content": "And now this."},
+        ],
+        f"{B}{U}Q{_DSML_HEAD}{_ALPHA}\n</｜DSML｜tool_calls>{E}{U}<tool_result>result</tool_result>\n\nAnd now this.{A}<think>",
+    ),
+]
+
+
+@pytest.mark.parametrize(("why", "messages", "expected"), OFFICIAL_SMALL_CASES, ids=[c[0] for c in OFFICIAL_SMALL_CASES])
+def test_transcribed_official_outputs(why: str, messages: list[dict], expected: str) -> None:
+    assert encode_messages(messages, "thinking") == expected, why
