@@ -44,7 +44,12 @@ def _is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_model_state(model: nn.Module, expert_parallel: bool = False) -> dict[str, torch.Tensor] | None:
+    """The whole model's state dict (on rank 0 under expert parallelism, where other ranks get None)."""
+    if expert_parallel:
+        from dsv4.train.expert_parallel import gather_full_state
+
+        return gather_full_state(model)
     if _is_dist():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -60,7 +65,25 @@ def full_optim_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     return opt.state_dict()
 
 
-def load_full_state(model: nn.Module, opts: list[torch.optim.Optimizer], state: dict) -> None:
+def load_full_state(
+    model: nn.Module, opts: list[torch.optim.Optimizer], state: dict, expert_parallel: bool = False
+) -> None:
+    if expert_parallel:
+        from dsv4.train.expert_parallel import load_local_state
+
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        per_rank = state.get("optimizers_by_rank")
+        if per_rank is None or len(per_rank) != world:
+            raise ValueError(
+                f"this checkpoint was not written by an expert-parallel run on {world} ranks; resume it with the "
+                "world size and parallelism it was saved with"
+            )
+        load_local_state(model, state["model"])
+        for opt, sd in zip(opts, per_rank[rank]):
+            opt.load_state_dict(sd)
+        return
+    if state.get("optimizers") is None:
+        raise ValueError("this checkpoint was written by an expert-parallel run; resume it with --expert-parallel")
     if _is_dist():
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -79,11 +102,20 @@ def load_full_state(model: nn.Module, opts: list[torch.optim.Optimizer], state: 
 
 
 def save_training_state(
-    out_dir: str | Path, step: int, model: nn.Module, opts: list[torch.optim.Optimizer], extra: dict, keep: int = 2
+    out_dir: str | Path, step: int, model: nn.Module, opts: list[torch.optim.Optimizer], extra: dict, keep: int = 2,
+    expert_parallel: bool = False,
 ) -> Path | None:
-    """Collective under torch.distributed (every rank calls it); rank 0 writes. Returns the checkpoint dir on rank 0."""
-    model_sd = full_model_state(model)
-    optim_sds = [full_optim_state(model, o) for o in opts]
+    """Collective under torch.distributed (every rank calls it); rank 0 writes. Returns the checkpoint dir on rank 0.
+
+    Under expert parallelism each rank's optimizer holds different experts, so the optimizer states are stored per
+    rank (`optimizers_by_rank`) and such a checkpoint resumes on the same number of ranks only."""
+    model_sd = full_model_state(model, expert_parallel)
+    if expert_parallel:
+        gathered: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, [o.state_dict() for o in opts])
+        optim_fields = {"optimizers": None, "optimizers_by_rank": gathered}
+    else:
+        optim_fields = {"optimizers": [full_optim_state(model, o) for o in opts]}
     rank = torch.distributed.get_rank() if _is_dist() else 0
     if rank != 0:
         return None
@@ -93,7 +125,7 @@ def save_training_state(
     tmp = root / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = {"step": step, "model": model_sd, "optimizers": optim_sds, "rng": rng_state(), **extra}
+    state = {"step": step, "model": model_sd, **optim_fields, "rng": rng_state(), **extra}
     torch.save(state, tmp / "state.pt")
     if final.exists():
         shutil.rmtree(final)

@@ -92,6 +92,7 @@ class TrainConfig:
     export_dtype: str = "bfloat16"
     progress: bool = True
     threads: int = 0  # torch intra-op threads; 0 = torch default
+    expert_parallel: bool = False  # under torchrun: experts sharded over ranks (all-to-all), else FSDP2 sharding
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -315,7 +316,13 @@ class Trainer:
         tok = lambda ds: chunk_documents(tokenize_documents(self.tokenizer, ds, bos, eos), cfg.seq_len)  # noqa: E731
         self.train_chunks, self.held_chunks = tok(train_docs), tok(held_docs)
         self.loader = PackedLoader(self.train_chunks, cfg.tokens_per_batch, cfg.seed)
-        self.model = parallel.apply_data_parallel(self.model, self.world)
+        self.ep = cfg.expert_parallel and self.world > 1
+        if self.ep:
+            from dsv4.train.expert_parallel import apply_expert_parallel
+
+            self.model = apply_expert_parallel(self.model, self.rank, self.world)
+        else:
+            self.model = parallel.apply_data_parallel(self.model, self.world)
         self.opts = build_optimizers(self.model, cfg.optim)
         self.biases = gate_biases(self.model)
         self.step = 0
@@ -329,7 +336,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         state = load_training_state(path)
-        load_full_state(self.model, self.opts, state)
+        load_full_state(self.model, self.opts, state, self.ep)
         self.loader.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.step = state["step"]
@@ -365,8 +372,9 @@ class Trainer:
                 if lc.balance_weight > 0:
                     bal = bal + sequence_balance_loss(scores, idx, b.seq_lens, scores.size(-1)) / n_seq
             loss = ce + lc.mtp_weight * mtp + lc.balance_weight * bal
-            # Each rank's loss is already a share of the global mean; FSDP averages gradients over ranks, so scale
-            # by the world size to get the sum of the shares (= the single-process gradient).
+            # Each rank's loss is already a share of the global mean; FSDP (or sync_gradients under EP) averages
+            # gradients over ranks, so scale by the world size to get the sum of the shares (= the single-process
+            # gradient).
             (loss * self.world).backward()
             sums += torch.tensor([ce.item(), mtp.item(), bal.item()], dtype=torch.float64)
         grad_norm = self._clip()
@@ -388,6 +396,11 @@ class Trainer:
         }
 
     def _clip(self) -> float:
+        if self.ep:
+            from dsv4.train.expert_parallel import clip_grad_norm, sync_gradients
+
+            sync_gradients(self.model, self.world)
+            return clip_grad_norm(self.model, self.cfg.grad_clip)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
             return 0.0
@@ -412,7 +425,8 @@ class Trainer:
         return total / max(1, count)
 
     def save(self) -> None:
-        save_training_state(self.out, self.step, self.model, self.opts, {"data": self.loader.state_dict()})
+        save_training_state(self.out, self.step, self.model, self.opts, {"data": self.loader.state_dict()},
+                            expert_parallel=self.ep)
 
     def log(self, rec: dict) -> None:
         if self.rank == 0:
@@ -420,7 +434,7 @@ class Trainer:
                 f.write(json.dumps(rec) + "\n")
 
     def export(self) -> Path | None:
-        state = full_model_state(self.model)
+        state = full_model_state(self.model, self.ep)
         if self.rank != 0:
             return None
         return export_model(state, self.raw_config, self.out / "export", self.tokenizer_dir,
