@@ -6,8 +6,8 @@ parameters, gradients and optimizer state are sharded over the ranks and gathere
 
 The process group is passed around implicitly only through torch.distributed's default group; no module globals.
 
-Deliberately not here (yet): expert parallelism (all-to-all token dispatch to experts sharded by index). FSDP2 already
-shards the experts' weights; EP would additionally avoid gathering them, which matters only at real model sizes.
+Expert parallelism (`--expert-parallel true`: experts sharded by index, tokens dispatched with all-to-all) is the
+alternative in expert_parallel.py; the two are not combined.
 """
 
 from __future__ import annotations
