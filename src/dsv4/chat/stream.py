@@ -27,6 +27,7 @@ constraint in constraint.py makes the model produce valid ones; the server may v
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -76,11 +77,17 @@ def _find_first(buf: str, markers: tuple[str, ...]) -> tuple[int, str | None]:
     return best, found
 
 
+@functools.cache
+def _proper_prefixes(markers: tuple[str, ...]) -> tuple[frozenset[str], int]:
+    prefixes = frozenset(m[:k] for m in markers for k in range(1, len(m)))
+    return prefixes, max(len(m) for m in markers) - 1
+
+
 def _held(buf: str, markers: tuple[str, ...]) -> int:
     """Length of the longest suffix of buf that could still grow into a marker."""
-    for k in range(min(len(buf), max(len(m) for m in markers) - 1), 0, -1):
-        tail = buf[-k:]
-        if any(len(m) > k and m.startswith(tail) for m in markers):
+    prefixes, longest = _proper_prefixes(markers)
+    for k in range(min(len(buf), longest), 0, -1):
+        if buf[-k:] in prefixes:
             return k
     return 0
 
@@ -98,14 +105,15 @@ class StreamParser:
         self.tool_names = None if tools is None else {(t.get("function") or t).get("name") for t in tools}
         self.expect_eos = expect_eos
         self.errors: list[str] = []
-        self.reasoning = ""
-        self.content = ""
-        self.calls: list[dict[str, str]] = []
+        # text pieces, joined on demand: repeated `str +=` on an attribute copies the whole text every time
+        self._reasoning: list[str] = []
+        self._content: list[str] = []
+        self.calls: list[dict[str, Any]] = []  # {"name": str, "arguments": list of JSON fragments}
         self.saw_eos = False
         self._state = REASONING if thinking_mode == "thinking" else CONTENT
         self._buf = ""
         self._out: list[Delta] = []
-        self._call: dict[str, str] | None = None  # the open call (None: none open, or the open one is skipped)
+        self._call: dict[str, Any] | None = None  # the open call (None: none open, or the open one is skipped)
         self._in_invoke = False
         self._args_open = False
         self._keys: set[str] = set()
@@ -147,13 +155,22 @@ class StreamParser:
         self._state = DONE
         return self._flush()
 
+    @property
+    def reasoning(self) -> str:
+        return "".join(self._reasoning)
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
+
     def message(self) -> dict[str, Any]:
         return {
             "role": "assistant",
             "content": self.content,
             "reasoning_content": self.reasoning,
             "tool_calls": [
-                {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in self.calls
+                {"type": "function", "function": {"name": c["name"], "arguments": "".join(c["arguments"])}}
+                for c in self.calls
             ],
         }
 
@@ -171,15 +188,15 @@ class StreamParser:
         if not text:
             return
         if state == REASONING:
-            self.reasoning += text
+            self._reasoning.append(text)
             self._out.append(Delta("reasoning", text))
         else:
-            self.content += text
+            self._content.append(text)
             self._out.append(Delta("content", text))
 
     def _args(self, fragment: str) -> None:
         if self._call is not None and fragment:
-            self._call["arguments"] += fragment
+            self._call["arguments"].append(fragment)
             self._out.append(Delta("tool_call", fragment, index=len(self.calls) - 1))
 
     def _step(self) -> bool:
@@ -290,7 +307,7 @@ class StreamParser:
             offered = ", ".join(sorted(self.tool_names)) or "none"
             self.errors.append(f"call to unknown tool {name!r} dropped (tools offered: {offered})")
             return
-        self._call = {"name": name, "arguments": ""}
+        self._call = {"name": name, "arguments": []}
         self.calls.append(self._call)
         self._out.append(Delta("tool_call", index=len(self.calls) - 1, name=name))
 
