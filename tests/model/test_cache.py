@@ -190,3 +190,19 @@ def test_cache_bytes(setup) -> None:
     assert cache.nbytes == KVCache.bytes_needed(cfg, 3, 5, PAGE, torch.float32)
     with pytest.raises(ValueError, match="page_size"):
         KVCache(cfg, num_slots=1, num_pages=1, page_size=24)
+
+
+def test_bad_cache_arguments_raise(setup) -> None:
+    cfg, model = setup
+    cache = KVCache(cfg, num_slots=2, num_pages=4, page_size=PAGE, dtype=torch.float32)
+    toks = torch.arange(20)
+    with pytest.raises(ValueError, match="slots"):
+        model.forward_batch(ForwardBatch.from_sequences([toks], [0], [5], torch.tensor([[0, 1]])), cache)
+    with pytest.raises(ValueError, match="-1"):
+        model.forward_batch(ForwardBatch.from_sequences([toks], [0], [0], torch.tensor([[0, -1]])), cache)
+    with pytest.raises(ValueError, match="columns"):
+        model.forward_batch(ForwardBatch.from_sequences([toks], [0], [0], torch.tensor([[0]])), cache)
+    with pytest.raises(ValueError, match="start at position 0"):
+        model.forward_batch(ForwardBatch.from_sequences([toks], [3]), None)
+    with pytest.raises(ValueError, match="block_tables"):
+        model.forward_batch(ForwardBatch.from_sequences([toks], [0], [0]), cache)

@@ -96,14 +96,71 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()  # one host sync per layer
         tok = order // k
         w = weights.flatten()[order]
-        y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
-        a = 0
-        for e, cnt in enumerate(counts):
-            if cnt == 0:
-                continue
-            t = tok[a:a + cnt]
-            y.index_add_(0, t, self.experts[e](x[t], w[a:a + cnt]).float())  # autograd-safe: y is not a leaf
-            a += cnt
+        packed = self._packed if self._packed is not None and not torch.is_grad_enabled() else None
+        if packed is not None and packed[0].data_ptr() != self.experts[0].w1.weight.data_ptr():
+            packed = None  # the expert weights were replaced (e.g. reloaded): the stacks are stale
+        if packed is not None and 2 * sum(c > 0 for c in counts) >= self.n_experts:
+            y = self._routed_batched(x, flat[order], tok, w, counts, packed)
+        else:
+            y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
+            a = 0
+            for e, cnt in enumerate(counts):
+                if cnt == 0:
+                    continue
+                t = tok[a:a + cnt]
+                y.index_add_(0, t, self.experts[e](x[t], w[a:a + cnt]).float())  # autograd-safe: y is not a leaf
+                a += cnt
         if self.shared_experts is not None:
             y = y + self.shared_experts(x).float()
         return y.to(x.dtype)
+
+    # ------------------------------------------------------------------ inference fast path
+    _packed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        """Move the routed experts' weights into two stacked tensors ``w13 [E, 2F, D]`` and ``w2 [E, D, F]`` and
+        re-point every ``experts.{e}.w1/w2/w3.weight`` to a view of them (same memory, same names). Inference with
+        many tokens then runs all experts as two batched matmuls instead of a Python loop over experts.
+
+        NOTE: for inference only (autograd still uses the per-expert path, whose gradients land in the views);
+        the views share storage, so clone before saving with safetensors.
+        """
+        if self._packed is not None:
+            return
+        e0 = self.experts[0]
+        f, d = e0.w1.weight.shape
+        w13 = torch.empty(self.n_experts, 2 * f, d, dtype=e0.w1.weight.dtype, device=e0.w1.weight.device)
+        w2 = torch.empty(self.n_experts, d, f, dtype=e0.w2.weight.dtype, device=e0.w2.weight.device)
+        for i, ex in enumerate(self.experts):
+            w13[i, :f].copy_(ex.w1.weight)
+            w13[i, f:].copy_(ex.w3.weight)
+            w2[i].copy_(ex.w2.weight)
+            ex.w1.weight = nn.Parameter(w13[i, :f], requires_grad=ex.w1.weight.requires_grad)
+            ex.w3.weight = nn.Parameter(w13[i, f:], requires_grad=ex.w3.weight.requires_grad)
+            ex.w2.weight = nn.Parameter(w2[i], requires_grad=ex.w2.weight.requires_grad)
+        self._packed = (w13, w2)
+
+    def _routed_batched(self, x: torch.Tensor, expert_of: torch.Tensor, tok: torch.Tensor, w: torch.Tensor,
+                        counts: list[int], packed: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """All experts at once on a [E, cap, D] padded layout (pairs sorted by expert). Same math as Expert."""
+        w13, w2 = packed
+        f = w2.shape[2]
+        cap = max(counts)
+        counts_t = torch.tensor(counts, device=x.device)
+        first = torch.cumsum(counts_t, 0) - counts_t  # [E] first sorted pair of each expert
+        slot = torch.arange(tok.shape[0], device=x.device) - first[expert_of]  # rank of a pair inside its expert
+        xs = x.new_zeros(self.n_experts, cap, x.shape[1])
+        xs[expert_of, slot] = x[tok]
+        ws = w.new_zeros(self.n_experts, cap)
+        ws[expert_of, slot] = w
+        gu = torch.bmm(xs, w13.transpose(1, 2))  # [E, cap, 2F]
+        g, u = gu[..., :f].float(), gu[..., f:].float()
+        limit = self.experts[0].limit
+        if limit > 0:
+            g = g.clamp(max=limit)
+            u = u.clamp(-limit, limit)
+        h = ws[..., None] * (F.silu(g) * u)  # routing weight before w2 (official)
+        out = torch.bmm(h.to(x.dtype), w2.transpose(1, 2))  # [E, cap, D]
+        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        return y.index_add_(0, tok, out[expert_of, slot].float())

@@ -106,9 +106,9 @@ class Transformer(nn.Module):
 
     def forward_batch(self, batch: ForwardBatch, cache: KVCache | None = None) -> ForwardOutput:
         """One varlen step (docs/contracts.md). With ``cache=None`` the forward is pure and differentiable."""
-        plan = BatchPlan(batch, self.device, cache is not None)
         if cache is not None:
-            _check_cache(self.config, cache)
+            _check_cache(self.config, cache, batch)
+        plan = BatchPlan(batch, self.device, cache is not None)
         x = self.embed(plan.input_ids)  # [N, D]
         x = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1)  # [N, M, D] identical streams
         for layer in self.layers:
@@ -133,8 +133,17 @@ class Transformer(nn.Module):
         logits for token t+2 and the MTP block's streams."""
         if not self.mtp:
             raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
+        if cache is not None:
+            _check_cache(self.config, cache, batch)
         plan = BatchPlan(batch, self.device, cache is not None)
         return self.mtp[depth](hidden, plan, cache, self, batch.logits_indices)
+
+    def pack_experts(self) -> Transformer:
+        """Inference fast path: stack each MoE's routed experts (see ``MoE.pack``; same memory, same names)."""
+        for mod in self.modules():
+            if isinstance(mod, MoE):
+                mod.pack()
+        return self
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -168,6 +177,26 @@ class Transformer(nn.Module):
         return self
 
 
-def _check_cache(config: ModelConfig, cache: KVCache) -> None:
+def _check_cache(config: ModelConfig, cache: KVCache, batch: ForwardBatch) -> None:
+    """Cheap host-side checks that turn silent cache corruption into errors."""
     if cache.config is not config and cache.config != config:
         raise ValueError("KVCache was built for a different ModelConfig than this model")
+    batch.validate(with_cache=True)
+    bad = [s for s in batch.slots if not 0 <= s < cache.num_slots]
+    if bad:
+        raise ValueError(f"ForwardBatch slots {bad} are outside the KVCache's {cache.num_slots} slots")
+    if not config.compressed_ratios:
+        return  # sliding-window-only model: no paged entries
+    # every page that will hold an entry of this step must be assigned (a -1 would alias page 0)
+    bt = batch.block_tables
+    ends = torch.tensor([s + n for s, n in zip(batch.start_pos, batch.seq_lens)], device=bt.device)
+    need = (ends + cache.page_size - 1) // cache.page_size  # [B] pages covering positions < end
+    if int(need.max()) > bt.shape[1]:
+        raise ValueError(f"block_tables has {bt.shape[1]} columns but a sequence reaches position "
+                         f"{int(ends.max()) - 1}, which needs {int(need.max())} pages of {cache.page_size} tokens")
+    cols = torch.arange(bt.shape[1], device=bt.device)
+    missing = (cols[None] < need[:, None]) & ((bt < 0) | (bt >= cache.num_pages))
+    if bool(missing.any()):
+        b = int(missing.any(dim=1).nonzero()[0])
+        raise ValueError(f"sequence {b} of the batch needs pages 0..{int(need[b]) - 1} in its block table row, but "
+                         f"some are -1 or >= num_pages={cache.num_pages}: {bt[b, : int(need[b])].tolist()}")
