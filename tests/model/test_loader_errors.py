@@ -255,3 +255,8 @@ def test_mtp_copies_of_embedding_and_head_are_ignored_like_convert_py(ckpt):
                                                            "mtp.0.head.weight": torch.zeros(64, 64)}))
     model = load(ckpt)
     assert not any(n.startswith("mtp.0.emb") or n == "mtp.0.head.weight" for n in model.state_dict())
+
+
+def test_non_float_compute_dtype_is_refused(good):
+    with pytest.raises(ValueError, match="compute dtype"):
+        load_model(good, dtype=torch.int8, progress=False)

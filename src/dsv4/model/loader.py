@@ -279,6 +279,9 @@ def load_model(
     ``dtype`` is the compute dtype (bf16 or fp32); parameters the model keeps in fp32 by design stay fp32.
     ``progress=False`` hides the progress bar. ``model_options`` go to ``Transformer(config, ...)``.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+        raise ValueError(f"load_model: dtype must be a compute dtype such as torch.bfloat16 or torch.float32, "
+                         f"got {dtype!r}")
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(
