@@ -206,3 +206,21 @@ def test_bad_cache_arguments_raise(setup) -> None:
         model.forward_batch(ForwardBatch.from_sequences([toks], [3]), None)
     with pytest.raises(ValueError, match="block_tables"):
         model.forward_batch(ForwardBatch.from_sequences([toks], [0], [0]), cache)
+
+
+def test_query_blocking_is_exact(setup, monkeypatch) -> None:
+    """Long chunks run their queries in blocks; tiny blocks must give the same logits (pure and cached)."""
+    import dsv4.model.attention as att
+
+    cfg, model = setup
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (45, 20)]
+    with torch.no_grad():
+        want = model.forward_batch(ForwardBatch.from_sequences(seqs), None).logits
+    monkeypatch.setattr(att, "_Q_BLOCK", 7)
+    with torch.no_grad():
+        got = model.forward_batch(ForwardBatch.from_sequences(seqs), None).logits
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+    cache = KVCache(cfg, num_slots=1, num_pages=4, page_size=PAGE, dtype=torch.float32)
+    inc = run_chunks(model, cache, 0, pages_for(0, 45), seqs[0], [13, 17, 15])
+    torch.testing.assert_close(inc, want[:45], atol=ATOL, rtol=ATOL)

@@ -36,6 +36,8 @@ from dsv4.model.qat import Numerics, fp8_sim
 from dsv4.model.rope import Rotary, apply_rope
 
 _NEG_INF = float("-inf")
+# query block of long prefill chunks (bounds the logits of one block; any value gives the same result)
+_Q_BLOCK = 256
 
 
 class Attention(nn.Module):
@@ -86,39 +88,46 @@ class Attention(nn.Module):
         out = None
         for grp in plan.groups:
             qg = group_rows(q, grp)  # [Bg, S, H, c]
-            raw_k, raw_mask = self._window_keys(kv, grp, cache)
-            comp_k = comp_mask = None
-            gathered = False
+            raw_k, raw_mask = self._window_keys(kv, grp, cache)  # [Bg, W', c], [Bg, S, W']
+            hist = raw_k.shape[1] - grp.width  # ring rows in front of the chunk's own keys
+            comp_k = keys = None
+            sparse_decode = self.indexer is not None and grp.is_decode and cache is not None
             if self.compressor is not None:
-                sparse_decode = self.indexer is not None and grp.is_decode and cache is not None
                 comp_k = self.compressor.group_entries(
                     ckv, cz, grp, self.rotary, x.dtype, self._kv_post if qat else None,
                     cache.comp_state[lid] if cache is not None else None,
                     cache.entries[lid] if cache is not None else None, page_size,
                     read=not sparse_decode)  # [Bg, E, c]
                 vis = grp.memoize(("visible", self.ratio), lambda: (grp.pos + 1) // self.ratio)  # [Bg, S]
-                if self.indexer is None:  # HCA: every visible entry
-                    e = comp_k.shape[1]
-                    comp_mask = torch.arange(e, device=x.device) < vis[..., None]
-                else:  # CSA: the indexer's picks
-                    keys = self.indexer.compressor.group_entries(
-                        ikv, iz, grp, self.rotary, x.dtype, Indexer.key_post(qat),
-                        cache.idx_state[lid] if cache is not None else None,
-                        cache.idx_entries[lid] if cache is not None else None, page_size)  # [Bg, E, I]
-                    top = self.indexer.select(iq, iw, keys, grp, vis)  # [Bg, S, k]
+            if self.indexer is not None:
+                keys = self.indexer.compressor.group_entries(
+                    ikv, iz, grp, self.rotary, x.dtype, Indexer.key_post(qat),
+                    cache.idx_state[lid] if cache is not None else None,
+                    cache.idx_entries[lid] if cache is not None else None, page_size)  # [Bg, E, I]
+                iqg, iwg = group_rows(iq, grp), group_rows(iw, grp)
+            # long chunks: queries in blocks, so logits stay [Bg, Q, H, window + Q + E] instead of quadratic in S
+            parts = []
+            for a in range(0, grp.width, _Q_BLOCK):
+                b = min(grp.width, a + _Q_BLOCK)
+                k0, k1 = max(0, a + hist - (self.window - 1)), b + hist
+                comp_mask, gathered, ck = None, False, comp_k
+                if self.compressor is not None and self.indexer is None:  # HCA: every visible entry
+                    comp_mask = torch.arange(comp_k.shape[1], device=x.device) < vis[:, a:b, None]
+                elif self.indexer is not None:  # CSA: the indexer's picks
+                    top = self.indexer.select(iqg[:, a:b], iwg[:, a:b], keys, vis[:, a:b])  # [Bg, Q, k]
                     e = keys.shape[1]
                     if sparse_decode:
                         # sparse decode: read only the picked entries from the pages
                         page, row = _page_row(grp.block_tables, top.clamp(min=0).flatten(1), self.ratio, page_size)
-                        comp_k = cache.entries[lid][page, row].view(grp.size, grp.width, -1, self.head_dim)
-                        comp_mask = top >= 0  # [Bg, 1, k]
-                        gathered = True
+                        ck = cache.entries[lid][page, row].view(grp.size, b - a, -1, self.head_dim)
+                        comp_mask, gathered = top >= 0, True  # [Bg, 1, k]
                     else:
                         sel = torch.where(top >= 0, top, e)
-                        comp_mask = torch.zeros(grp.size, grp.width, e + 1, dtype=torch.bool, device=x.device)
-                        comp_mask = comp_mask.scatter(-1, sel, True)[..., :e]  # [Bg, S, E]
-            o = sparse_attention(qg, raw_k, raw_mask, comp_k, comp_mask, gathered, self.attn_sink,
-                                 self.softmax_scale)  # [Bg, S, H, c]
+                        comp_mask = torch.zeros(grp.size, b - a, e + 1, dtype=torch.bool, device=x.device)
+                        comp_mask = comp_mask.scatter(-1, sel, True)[..., :e]  # [Bg, Q, E]
+                parts.append(sparse_attention(qg[:, a:b], raw_k[:, k0:k1], raw_mask[:, a:b, k0:k1], ck, comp_mask,
+                                              gathered, self.attn_sink, self.softmax_scale))  # [Bg, Q, H, c]
+            o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [Bg, S, H, c]
             out = unpad_rows(o, grp, n, out)
         o = apply_rope(out, cos[:, None], sin[:, None], inverse=True)  # [N, H, c]
         o = o.reshape(n, self.n_groups, -1)  # [N, G, H*c/G]

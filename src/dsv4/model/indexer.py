@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import CSA_RATIO, ModelConfig
-from dsv4.model.batch import Group, group_rows
 from dsv4.model.compressor import Compressor
 from dsv4.model.qat import fp4_sim, hadamard
 from dsv4.model.rope import apply_rope
@@ -53,17 +52,14 @@ class Indexer(nn.Module):
     def key_post(qat: bool):
         return (lambda k: fp4_sim(hadamard(k))) if qat else None
 
-    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, grp: Group, visible: torch.Tensor
-               ) -> torch.Tensor:
-        """Top-k visible entries per query of the group: [Bg, S, k] entry ids, -1 where fewer are visible.
-        ``visible`` [Bg, S] = number of entries each query may see, (t + 1) // 4."""
-        qg = group_rows(q, grp)  # [Bg, S, H, I]
-        wg = group_rows(w, grp)  # [Bg, S, H]
+    def select(self, qg: torch.Tensor, wg: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Top-k visible entries per query: qg [Bg, S, H, I], wg [Bg, S, H], keys [Bg, E, I], ``visible`` [Bg, S] =
+        number of entries each query may see, (t + 1) // 4 -> [Bg, S, k] entry ids, -1 where fewer are visible."""
         e = keys.shape[1]
         k = min(self.topk, e)
         vis = visible[..., None]  # [Bg, S, 1]
         if k == 0:
-            return torch.zeros(grp.size, grp.width, 0, dtype=torch.long, device=keys.device)
+            return torch.zeros(qg.shape[0], qg.shape[1], 0, dtype=torch.long, device=keys.device)
         scores = torch.einsum("bshi,bei->bshe", qg, keys.to(qg.dtype))  # [Bg, S, H, E]
         scores = (F.relu(scores) * wg[..., None]).sum(dim=2)  # [Bg, S, E]
         ids = torch.arange(e, device=keys.device)
