@@ -217,16 +217,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return res
     llm = LLM(model, max_num_seqs=args.batch, max_num_batched_tokens=args.budget, cache_memory_gb=2.0,
               enable_prefix_caching=False, num_threads=args.threads)
+    hf = None if args.skip_hf else build_hf(bf16_model, dtype).to(getattr(torch, args.hf_dtype))
     prompt = _prompt(args.prompt_len, 1)
+    long_prompt = _prompt(args.prefill_len, 3)
     engine_decode_steps(llm, _prompt(32, 2), 4)  # warm-up
-    pre, step = engine_decode_steps(llm, prompt, args.new)
+    # NOTE: on a shared machine the load changes minute to minute, so engine and transformers are measured in
+    # alternating rounds and each figure is the median over rounds; ratios come from the same rounds.
+    e_step, e_pre, h_step, h_prefill = [], [], [], []
+    for r in range(args.rounds):
+        e_step.append(engine_decode_steps(llm, prompt, args.new)[1])
+        e_pre.append(engine_decode_steps(llm, long_prompt, 2)[0])
+        if hf is not None:
+            h_step.append(hf_times(hf, prompt, args.hf_new, reps=2)[1])
+            t = time.perf_counter()
+            with torch.inference_mode():
+                hf(torch.tensor([long_prompt]))
+            h_prefill.append(time.perf_counter() - t)
+        log(f"round {r}: engine step {e_step[-1] * 1e3:.0f} ms, prefill {e_pre[-1]:.1f} s"
+            + (f"; transformers step {h_step[-1] * 1e3:.0f} ms, prefill {h_prefill[-1]:.1f} s" if hf else ""))
+    step = statistics.median(e_step)
     res["engine_decode_tok_s"] = round(1 / step, 2)
     res["engine_decode_step_ms"] = round(step * 1e3, 2)
     bw = max(bw, measure_bandwidth())
     res["bandwidth_gbs"] = round(bw / 1e9, 2)
     res["bandwidth_util"] = round(wbytes / step / bw, 3)
     log(f"engine single-stream decode: {1 / step:.1f} tok/s ({step * 1e3:.1f} ms/step), "
-        f"bandwidth utilisation {res['bandwidth_util']:.0%}")
+        f"bandwidth utilisation {res['bandwidth_util']:.0%} of {bw / 1e9:.2f} GB/s")
+    res["engine_prefill_tok_s"] = round(args.prefill_len / statistics.median(e_pre), 1)
+    log(f"engine prefill ({args.prefill_len} tokens): {res['engine_prefill_tok_s']} tok/s")
     if args.spec_new:
         # MTP speculation on the same weights. NOTE: a random MTP block almost never agrees with the random main
         # model, so the acceptance rate here measures the mechanism's overhead, not the speed-up of a real checkpoint.
@@ -239,26 +257,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"MTP speculative single stream: {res['spec_tok_s']} tok/s (prefill included), acceptance rate "
             f"{res['spec_acceptance_rate']}")
         del spec_llm
-    long_prompt = _prompt(args.prefill_len, 3)
-    pre_long, _ = engine_decode_steps(llm, long_prompt, 2)
-    res["engine_prefill_tok_s"] = round(args.prefill_len / pre_long, 1)
-    log(f"engine prefill ({args.prefill_len} tokens): {res['engine_prefill_tok_s']} tok/s")
-    res["engine_batched_tok_s"] = round(engine_batched(llm, args.batch, args.prompt_len, args.new), 2)
+        res["engine_batched_tok_s"] = round(engine_batched(llm, args.batch, args.prompt_len, args.new), 2)
     log(f"engine batched ({args.batch} x {args.prompt_len}/{args.new}): {res['engine_batched_tok_s']} tok/s")
     del llm
 
-    if not args.skip_hf:
-        hf = build_hf(bf16_model, dtype).to(getattr(torch, args.hf_dtype))
-        hf_pre, hf_step = hf_times(hf, prompt, args.hf_new)
+    if hf is not None:
+        hf_step = statistics.median(h_step)
         res["hf_decode_tok_s"] = round(1 / hf_step, 2)
         res["hf_decode_step_ms"] = round(hf_step * 1e3, 2)
-        # one at a time: each request = its prefill + (new - 1) decode steps
-        per_req = hf_pre + (args.new - 1) * hf_step
+        # one at a time: each request = its prefill + (new - 1) decode steps; timed right after the batched run,
+        # over `hf_batched_sample` requests, so that both see the same machine load
+        per_reqs = []
+        for i in range(max(1, args.hf_batched_sample)):
+            p1, st = hf_times(hf, _prompt(args.prompt_len, 1000 + i), args.hf_new, reps=1)
+            per_reqs.append(p1 + (args.new - 1) * st)
+        per_req = statistics.median(per_reqs)
         res["hf_one_at_a_time_tok_s"] = round(args.new / per_req, 2)
-        t = time.perf_counter()
-        with torch.inference_mode():
-            hf(torch.tensor([long_prompt]))
-        res["hf_prefill_tok_s"] = round(args.prefill_len / (time.perf_counter() - t), 1)
+        res["hf_prefill_tok_s"] = round(args.prefill_len / statistics.median(h_prefill), 1)
         res["decode_speedup"] = round(res["engine_decode_tok_s"] / res["hf_decode_tok_s"], 2)
         res["batched_speedup"] = round(res["engine_batched_tok_s"] / res["hf_one_at_a_time_tok_s"], 2)
         res["prefill_speedup"] = round(res["engine_prefill_tok_s"] / res["hf_prefill_tok_s"], 2)
@@ -324,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-len", type=int, default=1024)
     ap.add_argument("--long-ctx", type=int, default=32768, help="0 skips the 1K/32K step comparison")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating engine/transformers measurement rounds")
+    ap.add_argument("--hf-batched-sample", type=int, default=1,
+                    help="requests transformers generates after the batched run to time one-at-a-time serving")
     ap.add_argument("--only-long-ctx", action="store_true", help="measure only the 1K vs long-context decode step")
     ap.add_argument("--spec-new", type=int, default=32, help="tokens for the MTP speculative run (0 skips it)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
