@@ -158,9 +158,10 @@ class BatchPlan:
             # sequences of equal length laid out back to back: the padded view is a plain reshape
             contiguous = all(lens[i] == width for i in ids) and all(
                 offs[i] == offs[ids[0]] + r * width for r, i in enumerate(ids))
-            idx = torch.full((len(ids), width), self.n, dtype=torch.long)
-            for r, i in enumerate(ids):
-                idx[r, : lens[i]] = torch.arange(offs[i], offs[i] + lens[i])
+            j = torch.arange(width)
+            lens_t = torch.tensor([lens[i] for i in ids])
+            offs_t = torch.tensor([offs[i] for i in ids])
+            idx = torch.where(j[None] < lens_t[:, None], offs_t[:, None] + j[None], self.n)  # [Bg, S]
             idx = idx.to(device)
             valid = idx < self.n
             # positions come from the batch (the caller's truth); padding gets -1 so it attends to nothing

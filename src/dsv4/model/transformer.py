@@ -135,6 +135,8 @@ class Transformer(nn.Module):
             raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
         if cache is not None:
             _check_cache(self.config, cache, batch)
+            if len(cache.window) <= self.config.n_layers + depth:
+                raise ValueError("this KVCache has no MTP window; build it with KVCache(..., mtp=True)")
         plan = BatchPlan(batch, self.device, cache is not None)
         return self.mtp[depth](hidden, plan, cache, self, batch.logits_indices)
 
@@ -165,9 +167,7 @@ class Transformer(nn.Module):
                 p.fill_(1.0)
             elif leaf.endswith("_base") or leaf in ("attn_sink", "ape", "bias"):
                 p.zero_()
-            elif leaf.endswith("_fn"):
-                normal_(p, std)
-            else:
+            else:  # projections, embedding, head, hc_*_fn
                 normal_(p, std)
         for name, buf in self.named_buffers():
             if name.endswith("tid2eid"):
