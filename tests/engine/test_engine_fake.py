@@ -298,3 +298,34 @@ def test_real_tokenizer_detokenizes_multibyte_and_stops():
         if s.is_finished:
             break
     assert s.text == "Hello, 世界! こんにちは 🌍" and s.finish_reason == "stop" and s.stop_reason == " STOP"
+
+
+class EvenThenStop:
+    """A toy grammar: even token ids only, then exactly token 3 after `n` tokens."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.seen = n, []
+
+    def allowed_mask(self, vocab: int) -> torch.Tensor:
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        if len(self.seen) < self.n:
+            mask[0::2] = True
+        else:
+            mask[3] = True
+        return mask
+
+    def accept(self, token_id: int) -> bool:
+        self.seen.append(token_id)
+        return True
+
+
+def test_constraint_mask_is_applied_before_sampling(make_engine):
+    p = prompts(1, seed=14)[0]
+    c = EvenThenStop(5)
+    (o,) = run(make_engine(), [p], SamplingParams(temperature=1.0, seed=3, max_tokens=10, stop_token_ids=[3],
+                                                  constraint=c))
+    ids = o.outputs[0].token_ids
+    assert ids[:5] == c.seen[:5] and all(t % 2 == 0 for t in ids[:5])
+    assert ids[5] == 3 and o.outputs[0].finish_reason == "stop"
+    with pytest.raises(ValueError, match="constraint"):
+        make_engine().add_request(p, SamplingParams(n=2, constraint=EvenThenStop(1)))
