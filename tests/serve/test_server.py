@@ -177,6 +177,10 @@ def test_anthropic_messages_stream_thinking_and_tools(claude: anthropic.Anthropi
                                 thinking={"type": "enabled", "budget_tokens": 4}) as stream:
         final = stream.get_final_message()
     assert [b.model_dump() for b in final.content] == [b.model_dump() for b in msg.content]
+    # a random model would stay in reasoning for all 10 tokens; the budget forces </think> after 2, then it answers
+    capped = claude.messages.create(model=MODEL, max_tokens=10, messages=USER, extra_body=GREEDY,
+                                    thinking={"type": "enabled", "budget_tokens": 2})
+    assert [b.type for b in capped.content][:2] == ["thinking", "text"], capped.content
     off = claude.messages.create(model=MODEL, max_tokens=6, messages=USER, extra_body=GREEDY,
                                  thinking={"type": "disabled"})
     assert all(b.type == "text" for b in off.content)

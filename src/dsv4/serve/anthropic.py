@@ -2,9 +2,9 @@
 Anthropic's format.
 
 As in DeepSeek's Anthropic-compatible API, thinking is on unless `thinking: {"type": "disabled"}`, and
-`output_config.effort` picks the reasoning effort. `budget_tokens` is validated (it must be below max_tokens, as
-Anthropic requires) but not enforced as a separate limit: V4 has no trained thinking-budget control, and max_tokens
-still bounds reasoning plus answer.
+`output_config.effort` picks the reasoning effort. `budget_tokens` must be below max_tokens (as Anthropic requires) and
+is enforced as a hard cap on reasoning tokens (serve/budget.py); Anthropic's minimum of 1024 is not imposed, since
+small local models are served here too.
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ def chat_job(req: MessagesRequest | CountTokensRequest) -> ChatJob:
         if thinking and budget is not None and budget >= req.max_tokens:
             raise ServeError("invalid_request", f"`max_tokens` must be greater than `thinking.budget_tokens` "
                              f"({req.max_tokens} <= {budget}); raise max_tokens or lower the budget.")
+        job.thinking_budget = budget
         job.max_tokens = req.max_tokens
         job.stop = list(req.stop_sequences or [])
         job.sampling = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k}

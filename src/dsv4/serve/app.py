@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        log.warning("dsv4 serve: binding %s without --api-key: anyone who can reach this port can use the model",
+                    args.host)
     core = build_core(args)
 
     @contextlib.asynccontextmanager

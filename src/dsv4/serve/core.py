@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsv4.serve.budget import ThinkingBudget
 from dsv4.serve.metrics import ServerMetrics
 
 
@@ -51,6 +52,7 @@ class ChatJob:
     max_tokens: int | None = None  # None = up to the context length
     stop: list[str] = field(default_factory=list)
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, top_k, seed, n, penalties, logprobs
+    thinking_budget: int | None = None  # Anthropic's thinking.budget_tokens: most reasoning tokens before </think>
 
 
 @dataclass
@@ -187,6 +189,8 @@ class ServingCore:
         constraint = None
         if (job.tools and job.tool_choice != "auto" and job.tool_choice != "none") or job.response_format:
             constraint = self._constraint(job)
+        if job.thinking and job.thinking_budget is not None:
+            constraint = ThinkingBudget(job.thinking_budget, self.tokenizer.token_id("</think>"), inner=constraint)
         params = self._params(job.sampling, job.stop, max_tokens, constraint)
         # the parser drops calls to tools that were not offered (none at all with tool_choice "none")
         offered = (job.tools or []) if job.tool_choice != "none" else []
@@ -264,6 +268,7 @@ class ServingCore:
                     break
                 except ValueError as e:
                     if last is None:  # the engine refused the request (e.g. a token id outside the vocabulary)
+                        status = "rejected"
                         raise ServeError("invalid_request", str(e)) from e
                     raise
                 last = out
@@ -291,7 +296,7 @@ class ServingCore:
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
-            if status != "ok":
+            if status == "error":
                 # client gone (generator closed / task cancelled) or an error: free the request's pages now
                 self.metrics.aborted.inc()
                 self.engine.abort(request_id)

@@ -267,14 +267,18 @@ def completion_response(results: list[list[Step | Usage]], rid: str, model: str,
                 finish[ev.index] = _finish(ev)
         for i in range(n):
             choices.append({"index": p * n + i, "text": texts[i], "finish_reason": finish[i],
-                            "logprobs": _legacy_logprobs(lps[i]) if want_logprobs else None})
+                            "logprobs": _legacy_logprobs(lps[i], len(echo_texts[p])) if want_logprobs else None})
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices,
             "usage": _usage(Usage(prompt_tokens, completion_tokens, cached))}
 
 
-def _legacy_logprobs(lps: list[Any]) -> dict[str, Any]:
+def _legacy_logprobs(lps: list[Any], start: int = 0) -> dict[str, Any]:
+    offsets, pos = [], start
+    for lp in lps:
+        offsets.append(pos)
+        pos += len(lp.token)
     return {"tokens": [lp.token for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [dict(lp.top) for lp in lps], "text_offset": []}
+            "top_logprobs": [dict(lp.top) for lp in lps], "text_offset": offsets}
 
 
 async def completion_stream(events: AsyncIterator[Step | Usage], rid: str, model: str, include_usage: bool,
