@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = sum(r["tokens"] for r in ok)
     report: dict[str, Any] = {
         "bench": "serve", "model": model_desc, "clients": args.clients, "requests": args.requests,
-        "max_tokens": args.max_tokens, "prompt_tokens_mean": statistics.fmean([r["prompt_tokens"] for r in ok]) if ok else 0,
+        "max_tokens": args.max_tokens,
+        "prompt_tokens_mean": statistics.fmean([r["prompt_tokens"] for r in ok]) if ok else 0,
         "completed": len(ok), "errors": len(errors), "duration_s": elapsed, "output_tokens": tokens,
         "request_throughput": len(ok) / elapsed, "output_token_throughput": tokens / elapsed,
         "ttft_ms": summary([r["ttft"] for r in ok if r["ttft"] is not None]),

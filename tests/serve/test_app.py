@@ -111,13 +111,14 @@ def test_stop_max_tokens_n_and_logprobs() -> None:
 def test_openai_history_translation_matches_encoder() -> None:
     seen: list[list[int]] = []
     client, _, core = make(lambda ids, p: seen.append(ids) or "ok")
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
-                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    params = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": params}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
     messages = [
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
         {"role": "assistant", "content": None, "reasoning_content": "Need the tool.",
-         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+         "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "c1", "content": "{\"t\": 21}"},
     ]
     r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "tools": tools})
@@ -125,7 +126,7 @@ def test_openai_history_translation_matches_encoder() -> None:
     expected = encode_messages(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
          {"role": "assistant", "content": "", "reasoning_content": "Need the tool.",
-          "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+          "tool_calls": [call]},
          {"role": "tool", "tool_call_id": "c1", "content": "{\"t\": 21}"}],
         thinking_mode="thinking", tools=tools)
     assert TOK.decode(seen[0]) == expected
@@ -232,6 +233,9 @@ def test_openai_errors() -> None:
     assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
     r = client.get("/v1/nope")
     assert r.status_code == 404 and "error" in r.json()
+    metrics = client.get("/metrics").text
+    assert 'dsv4_requests_total{endpoint="chat",status="404"} 1.0' in metrics
+    assert 'dsv4_requests_total{endpoint="chat",status="400"}' in metrics
 
 
 def test_anthropic_errors() -> None:
@@ -316,7 +320,8 @@ def test_completions_models_health_metrics() -> None:
 # ---- tool calls (DSML in the completion, parsed by dsv4.chat.StreamParser) ----------------------------------------
 DSML_CALL = ('Need the weather.</think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n'
              '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n'
-             '<｜DSML｜parameter name="days" string="false">3</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>')
+             '<｜DSML｜parameter name="days" string="false">3</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
+             '</｜DSML｜tool_calls>')
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
 

@@ -41,10 +41,17 @@ def _is_anthropic(request: Request) -> bool:
     return request.url.path.startswith("/v1/messages")
 
 
-def _error_response(request: Request, err: ServeError) -> JSONResponse:
+_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "messages",
+              "/v1/messages/count_tokens": "count_tokens"}
+
+
+def _error_response(request: Request, err: ServeError, status: int | None = None) -> JSONResponse:
     body = anthropic_api.error_body(err) if _is_anthropic(request) else openai_api.error_body(err)
     headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
-    return JSONResponse(body, status_code=err.status, headers=headers)
+    status = status or err.status
+    core: ServingCore = request.app.state.core
+    core.metrics.requests.labels(_ENDPOINTS.get(request.url.path, "other"), str(status)).inc()
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -76,9 +83,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found" if exc.status_code == 404 else "invalid_request"
         err = ServeError(kind, f"{request.method} {request.url.path}: {exc.detail}")
-        resp = _error_response(request, err)
-        resp.status_code = exc.status_code
-        return resp
+        return _error_response(request, err, exc.status_code)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:

@@ -48,7 +48,8 @@ class ChatJob:
     tools: list[dict[str, Any]] | None = None  # OpenAI format: [{"type": "function", "function": {...}}]
     tool_choice: str | dict[str, str] = "auto"  # "none" | "auto" | "required" | {"name": ...}
     parallel_tool_calls: bool = True
-    response_format: dict[str, Any] | None = None  # None | {"type": "json_object"} | {"type": "json_schema", "schema": {..}}
+    # None | {"type": "json_object"} | {"type": "json_schema", "name": ..., "schema": {...}}
+    response_format: dict[str, Any] | None = None
     max_tokens: int | None = None  # None = up to the context length
     stop: list[str] = field(default_factory=list)
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, top_k, seed, n, penalties, logprobs
@@ -302,7 +303,7 @@ class ServingCore:
                 self.engine.abort(request_id)
 
     def _step(self, co: Any, parser: Any, tool_counts: list[int], prep: Prepared) -> Step | None:
-        # NOTE: the text still holds the final <｜end▁of▁sentence｜>; the V4 parser reads it as the end of the message
+        # NOTE: the text still holds the final <｜end▁of▁sentence｜>: the V4 parser reads it as the end of the message
         text = co.delta_text
         finished = co.finish_reason is not None
         step = Step(index=co.index)
@@ -346,12 +347,14 @@ class ServingCore:
                 step.tool_calls.append(ToolCallDelta(d.index, None, None, d.text))
 
     def _logprobs(self, ids: list[int], dists: list[dict[int, float]]) -> list[TokenLogprob]:
+        def text(token_id: int) -> str:
+            return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
         out = []
         for tid, dist in zip(ids, dists):
-            tok = self.tokenizer.decode([tid], skip_special_tokens=False)
             top = sorted(dist.items(), key=lambda kv: -kv[1])
-            out.append(TokenLogprob(tok, float(dist.get(tid, float("-inf"))),
-                                    [(self.tokenizer.decode([t], skip_special_tokens=False), float(lp)) for t, lp in top]))
+            out.append(TokenLogprob(text(tid), float(dist.get(tid, float("-inf"))),
+                                    [(text(t), float(lp)) for t, lp in top]))
         return out
 
     # ---- engine state ---------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ class _EngineCollector(Collector):
             "prompt tokens served from the prefix cache / prompt tokens, since start",
             value=s["prefix_cache_hit_rate"],
         )
-        yield GaugeMetricFamily("dsv4_num_requests_running", "requests in the engine's running batch", value=s["running"])
+        yield GaugeMetricFamily("dsv4_num_requests_running", "requests in the engine's running batch",
+                                value=s["running"])
         yield GaugeMetricFamily("dsv4_num_requests_waiting", "requests queued in the engine", value=s["waiting"])
 
 
@@ -52,7 +53,8 @@ class ServerMetrics:
         r = self.registry
         self.requests = Counter("dsv4_requests", "finished HTTP requests", ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("dsv4_prompt_tokens", "prompt tokens processed", registry=r)
-        self.cached_tokens = Counter("dsv4_cached_prompt_tokens", "prompt tokens served from the prefix cache", registry=r)
+        self.cached_tokens = Counter("dsv4_cached_prompt_tokens", "prompt tokens served from the prefix cache",
+                                     registry=r)
         self.generation_tokens = Counter("dsv4_generation_tokens", "tokens generated", registry=r)
         self.ttft = Histogram(
             "dsv4_time_to_first_token_seconds", "time from arrival to the first generated token", buckets=_TTFT_BUCKETS,
@@ -65,7 +67,8 @@ class ServerMetrics:
         self.e2e = Histogram(
             "dsv4_e2e_request_latency_seconds", "time from arrival to the last token", buckets=_E2E_BUCKETS, registry=r
         )
-        self.in_flight = Gauge("dsv4_requests_in_flight", "generation requests accepted and not yet finished", registry=r)
+        self.in_flight = Gauge("dsv4_requests_in_flight", "generation requests accepted and not yet finished",
+                               registry=r)
         self.aborted = Counter("dsv4_requests_aborted", "requests aborted (client gone or error)", registry=r)
         r.register(_EngineCollector(engine_stats))
 
