@@ -363,3 +363,13 @@ def test_anthropic_tool_use_response_and_stream() -> None:
                       if d["type"] == "content_block_delta" and d["delta"]["type"] == "input_json_delta")
     assert json.loads(partial) == {"city": "Paris", "days": 3}
     assert datas[-2]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_cli_defaults_bind_loopback() -> None:
+    from dsv4.serve.app import build_parser
+
+    args = build_parser().parse_args([])
+    assert (args.host, args.port, args.api_key, args.model, args.served_model_name) == ("127.0.0.1", 8000, None,
+                                                                                         None, None)
+    args = build_parser().parse_args(["--served-model-name", "a", "b", "--api-key", "k"])
+    assert args.served_model_name == ["a", "b"] and args.api_key == "k"
