@@ -329,3 +329,17 @@ def test_constraint_mask_is_applied_before_sampling(make_engine):
     assert ids[5] == 3 and o.outputs[0].finish_reason == "stop"
     with pytest.raises(ValueError, match="constraint"):
         make_engine().add_request(p, SamplingParams(n=2, constraint=EvenThenStop(1)))
+
+
+class Dead(EvenThenStop):
+    def allowed_mask(self, vocab: int) -> torch.Tensor:
+        return torch.zeros(vocab, dtype=torch.bool)
+
+
+def test_unsatisfiable_constraint_ends_only_its_request(make_engine):
+    model = FakeModel(V)
+    ps = prompts(2, seed=15)
+    outs = run(make_engine(model), ps, [SamplingParams(temperature=0, max_tokens=5, constraint=Dead(0)), greedy(6)])
+    assert outs[0].outputs[0].finish_reason == "abort" and outs[0].outputs[0].token_ids == []
+    assert "constraint allows no token" in outs[0].outputs[0].stop_reason
+    assert outs[1].outputs[0].token_ids == model.reference_greedy(ps[1], 6)

@@ -23,7 +23,7 @@ import torch
 from dsv4.engine.block_manager import BlockManager
 from dsv4.engine.config import EngineConfig
 from dsv4.engine.prefix_cache import PrefixCache
-from dsv4.engine.request import RequestOutput, Sequence
+from dsv4.engine.request import RequestOutput, Sequence, SeqStatus
 from dsv4.engine.runner import ModelRunner
 from dsv4.engine.sampler import Sampler
 from dsv4.engine.sampling import SamplingParams
@@ -237,6 +237,12 @@ class LLMEngine:
         second: list[tuple[int, Any]] = []
         for (k, it), (tok, lp) in zip(sampling, firsts):
             seq = it.seq
+            if tok < 0:  # the request's constraint failed: end it, alone
+                seq.draft_token = None
+                seq.finish_reason, seq.stop_reason = "abort", seq.constraint_error
+                seq.status = SeqStatus.FINISHED
+                touched.append(seq)
+                continue
             if it.draft is not None:
                 self.stats["drafted"] += 1
                 if tok == it.draft:

@@ -132,6 +132,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.num_preemptions = 0
+        self.constraint_error: str | None = None  # why the constraint ended this sequence (finish_reason "abort")
         self.eos_token_id = eos_token_id
         self.max_model_len = max_model_len
         # Speculative decoding: the token drafted by MTP for the next step (not yet part of `tokens`).

@@ -108,10 +108,16 @@ class Sampler:
                 row = logits[i]
                 if needs_edit[i]:
                     apply_penalties(row, s)
-                    apply_constraints(row, s)
+                    try:
+                        apply_constraints(row, s)
+                    except Exception as err:  # noqa: BLE001 - one request's grammar must not fail the batch
+                        s.constraint_error = str(err)
+                        tokens.append(-1)  # the engine ends this sequence instead of appending
+                        continue
                 tokens.append(sample_row(row, s))
         results: list[tuple[int, dict[int, float] | None]] = []
         for i, (s, tok) in enumerate(zip(seqs, tokens)):
-            lp = top_logprobs(raw_lp[i], s.params.logprobs, tok) if raw_lp is not None and want_lp[i] else None
+            ok = tok >= 0
+            lp = top_logprobs(raw_lp[i], s.params.logprobs, tok) if ok and raw_lp is not None and want_lp[i] else None
             results.append((int(tok), lp))
         return results
