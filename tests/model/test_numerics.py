@@ -132,6 +132,11 @@ def test_packed_experts_equal_per_expert_loop() -> None:
         b = packed.forward_batch(ForwardBatch.from_sequences(seqs), None).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert set(packed.state_dict()) == set(ref.state_dict())
+    one = [torch.tensor([7])]  # 2 of 8 experts hit: the per-expert fused w1|w3 path
+    with torch.no_grad():
+        torch.testing.assert_close(packed.forward_batch(ForwardBatch.from_sequences(one), None).logits,
+                                   ref.forward_batch(ForwardBatch.from_sequences(one), None).logits,
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_numpy_sinkhorn_equals_torch() -> None:

@@ -101,6 +101,24 @@ class MoE(nn.Module):
             packed = None  # the expert weights were replaced (e.g. reloaded): the stacks are stale
         if packed is not None and 2 * sum(c > 0 for c in counts) >= self.n_experts:
             y = self._routed_batched(x, flat[order], tok, w, counts, packed)
+        elif packed is not None:  # few experts hit (small decode batches): one fused w1|w3 matmul per expert
+            y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
+            w13, w2 = packed
+            f = w2.shape[2]
+            limit = self.experts[0].limit
+            a = 0
+            for e, cnt in enumerate(counts):
+                if cnt == 0:
+                    continue
+                t = tok[a:a + cnt]
+                gu = F.linear(x[t], w13[e]).float()  # [cnt, 2F]
+                g, u = gu[:, :f], gu[:, f:]
+                if limit > 0:
+                    g = g.clamp(max=limit)
+                    u = u.clamp(-limit, limit)
+                h = w[a:a + cnt, None] * (F.silu(g) * u)
+                y.index_add_(0, t, F.linear(h.to(x.dtype), w2[e]).float())
+                a += cnt
         else:
             y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
             a = 0
