@@ -224,3 +224,19 @@ def test_query_blocking_is_exact(setup, monkeypatch) -> None:
     cache = KVCache(cfg, num_slots=1, num_pages=4, page_size=PAGE, dtype=torch.float32)
     inc = run_chunks(model, cache, 0, pages_for(0, 45), seqs[0], [13, 17, 15])
     torch.testing.assert_close(inc, want[:45], atol=ATOL, rtol=ATOL)
+
+
+def test_bf16_cache_tracks_bf16_forward(setup) -> None:
+    """bf16 model + bf16 cache: decoding follows the bf16 full forward up to bf16 rounding (different GEMM shapes
+    round differently, so this is a tolerance check, not bitwise)."""
+    from dsv4.model.transformer import Transformer
+
+    cfg, ref = setup
+    m = Transformer(cfg, dtype=torch.bfloat16).eval()
+    m.load_state_dict(ref.state_dict())
+    tokens = torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(8))
+    cache = KVCache(cfg, num_slots=1, num_pages=3, page_size=PAGE, dtype=torch.bfloat16)
+    got = run_chunks(m, cache, 0, pages_for(0, 40), tokens, [9] + [1] * 31)
+    want = full_logits(m, tokens)
+    assert (got - want).abs().mean() < 0.05
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
