@@ -373,3 +373,35 @@ def test_cli_defaults_bind_loopback() -> None:
                                                                                          None, None)
     args = build_parser().parse_args(["--served-model-name", "a", "b", "--api-key", "k"])
     assert args.served_model_name == ["a", "b"] and args.api_key == "k"
+
+
+def test_prefill_is_continued_in_both_apis() -> None:
+    seen: list[str] = []
+    client, _, _ = make(lambda ids, p: seen.append(TOK.decode(ids)) or " Paris.")
+    prefill = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "It is"}]
+    body = chat(client, messages=prefill, **{"thinking": {"type": "disabled"}}).json()
+    assert body["choices"][0]["message"]["content"] == " Paris."  # only the continuation, as DeepSeek's prefix mode
+    assert seen[-1].endswith("<｜User｜>Capital of France?<｜Assistant｜></think>It is")
+    chat(client, messages=prefill)  # thinking on: a content prefill closes an empty reasoning first
+    assert seen[-1].endswith("<｜Assistant｜><think></think>It is")
+    reasoning_prefill = [prefill[0], {"role": "assistant", "content": "", "reasoning_content": "Hmm,"}]
+    body = chat(client, messages=reasoning_prefill).json()  # ... and a reasoning-only prefill continues the reasoning
+    assert seen[-1].endswith("<｜Assistant｜><think>Hmm,")
+    assert body["choices"][0]["message"]["reasoning_content"] == " Paris."
+    body = messages(client, messages=prefill, thinking={"type": "disabled"}).json()
+    assert body["content"] == [{"type": "text", "text": " Paris."}]
+    assert seen[-1].endswith("<｜Assistant｜></think>It is")
+    r = chat(client, messages=[prefill[0], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}])
+    assert r.status_code == 400 and "prefill" in r.json()["error"]["message"]
+
+
+def test_prefill_must_fit_the_grammar() -> None:
+    client, _, _ = make('"a": 1}', real_chat=True)
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    ok = chat(client, messages=[{"role": "user", "content": "json"}, {"role": "assistant", "content": "{"}],
+              response_format=fmt, thinking={"type": "disabled"})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == '"a": 1}'
+    bad = chat(client, messages=[{"role": "user", "content": "json"}, {"role": "assistant", "content": "hello"}],
+               response_format=fmt, thinking={"type": "disabled"})
+    assert bad.status_code == 400 and "prefill" in bad.json()["error"]["message"]

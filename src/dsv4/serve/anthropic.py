@@ -91,10 +91,7 @@ def _messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]]
         if calls:
             msg["tool_calls"] = calls
         out.append(msg)
-    if out[-1]["role"] == "assistant":
-        raise ServeError("invalid_request", "The last message is an assistant message (a prefill), which this server "
-                         "does not continue; end with a user message.", param="messages")
-    return out
+    return out  # a final assistant message is a prefill: ServingCore.render_chat continues it
 
 
 def _tools(req: MessagesRequest | CountTokensRequest) -> tuple[list[dict[str, Any]] | None, Any, bool]:

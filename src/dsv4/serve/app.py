@@ -174,7 +174,8 @@ def create_app(core: ServingCore, api_key: str | None = None,
     @app.post("/v1/messages/count_tokens", dependencies=[Depends(auth)])
     async def count_tokens(body: CountTokensRequest) -> CountTokensResponse:
         core.check_model(body.model)
-        return CountTokensResponse(input_tokens=len(core.encode(core.render_chat(anthropic_api.chat_job(body)))))
+        prompt, _, _ = core.render_chat(anthropic_api.chat_job(body))
+        return CountTokensResponse(input_tokens=len(core.encode(prompt)))
 
     def openapi() -> dict[str, Any]:
         # Advertise the served names as the `model` enum: clients and fuzzers then see which names are valid.

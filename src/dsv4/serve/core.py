@@ -99,7 +99,7 @@ class Usage:
 class Prepared:
     prompt_ids: list[int]
     params: Any  # dsv4.engine.SamplingParams
-    thinking: bool
+    thinking: bool  # the output starts inside the reasoning (thinking mode, and no prefill closed it)
     tools: list[dict[str, Any]] | None
     n: int
     raw_text: bool  # /v1/completions: plain text, no chat parsing
@@ -166,11 +166,29 @@ class ServingCore:
         return max_tokens
 
     # ---- preparing ------------------------------------------------------------------------------------------------
-    def render_chat(self, job: ChatJob) -> str:
+    def render_chat(self, job: ChatJob) -> tuple[str, str, bool]:
+        """(prompt, prefill, output starts inside the reasoning). A trailing assistant message is a prefill
+        (DeepSeek's prefix completion, Anthropic's prefill): the model continues it, and only the continuation is
+        returned. In thinking mode a prefill with content closes the reasoning (`reasoning_content` + `</think>` +
+        content); one with only `reasoning_content` continues the reasoning."""
+        messages, prefill, in_reasoning = job.messages, "", job.thinking
+        if messages and messages[-1].get("role") == "assistant":
+            last, messages = messages[-1], messages[:-1]
+            if last.get("tool_calls") or not messages or messages[-1].get("role") not in ("user", "tool"):
+                raise ServeError("invalid_request", "A final assistant message is continued as a prefill; it must "
+                                 "follow a user or tool message and carry no tool calls.", param="messages")
+            content, reasoning = last.get("content") or "", last.get("reasoning_content") or ""
+            if job.thinking and (content or not reasoning):
+                prefill, in_reasoning = f"{reasoning}</think>{content}", False
+            else:
+                prefill = reasoning if job.thinking else content
+        return self._encode_messages(job, messages) + prefill, prefill, in_reasoning
+
+    def _encode_messages(self, job: ChatJob, messages: list[dict[str, Any]]) -> str:
         try:
             fmt = job.response_format
             return self.chat.encode_messages(
-                job.messages, thinking_mode="thinking" if job.thinking else "chat",
+                messages, thinking_mode="thinking" if job.thinking else "chat",
                 reasoning_effort=job.reasoning_effort,
                 # with tool_choice "none" the tools stay out of the prompt, so the model is not invited to call them
                 tools=job.tools if job.tool_choice != "none" else None,
@@ -185,17 +203,23 @@ class ServingCore:
         return list(self.tokenizer.encode(text))
 
     def prepare_chat(self, job: ChatJob, max_tokens_field: str = "max_tokens") -> Prepared:
-        prompt_ids = self.encode(self.render_chat(job))
+        prompt, prefill, in_reasoning = self.render_chat(job)
+        prompt_ids = self.encode(prompt)
         max_tokens = self._check_length(len(prompt_ids), job.max_tokens, max_tokens_field)
         constraint = None
         if (job.tools and job.tool_choice != "auto" and job.tool_choice != "none") or job.response_format:
             constraint = self._constraint(job)
-        if job.thinking and job.thinking_budget is not None:
+            # the grammar starts at the generation prompt: walk it through the prefill the client wrote
+            if constraint is not None and prefill and not constraint.accept_text(prefill):
+                raise ServeError("invalid_request", "The final assistant message (prefill) does not fit the required "
+                                 "format (tool_choice / response_format); drop it or make it a valid start.",
+                                 param="messages")
+        if in_reasoning and job.thinking_budget is not None:
             constraint = ThinkingBudget(job.thinking_budget, self.tokenizer.token_id("</think>"), inner=constraint)
         params = self._params(job.sampling, job.stop, max_tokens, constraint)
         # the parser drops calls to tools that were not offered (none at all with tool_choice "none")
         offered = (job.tools or []) if job.tool_choice != "none" else []
-        return Prepared(prompt_ids, params, job.thinking, offered, params.n, raw_text=False)
+        return Prepared(prompt_ids, params, in_reasoning, offered, params.n, raw_text=False)
 
     def prepare_completion(self, prompt_ids: list[int], sampling: dict[str, Any], stop: list[str],
                            max_tokens: int | None) -> Prepared:
