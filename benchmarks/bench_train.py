@@ -1,6 +1,7 @@
 """Training throughput: dsv4's trainer step vs a transformers DeepseekV4ForCausalLM + torch AdamW loop, same config.
 
-    python3 benchmarks/bench_train.py [--config recipes/default_model_config.json] [--seqs 8 --seq-len 256 --steps 5 --threads 1]
+    python3 benchmarks/bench_train.py [--config recipes/default_model_config.json]
+                                      [--seqs 8 --seq-len 256 --steps 5 --threads 1]
 
 Workload: `--seqs` sequences of `--seq-len` random tokens per step (fixed seed), fp32 on CPU, `--warmup` untimed
 steps first. dsv4 runs its full V4 objective (next-token CE + MTP + balance loss, Muon + AdamW, gate-bias update);
@@ -33,7 +34,8 @@ def active_params(raw: dict) -> int:
     d, inter = c.hidden_size, c.moe_intermediate_size
     per_layer = (
         d * c.q_lora_rank + c.q_lora_rank * c.num_attention_heads * c.head_dim + d * c.head_dim
-        + c.o_groups * c.o_lora_rank * (c.num_attention_heads * c.head_dim // c.o_groups) + d * c.o_groups * c.o_lora_rank
+        + c.o_groups * c.o_lora_rank * (c.num_attention_heads * c.head_dim // c.o_groups)
+        + d * c.o_groups * c.o_lora_rank
         + 3 * d * inter * (c.num_experts_per_tok + c.n_shared_experts)
     )
     return c.num_hidden_layers * per_layer + d * c.vocab_size

@@ -72,7 +72,9 @@ class _Named(nn.Module):
 def test_param_groups_by_official_name():
     muon, adamw = param_groups(_Named())
     assert {n for n, _ in muon} == {"hc_head_fn", "wq_a.weight"}
-    assert {n for n, _ in adamw} == {"embed.weight", "head.weight", "norm.weight", "hc_head_base", "hc_head_scale", "ape"}
+    assert {n for n, _ in adamw} == {
+        "embed.weight", "head.weight", "norm.weight", "hc_head_base", "hc_head_scale", "ape"
+    }
     opts = build_optimizers(_Named(), OptimConfig(optimizer="adamw"))
     assert len(opts) == 1 and isinstance(opts[0], torch.optim.AdamW)
 

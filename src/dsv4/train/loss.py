@@ -51,7 +51,9 @@ def token_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def sequence_balance_loss(
     scores: torch.Tensor, indices: torch.Tensor, seq_lens: list[int], n_experts: int
 ) -> torch.Tensor:
-    """Sum over sequences of sum_i f_i P_i (caller divides by the step's sequence count). scores [N, E], indices [N, K]."""
+    """Sum over sequences of sum_i f_i P_i (the caller divides by the step's sequence count).
+
+    scores [N, E] affinities, indices [N, K] chosen experts, seq_lens splits N into sequences."""
     k = indices.size(-1)
     norm = scores.float() / scores.float().sum(-1, keepdim=True)  # [N, E] s'_{i,t}
     hits = torch.zeros_like(norm).scatter_(1, indices.long(), 1.0)  # [N, E] 1 if expert i is in token t's top-k
