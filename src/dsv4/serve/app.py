@@ -127,7 +127,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
         job = openai_api.chat_job(body)
         prep = core.prepare_chat(job, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         rid = new_id("chatcmpl-")
-        events = core.run(prep, rid, "chat")
+        events = core.run(prep, rid)
         want_lp = bool(body.logprobs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -148,14 +148,18 @@ def create_app(core: ServingCore, api_key: str | None = None,
                 raise ServeError("invalid_request", "Streaming supports one prompt per request; send the prompts in "
                                  "separate requests or set stream=false.", param="prompt")
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = core.run(preps[0], rid, "completions")
+            events = core.run(preps[0], rid)
             return await _stream(core, "completions", events, lambda ev: openai_api.completion_stream(
                 ev, rid, body.model, include_usage, want_lp), openai_api.stream_error)
         echo = [core.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
 
         async def collect_all() -> dict[str, Any]:
-            results = await asyncio.gather(*[_collect(core.run(p, f"{rid}-{i}", "completions"))
-                                             for i, p in enumerate(preps)])
+            tasks = [asyncio.ensure_future(_collect(core.run(p, f"{rid}-{i}"))) for i, p in enumerate(preps)]
+            try:
+                results = await asyncio.gather(*tasks)
+            finally:  # one prompt failed or the client left: stop the others too (aborting them in the engine)
+                for t in tasks:
+                    t.cancel()
             return openai_api.completion_response(list(results), rid, body.model, preps[0].n, echo, want_lp)
 
         return await _unary(core, "completions", request, collect_all())
@@ -165,7 +169,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
     async def messages(body: MessagesRequest, request: Request) -> Response:
         core.check_model(body.model)
         prep = core.prepare_chat(anthropic_api.chat_job(body))
-        events = core.run(prep, new_id("msg-"), "messages")
+        events = core.run(prep, new_id("msg-"))
         if body.stream:
             return await _stream(core, "messages", events, lambda ev: anthropic_api.message_stream(
                 ev, body.model, len(prep.prompt_ids)), anthropic_api.stream_error)

@@ -270,7 +270,7 @@ class ServingCore:
             )
 
     # ---- running --------------------------------------------------------------------------------------------------
-    async def run(self, prep: Prepared, request_id: str, endpoint: str) -> AsyncIterator[Step | Usage]:
+    async def run(self, prep: Prepared, request_id: str) -> AsyncIterator[Step | Usage]:
         """Stream `Step`s of all choices, then one `Usage`. Closing the iterator early aborts the request in the
         engine (this is how a client disconnect frees its cache pages)."""
         self.admit()
@@ -300,6 +300,8 @@ class ServingCore:
                 for co in out.outputs:
                     if done[co.index]:
                         continue
+                    if co.finish_reason == "abort":  # the engine gave up on it (we did not ask: we are still here)
+                        raise ServeError("internal", f"the engine aborted request {request_id}; retry it.")
                     if first_token is None and co.token_ids:
                         first_token = time.perf_counter()
                     step = self._step(co, parsers[co.index], tool_counts, prep)
