@@ -18,6 +18,8 @@ Modes (``Numerics``):
   the hardware allows.
 
 Deliberately not here: weight formats (quant.py) and FP8/FP4 GEMMs (weights are dequantised at load time).
+
+Shape legend: D = last (quantised) dim, K = number of 1 x block blocks along it (the last one zero-padded).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ _FP4_TIES_UP = (0.75, 1.75, 3.5)  # ties whose upper neighbour has the even e2m1
 
 
 def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
-    """[..., D] fp32 -> [..., ceil(D/block), block] (zero-padded; zeros do not change a block's amax)."""
+    """[..., D] fp32 -> [..., K, block] (zero-padded; zeros do not change a block's amax)."""
     d = x.shape[-1]
     pad = (-d) % block
     xf = x.float()
