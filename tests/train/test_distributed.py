@@ -50,3 +50,11 @@ def test_two_process_run_matches_single_process(train_assets, tmp_path, mode):
         # the summation order of the gradient reduction; everything else must agree tightly.
         loose = k.rsplit(".", 1)[-1] in {"hc_attn_base", "hc_attn_scale", "hc_ffn_base", "hc_ffn_scale"}
         torch.testing.assert_close(sb[k], sa[k], atol=5e-3 if loose else 5e-5, rtol=1e-4, msg=k)
+
+    if mode == "fsdp":
+        # the 2-rank FSDP checkpoint resumes in one process (and continues like the single-process run)
+        assert main(base_args(train_assets, single, steps=4, **{"grad-accum": 2})) == 0
+        assert main(base_args(train_assets, dist, steps=4, **{"grad-accum": 2})) == 0
+        a4, b4 = _losses(single)[-1], _losses(dist)[-1]
+        assert a4["step"] == b4["step"] == 4 and a4["tokens"] == b4["tokens"]
+        assert abs(a4["ce"] - b4["ce"]) < 1e-3, (a4["ce"], b4["ce"])

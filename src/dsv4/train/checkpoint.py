@@ -57,12 +57,31 @@ def full_model_state(model: nn.Module, expert_parallel: bool = False) -> dict[st
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _param_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
 def full_optim_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Optimizer state keyed by parameter name (the torch.distributed.checkpoint layout), so a checkpoint saved by N
+    FSDP ranks resumes in one process and vice versa."""
     if _is_dist():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return opt.state_dict()
+    sd = opt.state_dict()
+    names = _param_names(model, opt)
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": {names[i]: st for i, st in sd["state"].items()}, "param_groups": groups}
+
+
+def _load_optim_by_name(model: nn.Module, opt: torch.optim.Optimizer, sd: dict) -> None:
+    index = {n: i for i, n in enumerate(_param_names(model, opt))}
+    unknown = [n for g in sd["param_groups"] for n in g["params"] if n not in index]
+    if unknown:
+        raise ValueError(f"checkpoint optimizer state names parameters this model lacks, e.g. {unknown[:3]}")
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]
+    opt.load_state_dict({"state": {index[n]: st for n, st in sd["state"].items()}, "param_groups": groups})
 
 
 def load_full_state(
@@ -98,7 +117,7 @@ def load_full_state(
     else:
         model.load_state_dict(state["model"])
         for opt, sd in zip(opts, state["optimizers"]):
-            opt.load_state_dict(sd)
+            _load_optim_by_name(model, opt, sd)
 
 
 def save_training_state(
