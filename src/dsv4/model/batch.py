@@ -57,6 +57,8 @@ class ForwardBatch:
 
     def validate(self, with_cache: bool) -> None:
         b = len(self.seq_lens)
+        if b == 0:
+            raise ValueError("ForwardBatch is empty: pass at least one sequence with at least one new token")
         if len(self.start_pos) != b:
             raise ValueError(f"ForwardBatch: start_pos has {len(self.start_pos)} entries for {b} sequences")
         if any(n <= 0 for n in self.seq_lens):
