@@ -253,6 +253,9 @@ def test_api_key() -> None:
     client, _, _ = make(api_key="sekret")
     r = chat(client)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    # the key is checked before the body is read: no key and a broken body is still 401
+    r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 401
     r = client.post("/v1/chat/completions", headers={"Authorization": "Bearer wrong"},
                     json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 401 and "Incorrect" in r.json()["error"]["message"]

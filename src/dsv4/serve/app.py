@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -64,6 +65,29 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "Invalid request: " + "; ".join(parts)
 
 
+class _APIKey:
+    """The key check as ASGI middleware, so it runs before the body is even read: a client without the key gets 401,
+    whatever it sent (a dependency would answer malformed JSON with 400 first). /health and /metrics stay open for
+    probes and scrapers."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            request = Request(scope, receive)
+            bearer = request.headers.get("authorization", "")
+            given = request.headers.get("x-api-key") or (bearer[7:] if bearer.lower().startswith("bearer ") else None)
+            if given is None or not hmac.compare_digest(given.encode(), self.key):
+                err = ServeError("authentication", "Missing API key (send `Authorization: Bearer KEY` or "
+                                 "`x-api-key: KEY`)." if not given else
+                                 "Incorrect API key provided; use the key the server was started with.")
+                await _error_response(request, err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(core: ServingCore, api_key: str | None = None,
                lifespan: Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]] | None = None) -> FastAPI:
     app = FastAPI(title="dsv4", version="0.1.0", lifespan=lifespan,
@@ -91,15 +115,8 @@ def create_app(core: ServingCore, api_key: str | None = None,
         return _error_response(request, ServeError("internal", f"Internal error ({type(exc).__name__}: {exc}); "
                                                    "the server is still up, retry or report this."))
 
-    # ---- auth ------------------------------------------------------------------------------------------------------
-    async def auth(request: Request) -> None:
-        if api_key is None:
-            return
-        bearer = request.headers.get("authorization", "")
-        given = request.headers.get("x-api-key") or (bearer[7:] if bearer.lower().startswith("bearer ") else None)
-        if given != api_key:
-            raise ServeError("authentication", "Missing API key (send `Authorization: Bearer KEY` or `x-api-key: KEY`)"
-                             if not given else "Incorrect API key provided; use the key the server was started with.")
+    if api_key is not None:
+        app.add_middleware(_APIKey, key=api_key)
 
     # ---- plain endpoints -------------------------------------------------------------------------------------------
     @app.get("/health")
@@ -110,18 +127,18 @@ def create_app(core: ServingCore, api_key: str | None = None,
     async def metrics() -> Response:
         return Response(core.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models", dependencies=[Depends(auth)])
+    @app.get("/v1/models")
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=name, created=core.created, max_model_len=core.max_model_len)
                                for name in core.model_names])
 
-    @app.get("/v1/models/{model_id}", dependencies=[Depends(auth)])
+    @app.get("/v1/models/{model_id}")
     async def model(model_id: str) -> ModelCard:
         core.check_model(model_id)
         return ModelCard(id=model_id, created=core.created, max_model_len=core.max_model_len)
 
     # ---- OpenAI ----------------------------------------------------------------------------------------------------
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         core.check_model(body.model)
         job = openai_api.chat_job(body)
@@ -135,7 +152,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
                 ev, rid, body.model, prep.n, include_usage, want_lp), openai_api.stream_error)
         return await _unary(core, "chat", request, openai_api.chat_response(events, rid, body.model, prep.n, want_lp))
 
-    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         core.check_model(body.model)
         sampling, stop = openai_api.completion_sampling(body)
@@ -165,7 +182,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
         return await _unary(core, "completions", request, collect_all())
 
     # ---- Anthropic -------------------------------------------------------------------------------------------------
-    @app.post("/v1/messages", dependencies=[Depends(auth)])
+    @app.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request) -> Response:
         core.check_model(body.model)
         prep = core.prepare_chat(anthropic_api.chat_job(body))
@@ -175,7 +192,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
                 ev, body.model, len(prep.prompt_ids)), anthropic_api.stream_error)
         return await _unary(core, "messages", request, anthropic_api.message_response(events, body.model))
 
-    @app.post("/v1/messages/count_tokens", dependencies=[Depends(auth)])
+    @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest) -> CountTokensResponse:
         core.check_model(body.model)
         prompt, _, _ = core.render_chat(anthropic_api.chat_job(body))
