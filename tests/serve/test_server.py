@@ -196,6 +196,20 @@ def test_anthropic_messages_stream_thinking_and_tools(claude: anthropic.Anthropi
     assert count.input_tokens > 5
 
 
+def test_prefix_cache_hits_are_reported(server: Server, oai: openai.OpenAI, claude: anthropic.Anthropic) -> None:
+    system = "You are a careful assistant. " * 60  # > 2 cache pages of 128 tokens, shared by both requests
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Hi."}]
+    first = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, extra_body=OFF)
+    again = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, extra_body=OFF)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens > 256 and 128 <= cached <= again.usage.prompt_tokens
+    reply = claude.messages.create(model=MODEL, max_tokens=2, system=system, messages=[msgs[1]],
+                                   thinking={"type": "disabled"})
+    assert reply.usage.cache_read_input_tokens >= 128
+    assert reply.usage.input_tokens + reply.usage.cache_read_input_tokens == first.usage.prompt_tokens
+    assert _metric(server, "dsv4_prefix_cache_hit_rate") > 0
+
+
 def test_errors_through_the_sdks(server: Server, oai: openai.OpenAI) -> None:
     bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

@@ -311,8 +311,9 @@ class ServingCore:
             if not all(done):
                 raise ServeError("internal", f"request {request_id} ended before all its choices finished; retry.")
             assert last is not None
+            # the engine sums cached tokens over the n sequences; the prompt is counted once, so clamp to it
             usage = Usage(len(prep.prompt_ids), sum(len(c.token_ids) for c in last.outputs),
-                          getattr(last, "num_cached_tokens", 0))
+                          min(getattr(last, "num_cached_tokens", 0), len(prep.prompt_ids)))
             status = "ok"
             self.metrics.observe_request(
                 prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
