@@ -144,6 +144,19 @@ def test_openai_chat_stream_equals_non_stream_and_thinking_switch(oai: openai.Op
         assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
 
 
+def test_openai_logprobs_n_and_seed(oai: openai.OpenAI) -> None:
+    greedy = oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, temperature=0, logprobs=True,
+                                         top_logprobs=2, extra_body=OFF)
+    lps = greedy.choices[0].logprobs.content
+    assert len(lps) == greedy.usage.completion_tokens
+    for lp in lps:  # greedy: the chosen token is the most likely one
+        assert len(lp.top_logprobs) >= 2 and lp.logprob == max(t.logprob for t in lp.top_logprobs) <= 0
+    kw = dict(model=MODEL, messages=USER, max_tokens=4, temperature=1.0, seed=7, n=2, extra_body=OFF)
+    a, b = oai.chat.completions.create(**kw), oai.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # seeded: reproducible
+
+
 def test_openai_forced_tool_call_is_schema_valid(oai: openai.OpenAI) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
                                                "parameters": WEATHER}}]
