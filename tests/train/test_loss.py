@@ -57,3 +57,39 @@ def test_ce_sum_ignores_padding_targets():
     tgt = torch.tensor([1, -100, 3, 0])
     want = F.cross_entropy(logits[[0, 2, 3]], tgt[[0, 2, 3]], reduction="sum")
     torch.testing.assert_close(token_ce_sum(logits, tgt), want)
+
+
+def test_bias_updates_balance_a_real_v4_gate():
+    """Through the trainer's router hooks on a tiny V4: an expert made to win every token loses it to the bias."""
+    from dsv4.config import ModelConfig
+    from dsv4.model.transformer import Transformer
+    from dsv4.train.loss import RouterRecorder
+    from dsv4.train.trainer import gate_biases
+    from tests.train.conftest import TINY_TRAIN
+
+    model = Transformer(ModelConfig.from_dict({**TINY_TRAIN, "vocab_size": 64})).init_weights(0).eval()
+    gate = model.layers[1].ffn.gate
+    ids = torch.randint(3, 64, (4, 24), generator=torch.Generator().manual_seed(0))
+    seen = []
+    h = gate.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    x = seen[0].float()
+    with torch.no_grad():  # expert 0's row along the tokens' common direction: it wins most tokens (74 of 96)
+        gate.weight[0] = 10 * x.mean(0) / x.mean(0).norm()
+    biases = gate_biases(model)
+    assert set(biases) == {"layers.1.ffn.gate", "layers.2.ffn.gate", "mtp.0.ffn.gate"}
+    history = []
+    # a coarse then a fine speed: a sign update settles into a band of width ~speed around balance
+    for speed in [0.05] * 50 + [0.01] * 30:
+        load = ExpertLoad()
+        with torch.no_grad(), RouterRecorder(model) as rec:
+            model(ids)
+        for key, scores, idx in rec.stats:
+            load.add(key, idx, scores.size(-1))
+        history.append(load.imbalance()["layers.1.ffn.gate"])
+        update_gate_biases(biases, load, speed=speed)
+    assert history[0] > 1.5
+    assert sum(history[-10:]) / 10 < 1.25
+    assert gate.bias[0] < 0
