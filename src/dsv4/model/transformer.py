@@ -12,7 +12,11 @@ Entry points:
 * ``model(input_ids [B, S]) -> fp32 logits [B, S, vocab]``: no cache, every position;
 * ``model.forward_batch(ForwardBatch, KVCache | None) -> ForwardOutput(logits [M, vocab], hidden [N, M, D])``:
   varlen batches of prefill chunks and decode tokens (docs/contracts.md);
-* ``model.forward_mtp(ForwardBatch of the *next* tokens, hidden, cache)``: the MTP block (mtp.py).
+* ``model.forward_mtp(ForwardBatch of the *next* tokens, hidden, cache)``: the MTP block (mtp.py);
+* ``model.pack_experts()``: inference fast path (stacked expert weights, batched expert matmuls; same memory).
+
+CPU note: with this torch build bf16 GEMV/GEMM kernels run 2-5x slower than fp32 on CPU, so a bf16 checkpoint
+decodes fastest on CPU when loaded with ``dtype=torch.float32`` (bf16 weights are exact in fp32).
 
 Deliberately not here: sampling, scheduling, cache allocation policy, parallelism.
 
