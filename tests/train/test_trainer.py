@@ -104,3 +104,14 @@ def test_bf16_autocast_tracks_fp32(train_assets, tmp_path):
     b, _ = read_losses(tmp_path / "bfloat16")
     assert a[0]["ce"] != b[0]["ce"]  # autocast really ran the matmuls in bf16
     assert abs(a[0]["ce"] - b[0]["ce"]) < 0.05 and abs(a[1]["ce"] - b[1]["ce"]) < 0.1
+
+
+def test_yaml_and_json_configs(train_assets, tmp_path):
+    y = tmp_path / "t.yaml"
+    y.write_text(f"model_config: {train_assets['config']}\ndata: [{train_assets['data']}]\noptim:\n  lr: 0.002\n")
+    assert parse_args(["--config", str(y)]).optim.lr == 0.002
+    j = tmp_path / "t.json"
+    j.write_text(json.dumps({"model_config": str(train_assets["config"]), "data": str(train_assets["data"]),
+                             "loss": {"balance_weight": 0.0}}))
+    cfg = parse_args(["--config", str(j)])
+    assert cfg.loss.balance_weight == 0.0 and cfg.data == [str(train_assets["data"])]

@@ -1,4 +1,4 @@
-"""Training configuration: one flat-keyed dataclass tree, read from TOML/JSON and overridable on the command line.
+"""Training configuration: one dataclass tree, read from TOML/YAML/JSON and overridable on the command line.
 
 Every key of `TrainConfig`, `OptimConfig` ([optim]) and `LossConfig` ([loss]) is also an option: `--steps 100`,
 `--lr 3e-4`, `--mtp-weight 0.1`. A config file may use the sections or flat keys; unknown keys are errors.
@@ -111,6 +111,26 @@ def _parse_value(raw: str, default: Any) -> Any:
     return raw
 
 
+def read_config_file(path: Path) -> dict[str, Any]:
+    """TOML (.toml), YAML (.yaml / .yml) or JSON (anything else)."""
+    text = path.read_text()
+    if path.suffix == ".toml":
+        return tomllib.loads(text)
+    if path.suffix in {".yaml", ".yml"}:
+        try:
+            import yaml
+        except ImportError as e:
+            raise ImportError("YAML training configs need PyYAML: pip install 'dsv4[train]'") from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(str(e)) from e
+        if not isinstance(data, dict):
+            raise ValueError("the YAML config must be a mapping of keys to values")
+        return data
+    return json.loads(text)
+
+
 def parse_args(argv: list[str]) -> TrainConfig:
     p = argparse.ArgumentParser(
         prog="dsv4 train",
@@ -132,10 +152,11 @@ def parse_args(argv: list[str]) -> TrainConfig:
     if args.config is not None:
         if not args.config.is_file():
             p.error(f"config file {args.config} does not exist")
-        text = args.config.read_text()
         try:
-            base = tomllib.loads(text) if args.config.suffix == ".toml" else json.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            base = read_config_file(args.config)
+        except ImportError as e:
+            p.error(str(e))
+        except ValueError as e:  # TOML, JSON and YAML parse errors all derive from ValueError
             p.error(f"cannot parse {args.config}: {e}")
     flat: dict[str, Any] = {}
     for k, v in base.items():
