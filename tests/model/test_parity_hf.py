@@ -106,3 +106,18 @@ def test_mapping_round_trip() -> None:
     assert set(back) == set(sd)
     for k, v in sd.items():
         assert torch.equal(back[k], v), k
+
+
+def test_mapping_names_unknown_tensors() -> None:
+    from dsv4.model.hf_mapping import hf_to_official, is_hf_layout
+
+    with pytest.raises(KeyError, match="model.layers.0.mlp.foo"):
+        hf_to_official("model.layers.0.mlp.foo", torch.zeros(1))
+    with pytest.raises(KeyError, match="layers.0.ffn.bar"):
+        official_state_dict_to_hf({"layers.0.ffn.bar": torch.zeros(1)}, 2)
+    assert is_hf_layout(["model.embed_tokens.weight"]) and not is_hf_layout(["embed.weight"])
+    # merged experts split into views (no copies) in (w1, w3) order
+    gate_up = torch.arange(2 * 6 * 3, dtype=torch.float32).view(2, 6, 3)
+    out = dict(hf_to_official("model.layers.4.mlp.experts.gate_up_proj", gate_up))
+    assert torch.equal(out["layers.4.ffn.experts.1.w3.weight"], gate_up[1, 3:])
+    assert out["layers.4.ffn.experts.0.w1.weight"].data_ptr() == gate_up.data_ptr()
