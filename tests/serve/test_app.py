@@ -308,6 +308,9 @@ def test_completions_models_health_metrics() -> None:
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
     events = sse(client.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "stream": True}))
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "world" and events[-1] == "[DONE]"
+    events = sse(client.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "stream": True,
+                                                      "echo": True}))
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "Helloworld"
     assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
     assert client.get("/v1/models/tiny").json()["id"] == MODEL
     health = client.get("/health").json()
@@ -317,7 +320,7 @@ def test_completions_models_health_metrics() -> None:
                  "dsv4_time_per_output_token_seconds_bucket", "dsv4_kv_cache_usage_ratio",
                  "dsv4_prefix_cache_hit_rate"):
         assert name in text
-    assert 'dsv4_requests_total{endpoint="completions",status="200"} 2.0' in text
+    assert 'dsv4_requests_total{endpoint="completions",status="200"} 3.0' in text
 
 
 # ---- tool calls (DSML in the completion, parsed by dsv4.chat.StreamParser) ----------------------------------------
@@ -408,3 +411,21 @@ def test_prefill_must_fit_the_grammar() -> None:
     bad = chat(client, messages=[{"role": "user", "content": "json"}, {"role": "assistant", "content": "hello"}],
                response_format=fmt, thinking={"type": "disabled"})
     assert bad.status_code == 400 and "prefill" in bad.json()["error"]["message"]
+
+
+def test_oversized_body_is_413() -> None:
+    engine = FakeEngine(TOK, lambda ids, p: "ok")
+    core = ServingCore(engine, TOK, model_names=[MODEL], max_model_len=4096, chat=FakeChat())
+    client = TestClient(create_app(core, max_body_bytes=1000), raise_server_exceptions=False)
+    big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 2000}]}
+    r = client.post("/v1/chat/completions", json=big)
+    assert r.status_code == 413 and "limit of 1000 bytes" in r.json()["error"]["message"]
+    r = client.post("/v1/messages", json={**big, "max_tokens": 4})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+
+    def chunks() -> Any:  # no Content-Length: counted while it arrives
+        yield json.dumps(big).encode()
+
+    r = client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert chat(client).status_code == 200 and engine.live == set()

@@ -21,6 +21,7 @@ _ERROR_TYPE = {
     "invalid_request": "invalid_request_error",
     "authentication": "authentication_error",
     "not_found": "not_found_error",
+    "too_large": "request_too_large",
     "overloaded": "overloaded_error",
     "internal": "api_error",
 }

@@ -88,8 +88,42 @@ class _APIKey:
         await self.app(scope, receive, send)
 
 
+class _BodyLimit:
+    """Refuse request bodies over `limit` bytes with 413 before reading them, so one huge upload cannot exhaust the
+    server's memory. Bodies sent without Content-Length (chunked) are counted as they arrive."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        err = ServeError("too_large", f"The request body is over the server's limit of {self.limit} bytes; send a "
+                         "smaller request.")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await _error_response(request, err)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise err
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def create_app(core: ServingCore, api_key: str | None = None,
-               lifespan: Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]] | None = None) -> FastAPI:
+               lifespan: Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]] | None = None,
+               max_body_bytes: int = 64 << 20) -> FastAPI:
     app = FastAPI(title="dsv4", version="0.1.0", lifespan=lifespan,
                   description="DeepSeek-V4 with the OpenAI and Anthropic HTTP APIs")
     app.state.core = core
@@ -105,6 +139,8 @@ def create_app(core: ServingCore, api_key: str | None = None,
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, ServeError):  # FastAPI wraps errors raised while reading the body (size limit)
+            return _error_response(request, exc.__cause__)
         kind = "not_found" if exc.status_code == 404 else "invalid_request"
         err = ServeError(kind, f"{request.method} {request.url.path}: {exc.detail}")
         return _error_response(request, err, exc.status_code)
@@ -115,6 +151,8 @@ def create_app(core: ServingCore, api_key: str | None = None,
         return _error_response(request, ServeError("internal", f"Internal error ({type(exc).__name__}: {exc}); "
                                                    "the server is still up, retry or report this."))
 
+    # (added last = runs first) the key check, then the body size
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
     if api_key is not None:
         app.add_middleware(_APIKey, key=api_key)
 
@@ -166,8 +204,9 @@ def create_app(core: ServingCore, api_key: str | None = None,
                                  "separate requests or set stream=false.", param="prompt")
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = core.run(preps[0], rid)
+            echo_text = core.tokenizer.decode(prompts[0]) if body.echo else ""
             return await _stream(core, "completions", events, lambda ev: openai_api.completion_stream(
-                ev, rid, body.model, include_usage, want_lp), openai_api.stream_error)
+                ev, rid, body.model, include_usage, want_lp, preps[0].n, echo_text), openai_api.stream_error)
         echo = [core.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
 
         async def collect_all() -> dict[str, Any]:

@@ -24,7 +24,8 @@ from dsv4.serve.metrics import ServerMetrics
 class ServeError(Exception):
     """An error one request caused; each API renders it in its own error format."""
 
-    STATUS = {"invalid_request": 400, "authentication": 401, "not_found": 404, "overloaded": 503, "internal": 500}
+    STATUS = {"invalid_request": 400, "authentication": 401, "not_found": 404, "too_large": 413, "overloaded": 503,
+              "internal": 500}
 
     def __init__(self, kind: str, message: str, param: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)

@@ -18,6 +18,7 @@ _ERROR_TYPE = {
     "invalid_request": "invalid_request_error",
     "authentication": "authentication_error",
     "not_found": "invalid_request_error",
+    "too_large": "invalid_request_error",
     "overloaded": "server_overloaded",
     "internal": "server_error",
 }
@@ -282,8 +283,11 @@ def _legacy_logprobs(lps: list[Any], start: int = 0) -> dict[str, Any]:
 
 
 async def completion_stream(events: AsyncIterator[Step | Usage], rid: str, model: str, include_usage: bool,
-                            want_logprobs: bool) -> AsyncIterator[bytes]:
+                            want_logprobs: bool, n: int = 1, echo_text: str = "") -> AsyncIterator[bytes]:
     created = int(time.time())
+    for i in range(n if echo_text else 0):  # echo: the prompt comes first, as its own chunk per choice
+        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": i, "text": echo_text, "logprobs": None, "finish_reason": None}]})
     async for ev in events:
         if isinstance(ev, Usage):
             if include_usage:
