@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from dsv4.train.optim import Muon, OptimConfig, build_optimizers, hybrid_newton_schulz, lr_at, param_groups
+from dsv4.train.optim import (
+    Muon,
+    OptimConfig,
+    build_optimizers,
+    decay_start,
+    hybrid_newton_schulz,
+    lr_at,
+    param_groups,
+)
 
 
 def reference_muon_step(w, g, m, lr, mu=0.95, wd=0.1, rms=0.18):
@@ -86,3 +94,10 @@ def test_schedules():
     assert lr_at(54, 104, cfg) == pytest.approx(0.55)
     assert lr_at(104, 104, cfg) == pytest.approx(0.1)
     assert lr_at(50, 104, OptimConfig(lr=1.0, schedule="constant")) == 1.0
+    # warmup-stable-decay: constant until the last 20% of the steps, then cosine to min_lr_ratio
+    wsd = OptimConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.1)
+    assert decay_start(100, wsd) == 80
+    assert lr_at(79, 100, wsd) == 1.0 and lr_at(80, 100, wsd) == 1.0
+    assert lr_at(90, 100, wsd) == pytest.approx(0.55) and lr_at(100, 100, wsd) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(0, 10, OptimConfig(schedule="linear"))

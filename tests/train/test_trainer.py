@@ -115,3 +115,12 @@ def test_yaml_and_json_configs(train_assets, tmp_path):
                              "loss": {"balance_weight": 0.0}}))
     cfg = parse_args(["--config", str(j)])
     assert cfg.loss.balance_weight == 0.0 and cfg.data == [str(train_assets["data"])]
+
+
+def test_mtp_weight_drops_when_lr_decay_starts(train_assets, tmp_path):
+    out = tmp_path / "run"
+    args = {"schedule": "wsd", "decay-fraction": 0.5, "mtp-weight-in-decay": 0.1, "warmup-steps": 1}
+    main(base_args(train_assets, out, steps=4, **args))
+    recs, _ = read_losses(out)
+    assert [r["mtp_weight"] for r in recs] == [0.3, 0.3, 0.1, 0.1]
+    assert all(abs(r["loss"] - (r["ce"] + r["mtp_weight"] * r["mtp"] + 1e-4 * r["balance"])) < 1e-9 for r in recs)

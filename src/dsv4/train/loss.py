@@ -39,6 +39,8 @@ from dsv4.train.data import IGNORE
 @dataclass
 class LossConfig:
     mtp_weight: float = 0.3
+    # MTP weight once the LR decay has started (report sec. 4.2.2: 0.3, then 0.1); < 0 keeps mtp_weight throughout.
+    mtp_weight_in_decay: float = -1.0
     balance_weight: float = 1e-4
     bias_update_speed: float = 1e-3
 

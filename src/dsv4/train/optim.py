@@ -145,7 +145,10 @@ class OptimConfig:
     weight_decay: float = 0.1
     muon_momentum: float = 0.95
     muon_update_rms: float = 0.18
-    schedule: str = "cosine"  # "cosine" or "constant" (both after a linear warmup)
+    # After a linear warmup: "cosine" (decay over all remaining steps), "constant", or "wsd" (warmup-stable-decay, the
+    # report's sec. 4.2.2 shape: constant, then a cosine decay over the last `decay_fraction` of the steps).
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (report: 2.7e-4 -> 2.7e-5)
 
@@ -186,16 +189,26 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Opt
     return opts
 
 
+def decay_start(total_steps: int, cfg: OptimConfig) -> int | None:
+    """First step of the LR decay (None for a constant schedule)."""
+    if cfg.schedule not in {"cosine", "constant", "wsd"}:
+        raise ValueError(f"schedule must be 'cosine', 'constant' or 'wsd', got {cfg.schedule!r}")
+    if cfg.schedule == "constant":
+        return None
+    if cfg.schedule == "wsd":
+        return max(cfg.warmup_steps, total_steps - int(round(cfg.decay_fraction * total_steps)))
+    return cfg.warmup_steps
+
+
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant or cosine to min_lr_ratio."""
-    if cfg.schedule not in {"cosine", "constant"}:
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant / cosine / wsd to min_lr_ratio."""
+    start = decay_start(total_steps, cfg)
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
+    if start is None or step < start:
         return cfg.lr
-    span = max(1, total_steps - cfg.warmup_steps)
-    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    span = max(1, total_steps - start)
+    frac = min(1.0, (step - start) / span)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 

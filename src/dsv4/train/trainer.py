@@ -57,7 +57,7 @@ from dsv4.train.loss import (
     token_ce_sum,
     update_gate_biases,
 )
-from dsv4.train.optim import build_optimizers, lr_at, set_lr
+from dsv4.train.optim import build_optimizers, decay_start, lr_at, set_lr
 
 __all__ = ["Trainer", "TrainConfig", "main", "parse_args"]
 
@@ -211,6 +211,9 @@ class Trainer:
         cfg, lc = self.cfg, self.cfg.loss
         lr = lr_at(self.step, cfg.steps, cfg.optim)
         set_lr(self.opts, lr)
+        start = decay_start(cfg.steps, cfg.optim)
+        in_decay = start is not None and self.step >= start and lc.mtp_weight_in_decay >= 0
+        mtp_w = lc.mtp_weight_in_decay if in_decay else lc.mtp_weight
         micro = [self.loader.next_batch() for _ in range(cfg.grad_accum * self.world)]
         mine = micro[self.rank :: self.world]
         n_tgt = sum(int((b.targets != IGNORE).sum()) for b in micro)
@@ -228,7 +231,7 @@ class Trainer:
                 load.add(key, idx, scores.size(-1))
                 if lc.balance_weight > 0:
                     bal = bal + sequence_balance_loss(scores, idx, b.seq_lens, scores.size(-1)) / n_seq
-            loss = ce + lc.mtp_weight * mtp + lc.balance_weight * bal
+            loss = ce + mtp_w * mtp + lc.balance_weight * bal
             # Each rank's loss is already a share of the global mean; FSDP (or sync_gradients under EP) averages
             # gradients over ranks, so scale by the world size to get the sum of the shares (= the single-process
             # gradient).
@@ -246,8 +249,8 @@ class Trainer:
         self.step += 1
         ce, mtp, bal = sums.tolist()
         return {
-            "step": self.step, "loss": ce + lc.mtp_weight * mtp + lc.balance_weight * bal, "ce": ce, "mtp": mtp,
-            "balance": bal, "lr": lr, "grad_norm": grad_norm, "tokens": sum(b.num_tokens for b in micro),
+            "step": self.step, "loss": ce + mtp_w * mtp + lc.balance_weight * bal, "ce": ce, "mtp": mtp,
+            "balance": bal, "mtp_weight": mtp_w, "lr": lr, "grad_norm": grad_norm, "tokens": sum(b.num_tokens for b in micro),
             "epoch": self.loader.epoch,
             "expert_load": {k: v.tolist() for k, v in load.counts.items()},
         }
