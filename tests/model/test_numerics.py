@@ -120,7 +120,12 @@ def test_meta_build_and_init_weights() -> None:
     assert torch.isfinite(out).all()
 
 
-def test_packed_experts_equal_per_expert_loop() -> None:
+def test_packed_experts_equal_per_expert_loop(monkeypatch) -> None:
+    from dsv4.model.moe import MoE
+
+    calls = []
+    real = MoE._routed_batched
+    monkeypatch.setattr(MoE, "_routed_batched", lambda self, *a: calls.append(1) or real(self, *a))
     cfg = make_tiny_config()
     ref = random_model(cfg, seed=34)
     packed = random_model(cfg, seed=34).pack_experts()
@@ -132,6 +137,7 @@ def test_packed_experts_equal_per_expert_loop() -> None:
         b = packed.forward_batch(ForwardBatch.from_sequences(seqs), None).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert set(packed.state_dict()) == set(ref.state_dict())
+    assert calls  # the batched-matmul path ran for the multi-sequence batch
     one = [torch.tensor([7])]  # 2 of 8 experts hit: the per-expert fused w1|w3 path
     with torch.no_grad():
         torch.testing.assert_close(packed.forward_batch(ForwardBatch.from_sequences(one), None).logits,

@@ -99,9 +99,10 @@ class MoE(nn.Module):
         packed = self._packed if self._packed is not None and not torch.is_grad_enabled() else None
         if packed is not None and packed[0].data_ptr() != self.experts[0].w1.weight.data_ptr():
             packed = None  # the expert weights were replaced (e.g. reloaded): the stacks are stale
-        if packed is not None and 2 * sum(c > 0 for c in counts) >= self.n_experts:
+        # batched matmuls pay for padding every expert to the busiest one: worth it while that waste is < 2x
+        if packed is not None and self.n_experts * max(counts) <= 2 * n * k:
             y = self._routed_batched(x, flat[order], tok, w, counts, packed)
-        elif packed is not None:  # few experts hit (small decode batches): one fused w1|w3 matmul per expert
+        elif packed is not None:  # skewed or sparse load: one fused w1|w3 matmul per expert that got tokens
             y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
             w13, w2 = packed
             f = w2.shape[2]
