@@ -235,6 +235,9 @@ def test_errors_through_the_sdks(server: Server, oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match=f"maximum context length is {MAX_LEN} tokens"):
         oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi " * 2000}])
     assert [m.id for m in oai.models.list()] == [MODEL]
+    claude = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+    assert [(m.id, m.type) for m in claude.models.list()] == [(MODEL, "model")]
+    assert claude.models.retrieve(MODEL).display_name == MODEL
 
 
 def test_64_concurrent_streams_complete_and_release_pages(server: Server) -> None:

@@ -10,6 +10,7 @@ small local models are served here too.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,11 @@ _ERROR_TYPE = {
     "internal": "api_error",
 }
 _STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "stop_sequence": "stop_sequence"}
+
+
+def model_card(name: str, created: int) -> dict[str, Any]:
+    stamp = datetime.fromtimestamp(created, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    return {"type": "model", "id": name, "display_name": name, "created_at": stamp}
 
 
 def error_body(err: ServeError) -> dict[str, Any]:

@@ -165,14 +165,21 @@ def create_app(core: ServingCore, api_key: str | None = None,
     async def metrics() -> Response:
         return Response(core.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
-    async def models() -> ModelList:
+    # The Anthropic SDK sends `anthropic-version`; it gets Anthropic's model objects, everyone else OpenAI's.
+    @app.get("/v1/models", response_model=ModelList)
+    async def models(request: Request) -> Any:
+        if "anthropic-version" in request.headers:
+            cards = [anthropic_api.model_card(name, core.created) for name in core.model_names]
+            return JSONResponse({"data": cards, "has_more": False, "first_id": cards[0]["id"],
+                                 "last_id": cards[-1]["id"]})
         return ModelList(data=[ModelCard(id=name, created=core.created, max_model_len=core.max_model_len)
                                for name in core.model_names])
 
-    @app.get("/v1/models/{model_id}")
-    async def model(model_id: str) -> ModelCard:
+    @app.get("/v1/models/{model_id}", response_model=ModelCard)
+    async def model(model_id: str, request: Request) -> Any:
         core.check_model(model_id)
+        if "anthropic-version" in request.headers:
+            return JSONResponse(anthropic_api.model_card(model_id, core.created))
         return ModelCard(id=model_id, created=core.created, max_model_len=core.max_model_len)
 
     # ---- OpenAI ----------------------------------------------------------------------------------------------------
