@@ -46,6 +46,7 @@ class TrainConfig:
     export_dtype: str = "bfloat16"
     progress: bool = True
     threads: int = 0  # torch intra-op threads; 0 = torch default
+    device: str = "cpu"  # "cpu" or "cuda" (under torchrun each rank takes cuda:LOCAL_RANK)
     expert_parallel: bool = False  # under torchrun: experts sharded over ranks (all-to-all), else FSDP2 sharding
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)

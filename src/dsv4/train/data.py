@@ -108,6 +108,10 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
 
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(t.to(device) for t in (self.input_ids, self.targets, self.mtp_targets, self.positions)),
+                     self.seq_lens)
+
 
 def make_batch(chunks: list[np.ndarray]) -> Batch:
     ids, tgt, mtp, pos = [], [], [], []

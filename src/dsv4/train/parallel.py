@@ -25,12 +25,20 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> None:
-    """Start the default process group when launched by torchrun with more than one process."""
+def init_distributed(device: str = "cpu") -> None:
+    """Start the default process group when launched by torchrun with more than one process (NCCL for CUDA)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+
+
+def local_device(device: str) -> torch.device:
+    """The device this process trains on: cuda:LOCAL_RANK under torchrun with device "cuda"."""
+    if device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(device)
 
 
 def destroy_distributed() -> None:
@@ -39,12 +47,13 @@ def destroy_distributed() -> None:
 
 
 def apply_data_parallel(model: nn.Module, world: int) -> nn.Module:
+    """FSDP2 over all ranks, on the device the model already lives on."""
     if world <= 1:
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
+    mesh = init_device_mesh(next(model.parameters()).device.type, (world,))
     blocks = list(getattr(model, "layers", [])) + list(getattr(model, "mtp", []) or [])
     for block in blocks:
         fully_shard(block, mesh=mesh)

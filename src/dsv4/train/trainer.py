@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from dsv4.train import parallel
 from dsv4.train.checkpoint import (
     export_model,
     full_model_state,
@@ -84,7 +85,7 @@ def build_model(cfg: TrainConfig):
         model = Transformer(mcfg)
         model.init_weights(cfg.seed)
     model.float().train()
-    return model, mcfg, raw
+    return model.to(parallel.local_device(cfg.device)), mcfg, raw
 
 
 def forward_losses(model, batch: Batch, with_mtp: bool, record_router: bool = True):
@@ -151,13 +152,12 @@ def _barrier() -> None:
 # ----------------------------------------------------------------------------------------------- training
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        from dsv4.train import parallel
-
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.rank, self.world = parallel.rank_and_world()
         torch.manual_seed(cfg.seed)
+        self.device = parallel.local_device(cfg.device)
         self.model, self.mcfg, self.raw_config = build_model(cfg)
         self.with_mtp = self.mcfg.num_nextn_predict_layers > 0 and cfg.loss.mtp_weight > 0
         docs = load_documents(cfg.data, split=cfg.data_split)
@@ -202,7 +202,7 @@ class Trainer:
 
     def autocast(self):
         if self.cfg.dtype == "bfloat16":
-            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         if self.cfg.dtype != "float32":
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.cfg.dtype!r}")
         return nullcontext()
@@ -222,6 +222,7 @@ class Trainer:
         load = ExpertLoad()
         sums = torch.zeros(3, dtype=torch.float64)  # ce, mtp, balance (already normalised by the step's counts)
         for b in mine:
+            b = b.to(self.device)
             with self.autocast():
                 logits, mtp_logits, stats = forward_losses(self.model, b, self.with_mtp)
             ce = token_ce_sum(logits, b.targets) / n_tgt
@@ -241,8 +242,6 @@ class Trainer:
         for opt in self.opts:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        from dsv4.train import parallel
-
         sums = parallel.all_reduce_sum(sums)
         load.all_reduce()
         update_gate_biases(self.biases, load, lc.bias_update_speed)
@@ -277,6 +276,7 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         for b in eval_batches(self.held_chunks, self.cfg.tokens_per_batch, self.cfg.eval_batches):
+            b = b.to(self.device)
             with self.autocast():
                 logits, _, _ = forward_losses(self.model, b, False, record_router=False)
             total += float(token_ce_sum(logits, b.targets))
@@ -341,9 +341,7 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
-    from dsv4.train import parallel
-
-    parallel.init_distributed()
+    parallel.init_distributed(cfg.device)
     try:
         result = Trainer(cfg).run()
         if parallel.rank_and_world()[0] == 0:
