@@ -17,6 +17,7 @@ Markdown report with the configuration.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import json
 import platform
@@ -69,7 +70,8 @@ def build_hf(model: Any, dtype: torch.dtype) -> Any:
 
     from dsv4.model import hf_mapping
 
-    hf_cfg = transformers.DeepseekV4Config(**BENCH_CONFIG, attn_implementation="eager")
+    # NOTE: a deep copy, transformers normalises (mutates) the nested rope_scaling dict it is given
+    hf_cfg = transformers.DeepseekV4Config(**copy.deepcopy(BENCH_CONFIG), attn_implementation="eager")
     hf_cfg.compress_ratios = BENCH_CONFIG["compress_ratios"]
     with torch.device("meta"):
         hf = transformers.DeepseekV4ForCausalLM(hf_cfg)
@@ -235,6 +237,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             h_prefill.append(time.perf_counter() - t)
         log(f"round {r}: engine step {e_step[-1] * 1e3:.0f} ms, prefill {e_pre[-1]:.1f} s"
             + (f"; transformers step {h_step[-1] * 1e3:.0f} ms, prefill {h_prefill[-1]:.1f} s" if hf else ""))
+    res["rounds_engine_step_ms"] = [round(x * 1e3, 1) for x in e_step]
+    res["rounds_hf_step_ms"] = [round(x * 1e3, 1) for x in h_step]
     step = statistics.median(e_step)
     res["engine_decode_tok_s"] = round(1 / step, 2)
     res["engine_decode_step_ms"] = round(step * 1e3, 2)
