@@ -159,7 +159,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.device = parallel.local_device(cfg.device)
         self.model, self.mcfg, self.raw_config = build_model(cfg)
-        self.with_mtp = self.mcfg.num_nextn_predict_layers > 0 and cfg.loss.mtp_weight > 0
+        mtp_w = max(cfg.loss.mtp_weight, cfg.loss.mtp_weight_in_decay)
+        self.with_mtp = self.mcfg.num_nextn_predict_layers > 0 and mtp_w > 0
         docs = load_documents(cfg.data, split=cfg.data_split)
         train_docs, held_docs = split_heldout(docs, cfg.heldout_fraction, cfg.seed)
         self.tokenizer, self.tokenizer_dir = prepare_tokenizer(cfg, self.mcfg, train_docs, self.rank)
@@ -249,8 +250,8 @@ class Trainer:
         ce, mtp, bal = sums.tolist()
         return {
             "step": self.step, "loss": ce + mtp_w * mtp + lc.balance_weight * bal, "ce": ce, "mtp": mtp,
-            "balance": bal, "mtp_weight": mtp_w, "lr": lr, "grad_norm": grad_norm, "tokens": sum(b.num_tokens for b in micro),
-            "epoch": self.loader.epoch,
+            "balance": bal, "mtp_weight": mtp_w, "lr": lr, "grad_norm": grad_norm,
+            "tokens": sum(b.num_tokens for b in micro), "epoch": self.loader.epoch,
             "expert_load": {k: v.tolist() for k, v in load.counts.items()},
         }
 
