@@ -15,10 +15,12 @@ from dsv4.engine.request import RequestOutput, Sequence
 
 
 class FakeEngine:
-    def __init__(self, tokenizer: Any, script: Callable[[list[int], Any], str], step_delay: float = 0.0) -> None:
+    def __init__(self, tokenizer: Any, script: Callable[[list[int], Any], str], step_delay: float = 0.0,
+                 first_delay: float = 0.0) -> None:
         self.tokenizer = tokenizer
         self.script = script
         self.step_delay = step_delay
+        self.first_delay = first_delay  # "queued / prefilling": time before the first output
         self.live: set[str] = set()
         self.aborted: list[str] = []
         self.finished: list[str] = []
@@ -46,6 +48,7 @@ class FakeEngine:
         seqs = [Sequence(i, request_id, i, prompt_ids, params, 0, None, tokenizer=self.tokenizer,
                          eos_token_id=self.tokenizer.eos_id) for i in range(params.n)]
         self.live.add(request_id)
+        await asyncio.sleep(self.first_delay)
         step = 0
         while request_id in self.live and not all(s.is_finished for s in seqs):
             for s in seqs:

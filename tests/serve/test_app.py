@@ -429,3 +429,37 @@ def test_oversized_body_is_413() -> None:
     r = client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert chat(client).status_code == 200 and engine.live == set()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_before_first_token_aborts(stream: bool) -> None:
+    """A client that hangs up while its request is still queued is noticed at once, not at the first token."""
+    import asyncio
+
+    engine = FakeEngine(TOK, lambda ids, p: "late", first_delay=30.0)
+    core = ServingCore(engine, TOK, model_names=[MODEL], max_model_len=4096, chat=FakeChat())
+    app = create_app(core)
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    sent: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        inbox = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if inbox:
+                return inbox.pop(0)
+            await asyncio.sleep(0.2)  # then the client is gone
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await asyncio.wait_for(app(scope, receive, send), timeout=10)
+
+    asyncio.run(main())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert engine.live == set() and len(engine.aborted) == 1 and core.in_flight == 0

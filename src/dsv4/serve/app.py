@@ -193,7 +193,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
         want_lp = bool(body.logprobs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await _stream(core, "chat", events, lambda ev: openai_api.chat_stream(
+            return await _stream(core, "chat", request, events, lambda ev: openai_api.chat_stream(
                 ev, rid, body.model, prep.n, include_usage, want_lp), openai_api.stream_error)
         return await _unary(core, "chat", request, openai_api.chat_response(events, rid, body.model, prep.n, want_lp))
 
@@ -212,7 +212,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = core.run(preps[0], rid)
             echo_text = core.tokenizer.decode(prompts[0]) if body.echo else ""
-            return await _stream(core, "completions", events, lambda ev: openai_api.completion_stream(
+            return await _stream(core, "completions", request, events, lambda ev: openai_api.completion_stream(
                 ev, rid, body.model, include_usage, want_lp, preps[0].n, echo_text), openai_api.stream_error)
         echo = [core.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
 
@@ -234,7 +234,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
         prep = core.prepare_chat(anthropic_api.chat_job(body))
         events = core.run(prep, new_id("msg-"))
         if body.stream:
-            return await _stream(core, "messages", events, lambda ev: anthropic_api.message_stream(
+            return await _stream(core, "messages", request, events, lambda ev: anthropic_api.message_stream(
                 ev, body.model, len(prep.prompt_ids)), anthropic_api.stream_error)
         return await _unary(core, "messages", request, anthropic_api.message_response(events, body.model))
 
@@ -265,22 +265,37 @@ async def _collect(events: AsyncIterator[Step | Usage]) -> list[Step | Usage]:
     return [ev async for ev in events]
 
 
-async def _unary(core: ServingCore, endpoint: str, request: Request, work: Any) -> Response:
-    """Run a non-streaming request, cancelling it (and so aborting it in the engine) if the client goes away."""
+class _ClientGone(Exception):
+    pass
+
+
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """Await `work`, cancelling it (and so aborting its request in the engine) if the client hangs up first; raises
+    `_ClientGone` then. Route handlers are not told about disconnects otherwise."""
     task = asyncio.ensure_future(work)
     gone = asyncio.Event()
     watcher = asyncio.ensure_future(_watch_disconnect(request, task, gone))
     try:
-        body = await task
+        return await task
     except asyncio.CancelledError:
         if not gone.is_set():
             raise  # the server itself is stopping
-        # The client hung up: its request is aborted; answer into the void (nginx's 499) instead of letting the
-        # cancellation reach uvicorn as an application error.
-        core.metrics.requests.labels(endpoint, "499").inc()
-        return Response(status_code=499)
+        raise _ClientGone from None
     finally:
         watcher.cancel()
+
+
+def _gone_response(core: ServingCore, endpoint: str) -> Response:
+    # Answer into the void (nginx's 499) rather than letting the cancellation reach uvicorn as an application error.
+    core.metrics.requests.labels(endpoint, "499").inc()
+    return Response(status_code=499)
+
+
+async def _unary(core: ServingCore, endpoint: str, request: Request, work: Any) -> Response:
+    try:
+        body = await _unless_disconnected(request, work)
+    except _ClientGone:
+        return _gone_response(core, endpoint)
     core.metrics.requests.labels(endpoint, "200").inc()
     return JSONResponse(body)
 
@@ -294,13 +309,16 @@ async def _watch_disconnect(request: Request, task: asyncio.Future[Any], gone: a
             return
 
 
-async def _stream(core: ServingCore, endpoint: str, events: AsyncIterator[Step | Usage],
+async def _stream(core: ServingCore, endpoint: str, request: Request, events: AsyncIterator[Step | Usage],
                   render: Callable[[AsyncIterator[Step | Usage]], AsyncIterator[bytes]],
-                  on_error: Callable[[ServeError], bytes]) -> StreamingResponse:
+                  on_error: Callable[[ServeError], bytes]) -> Response:
     # The first event is awaited before the headers go out, so a request the engine rejects still gets a proper
-    # status code instead of a 200 stream carrying an error.
+    # status code instead of a 200 stream carrying an error; a client that leaves while queued is noticed here.
     try:
-        first = await events.__anext__()
+        first = await _unless_disconnected(request, events.__anext__())
+    except _ClientGone:
+        await events.aclose()
+        return _gone_response(core, endpoint)
     except BaseException:
         await events.aclose()
         raise
