@@ -233,7 +233,9 @@ class LLMEngine:
         sampling = [(k, it) for k, it in enumerate(out.items) if it.samples]
         first_rows = [res.rows[k][0] for k, _ in sampling]
         seqs = [it.seq for _, it in sampling]
-        firsts = self.sampler(res.logits[first_rows], seqs) if sampling else []
+        # Plain decode steps use every logits row in order: skip the [M, V] gather copy then.
+        rows_t = res.logits if first_rows == list(range(res.logits.shape[0])) else res.logits[first_rows]
+        firsts = self.sampler(rows_t, seqs) if sampling else []
         second: list[tuple[int, Any]] = []
         for (k, it), (tok, lp) in zip(sampling, firsts):
             seq = it.seq
