@@ -56,3 +56,33 @@ def test_streams_abort_and_errors(monkeypatch):
     assert not eng.has_unfinished() and not eng.requests
     eng.prefix_cache.clear()
     assert eng.block_manager.num_free_pages == eng.block_manager.num_pages
+
+
+def test_stream_n2_deltas_per_choice_and_duplicate_id(monkeypatch):
+    from dsv4.engine.sampling import SamplingParams
+
+    patch_fake_cache(monkeypatch)
+    allm = AsyncLLM(LLMEngine(FakeModel(V), None, max_num_seqs=4))
+    p = prompts(1, seed=21)[0]
+
+    async def main():
+        got: dict[int, list[int]] = {0: [], 1: []}
+        last = None
+        params = SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=7, ignore_eos=True, logprobs=1)
+        async for out in allm.stream(p, params, request_id="x"):
+            for co in out.outputs:
+                got[co.index] += co.delta_token_ids
+            last = out
+        with pytest.raises(ValueError, match="already in use"):
+            gen = allm.stream(p, greedy(50), request_id="y")
+            await gen.__anext__()
+            async for _ in allm.stream(p, greedy(2), request_id="y"):
+                pass
+        return got, last
+
+    try:
+        got, last = asyncio.run(main())
+    finally:
+        allm.shutdown()
+    assert [got[i] for i in (0, 1)] == [co.token_ids for co in last.outputs]
+    assert all(len(co.logprobs) == 7 for co in last.outputs)
