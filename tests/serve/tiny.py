@@ -1,5 +1,5 @@
 """A tiny random V4 checkpoint with the real vocabulary (so the real tokenizer, chat format and grammars apply),
-built on the fly: 3 layers (sliding window, CSA, HCA), hidden size 32, bf16 weights, about 17 MB on disk."""
+built on the fly: 3 layers (sliding window, CSA, HCA), hidden size 16, bf16 weights, about 10 MB on disk."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ V4_VOCAB = 129280
 
 def tiny_config(**overrides: object) -> ModelConfig:
     base: dict[str, object] = dict(
-        vocab_size=V4_VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, head_dim=32,
+        vocab_size=V4_VOCAB, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, head_dim=32,
         qk_rope_head_dim=16, q_lora_rank=16, o_groups=2, o_lora_rank=16, sliding_window=8,
         compress_ratios=[0, 4, 16, 0], index_n_heads=2, index_head_dim=16, index_topk=4,
         moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
