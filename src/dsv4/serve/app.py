@@ -187,7 +187,8 @@ def create_app(core: ServingCore, api_key: str | None = None,
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         core.check_model(body.model)
         job = openai_api.chat_job(body)
-        prep = core.prepare_chat(job, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+        prep = await core.off_loop(core.prepare_chat, job,
+                                   "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         rid = new_id("chatcmpl-")
         events = core.run(prep, rid)
         want_lp = bool(body.logprobs)
@@ -201,7 +202,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
     async def completions(body: CompletionRequest, request: Request) -> Response:
         core.check_model(body.model)
         sampling, stop = openai_api.completion_sampling(body)
-        prompts = openai_api.completion_prompts(body, core.encode)
+        prompts = await core.off_loop(openai_api.completion_prompts, body, core.encode)
         preps = [core.prepare_completion(ids, sampling, stop, body.max_tokens) for ids in prompts]
         rid = new_id("cmpl-")
         want_lp = body.logprobs is not None
@@ -231,7 +232,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
     @app.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request) -> Response:
         core.check_model(body.model)
-        prep = core.prepare_chat(anthropic_api.chat_job(body))
+        prep = await core.off_loop(core.prepare_chat, anthropic_api.chat_job(body))
         events = core.run(prep, new_id("msg-"))
         if body.stream:
             return await _stream(core, "messages", request, events, lambda ev: anthropic_api.message_stream(
@@ -242,7 +243,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
     async def count_tokens(body: CountTokensRequest) -> CountTokensResponse:
         core.check_model(body.model)
         prompt, _, _ = core.render_chat(anthropic_api.chat_job(body))
-        return CountTokensResponse(input_tokens=len(core.encode(prompt)))
+        return CountTokensResponse(input_tokens=len(await core.off_loop(core.encode, prompt)))
 
     def openapi() -> dict[str, Any]:
         # Advertise the served names as the `model` enum: clients and fuzzers then see which names are valid.

@@ -10,15 +10,20 @@ Deliberately not here: HTTP (app.py), request/response field names (protocol.py 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from dsv4.serve.budget import ThinkingBudget
 from dsv4.serve.metrics import ServerMetrics
+
+
+T = TypeVar("T")
 
 
 class ServeError(Exception):
@@ -126,6 +131,7 @@ class ServingCore:
         self.max_model_len = max_model_len
         self.max_concurrency = max_concurrency
         self.in_flight = 0
+        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsv4-prepare")
         self.created = int(time.time())
         self.metrics = ServerMetrics(self.engine_stats)
 
@@ -135,6 +141,13 @@ class ServingCore:
 
     async def stop(self) -> None:
         await _maybe_await(getattr(self.engine, "shutdown", None))
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run request preparation (tokenizing a long prompt, compiling a grammar: milliseconds to seconds) on one
+        worker thread, so the event loop keeps streaming other requests meanwhile. One thread, because the grammar
+        compiler's caches are not meant for concurrent use; preparation is short next to generation anyway."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, functools.partial(fn, *args))
 
     # ---- request checks -------------------------------------------------------------------------------------------
     def check_model(self, model: str) -> None:
