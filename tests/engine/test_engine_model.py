@@ -186,3 +186,31 @@ def test_llm_from_checkpoint_directory(model, tmp_path):
         llm.generate("hello", greedy(2))
     with pytest.raises(TypeError, match="unknown engine option"):
         LLM(model, max_batch=3)
+
+
+def test_everything_at_once(model):
+    """Prefix hits, chunked prefill, preemption and MTP drafts (half of them forced correct) in one run."""
+    shared = prompts(1, 34, 34, seed=10)[0]
+    ps = [shared + t for t in prompts(6, 1, 12, seed=11)]
+    ns = [8, 11, 6, 9, 12, 7]
+    ref = plain_greedy(model, ps, ns)
+    llm = engine(model, speculative=True, num_pages=5, max_num_batched_tokens=40, max_prefix_snapshots=2)
+    spec = llm.engine.speculator
+    real_draft = spec.draft
+    full = {tuple(p): list(p) + r for p, r in zip(ps, ref)}
+
+    def half_oracle(out, res, stats):
+        real_draft(out, res, stats)
+        for it in out.items:
+            s = it.seq
+            if s.draft_token is not None and s.num_tokens % 2 == 0:
+                f = full[tuple(s.prompt_token_ids)]
+                if s.num_tokens < len(f):
+                    s.draft_token = f[s.num_tokens]
+
+    spec.draft = half_oracle
+    outs = llm.generate(ps, [greedy(n) for n in ns])
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    st = llm.engine.stats
+    assert st["accepted"] > 0 and st["drafted"] > st["accepted"] and st["cached_tokens"] > 0
+    assert st["preemptions"] > 0, st
