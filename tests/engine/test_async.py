@@ -73,11 +73,12 @@ def test_stream_n2_deltas_per_choice_and_duplicate_id(monkeypatch):
             for co in out.outputs:
                 got[co.index] += co.delta_token_ids
             last = out
+        gen = allm.stream(p, greedy(50), request_id="y")
+        await gen.__anext__()
         with pytest.raises(ValueError, match="already in use"):
-            gen = allm.stream(p, greedy(50), request_id="y")
-            await gen.__anext__()
             async for _ in allm.stream(p, greedy(2), request_id="y"):
                 pass
+        await gen.aclose()  # closing a stream early aborts its request
         return got, last
 
     try:
