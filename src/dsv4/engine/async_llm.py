@@ -28,7 +28,12 @@ class _Stream:
     queue: asyncio.Queue
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            # The consumer's event loop is closed (its program ended without draining the stream): nobody is left
+            # to read this output, and the engine thread must not die for it.
+            pass
 
 
 class AsyncLLM:
