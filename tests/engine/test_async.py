@@ -11,6 +11,9 @@ from dsv4.engine.llm import LLMEngine
 from tests.engine.fakes import FakeModel, patch_fake_cache
 from tests.engine.test_engine_fake import V, greedy, prompts
 
+# An exception in the engine thread (which would stall every stream) must fail these tests, not just warn.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 
 def test_streams_abort_and_errors(monkeypatch):
     patch_fake_cache(monkeypatch)
