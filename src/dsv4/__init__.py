@@ -12,6 +12,7 @@ _LAZY = {
     "SamplingParams": "dsv4.engine.sampling",
     "AsyncLLM": "dsv4.engine.async_llm",
     "load_model": "dsv4.model.loader",
+    "ModelConfig": "dsv4.config",
 }
 
 
