@@ -65,15 +65,16 @@ class Expert(nn.Module):
         self.limit = swiglu_limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        g = self.w1(x).float()
-        u = self.w3(x).float()
+        # F.linear on the weights: the same math as calling the nn.Linear modules, without their dispatch cost
+        g = F.linear(x, self.w1.weight).float()
+        u = F.linear(x, self.w3.weight).float()
         if self.limit > 0:
             g = g.clamp(max=self.limit)
             u = u.clamp(-self.limit, self.limit)
         h = F.silu(g) * u  # [n, F] fp32
         if weights is not None:
             h = weights[:, None] * h  # routing weight before w2 (official)
-        return self.w2(h.to(x.dtype))
+        return F.linear(h.to(x.dtype), self.w2.weight)
 
 
 class MoE(nn.Module):
@@ -91,6 +92,8 @@ class MoE(nn.Module):
         """x [N, D] -> [N, D]."""
         n, k = x.shape[0], self.gate.topk
         weights, ids = self.gate(x, input_ids)  # [N, k]
+        if n == 1 and self._packed is None and not torch.is_grad_enabled():
+            return self._one_token(x, weights, ids)
         flat = ids.flatten()  # [N*k]
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()  # one host sync per layer
@@ -127,10 +130,23 @@ class MoE(nn.Module):
                 if cnt == 0:
                     continue
                 t = tok[a:a + cnt]
-                y.index_add_(0, t, self.experts[e](x[t], w[a:a + cnt]).float())  # autograd-safe: y is not a leaf
+                y.index_add_(0, t, Expert.forward(self.experts[e], x[t], w[a:a + cnt]).float())  # y: not a leaf
                 a += cnt
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x).float()
+            y = y + Expert.forward(self.shared_experts, x).float()
+        return y.to(x.dtype)
+
+    def _one_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Decode fast path for one token (no autograd): the same expert math and the same fp32 accumulation order
+        (experts by ascending id, starting from zeros) as the general path, without the sort / bincount / gather /
+        index_add bookkeeping and the per-expert module calls."""
+        eids = ids[0].tolist()  # the one host sync (the general path has it too)
+        w = weights[0]
+        y = torch.zeros(1, x.shape[1], dtype=torch.float32, device=x.device)
+        for j in sorted(range(len(eids)), key=eids.__getitem__):  # stable, like argsort(stable=True)
+            y += Expert.forward(self.experts[eids[j]], x, w[j:j + 1])  # the general path's index_add_ on row 0
+        if self.shared_experts is not None:
+            y = y + Expert.forward(self.shared_experts, x).float()
         return y.to(x.dtype)
 
     # ------------------------------------------------------------------ inference fast path
