@@ -132,7 +132,7 @@ class Attention(nn.Module):
         o = apply_rope(out, cos[:, None], sin[:, None], inverse=True)  # [N, H, c]
         o = o.reshape(n, self.n_groups, -1)  # [N, G, H*c/G]
         wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)  # [G, d_g, H*c/G]
-        o = torch.einsum("ngd,grd->ngr", o, wo_a)  # [N, G, d_g]
+        o = torch.bmm(o.transpose(0, 1), wo_a.transpose(1, 2)).transpose(0, 1)  # [N, G, d_g] (= einsum ngd,grd)
         return self.wo_b(o.flatten(1))
 
     def _kv_post(self, kv: torch.Tensor) -> torch.Tensor:
@@ -188,16 +188,33 @@ def sparse_attention(q: torch.Tensor, raw_k: torch.Tensor, raw_mask: torch.Tenso
     """
     bg, s, h, _ = q.shape
     qf = q.float()
-    logits = [torch.einsum("bshc,bkc->bshk", qf, raw_k.float()).masked_fill(~raw_mask[:, :, None, :], _NEG_INF)]
+    # bmm calls with the layouts einsum uses (same kernels, same results) without einsum's parsing overhead
+    logits = [_qk(qf, raw_k.float()).masked_fill(~raw_mask[:, :, None, :], _NEG_INF)]
     if comp_k is not None:
-        eq = "bshc,bskc->bshk" if gathered else "bshc,bkc->bshk"
-        logits.append(torch.einsum(eq, qf, comp_k.float()).masked_fill(~comp_mask[:, :, None, :], _NEG_INF))
+        logits.append(_qk(qf, comp_k.float(), gathered).masked_fill(~comp_mask[:, :, None, :], _NEG_INF))
     logits = torch.cat(logits, dim=-1) * scale
     sink_col = sink.float().view(1, 1, h, 1).expand(bg, s, h, 1)
     probs = torch.softmax(torch.cat([logits, sink_col], dim=-1), dim=-1)[..., :-1].to(q.dtype)  # [Bg, S, H, K]
     w = raw_k.shape[1]
-    out = torch.einsum("bshk,bkc->bshc", probs[..., :w], raw_k.to(q.dtype))
+    out = _pv(probs[..., :w], raw_k.to(q.dtype))
     if comp_k is not None:
-        eq = "bshk,bskc->bshc" if gathered else "bshk,bkc->bshc"
-        out = out + torch.einsum(eq, probs[..., w:], comp_k.to(q.dtype))
+        out = out + _pv(probs[..., w:], comp_k.to(q.dtype), gathered)
     return out
+
+
+def _qk(q: torch.Tensor, k: torch.Tensor, gathered: bool = False) -> torch.Tensor:
+    """einsum("bshc,bkc->bshk") or, gathered, einsum("bshc,bskc->bshk"): q [Bg, S, H, c] -> [Bg, S, H, K]."""
+    bg, s, h, c = q.shape
+    if gathered:
+        kk = k.shape[2]
+        return torch.bmm(q.reshape(bg * s, h, c), k.reshape(bg * s, kk, c).transpose(1, 2)).view(bg, s, h, kk)
+    return torch.bmm(q.reshape(bg, s * h, c), k.transpose(1, 2)).view(bg, s, h, k.shape[1])
+
+
+def _pv(p: torch.Tensor, v: torch.Tensor, gathered: bool = False) -> torch.Tensor:
+    """einsum("bshk,bkc->bshc") or, gathered, einsum("bshk,bskc->bshc"): p [Bg, S, H, K] -> [Bg, S, H, c]."""
+    bg, s, h, kk = p.shape
+    c = v.shape[-1]
+    if gathered:
+        return torch.bmm(p.reshape(bg * s, h, kk), v.reshape(bg * s, kk, c)).view(bg, s, h, c)
+    return torch.bmm(p.reshape(bg, s * h, kk), v).view(bg, s, h, c)

@@ -65,7 +65,7 @@ def _sinkhorn_numpy(logits: torch.Tensor, iters: int, eps: float) -> torch.Tenso
 
 def hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """X_new[k] = post[k] * f + sum_j comb[j, k] * res[j]; f [N, D], res [N, M, D] -> [N, M, D] in res.dtype."""
-    mixed = torch.einsum("njk,njd->nkd", comb, res.float())  # B = C^T: sum over the FIRST stream axis
+    mixed = torch.bmm(comb.transpose(-1, -2), res.float())  # B = C^T: sum over the FIRST stream axis (= einsum)
     return (post.unsqueeze(-1) * f.float().unsqueeze(-2) + mixed).to(res.dtype)
 
 
