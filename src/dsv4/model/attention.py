@@ -146,8 +146,9 @@ class Attention(nn.Module):
                           lambda: _WindowLayout(grp, self.window, cache is not None))
         kvg = group_rows(kv, grp)  # [Bg, S, c]
         if lay.hist_rows is not None:
-            ring = cache.window[self.layer_id]
-            keys = torch.cat([ring[lay.hist_slots, lay.hist_rows].to(kvg.dtype), kvg], dim=1)
+            ring = cache.window[self.layer_id]  # [slots, w, c]; index_select on the flat rows: a cheaper gather
+            hist = ring.flatten(0, 1).index_select(0, lay.hist_flat).view(*lay.hist_rows.shape, ring.shape[-1])
+            keys = torch.cat([hist.to(kvg.dtype), kvg], dim=1)
         else:
             keys = kvg
         if cache is not None:
@@ -168,6 +169,7 @@ class _WindowLayout:
             hist_pos = grp.start[:, None] - (w - 1) + torch.arange(w - 1, device=dev)  # [Bg, W-1]
             self.hist_slots = grp.slots[:, None]
             self.hist_rows = hist_pos.clamp(min=0) % w
+            self.hist_flat = (self.hist_slots * w + self.hist_rows).flatten()  # rows of the ring viewed [slots*w, c]
             key_pos = torch.cat([torch.where(hist_pos >= 0, hist_pos, -1), grp.pos], dim=1)
         qp, kp = grp.pos[:, :, None], key_pos[:, None, :]
         self.mask = (kp >= 0) & (kp <= qp) & (kp > qp - w)  # [Bg, S, W']
