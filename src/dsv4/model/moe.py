@@ -123,7 +123,7 @@ class MoE(nn.Module):
                 h = w[a:a + cnt, None] * (F.silu(g) * u)
                 y.index_add_(0, t, F.linear(h.to(x.dtype), w2[e]).float())
                 a += cnt
-        else:
+        elif torch.is_grad_enabled():  # training: per-expert gathers (the gradient accumulation order is kept)
             y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
             a = 0
             for e, cnt in enumerate(counts):
@@ -132,6 +132,19 @@ class MoE(nn.Module):
                 t = tok[a:a + cnt]
                 y.index_add_(0, t, Expert.forward(self.experts[e], x[t], w[a:a + cnt]).float())  # y: not a leaf
                 a += cnt
+        else:
+            # one gather of the pairs' inputs and one index_add_ of all outputs (pairs in expert order, so each row
+            # accumulates in the same order as one index_add_ per expert), contiguous slices per expert
+            xs = x[tok]  # [N*k, D]
+            outs = []
+            a = 0
+            for e, cnt in enumerate(counts):
+                if cnt == 0:
+                    continue
+                outs.append(Expert.forward(self.experts[e], xs[a:a + cnt], w[a:a + cnt]))
+                a += cnt
+            y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
+            y.index_add_(0, tok, torch.cat(outs).float())
         if self.shared_experts is not None:
             y = y + Expert.forward(self.shared_experts, x).float()
         return y.to(x.dtype)
