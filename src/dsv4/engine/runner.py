@@ -26,18 +26,34 @@ class StepResult:
     offsets: list[int]  # per item: index of its first token in the N tokens
 
 
+def make_forward_batch(device: torch.device, ids: list[int], start_pos: list[int], seq_lens: list[int],
+                       slots: list[int], pages: list[list[int]], logits_indices: list[int]) -> Any:
+    """The model's ForwardBatch from per-sequence Python lists (chunk i covers positions start_pos[i] + range(n))."""
+    from dsv4.model.batch import ForwardBatch  # model/ never imports engine/; the reverse is fine
+
+    positions = [p for s, n in zip(start_pos, seq_lens) for p in range(s, s + n)]
+    tables = torch.full((len(pages), max(len(t) for t in pages)), -1, dtype=torch.int64)  # [B, max_pages]
+    for b, t in enumerate(pages):
+        tables[b, : len(t)] = torch.tensor(t, dtype=torch.int64)
+    return ForwardBatch(
+        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        start_pos=start_pos,
+        seq_lens=seq_lens,
+        slots=slots,
+        block_tables=tables.to(device),
+        logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=device),
+    )
+
+
 class ModelRunner:
     def __init__(self, model: Any, cache: Any, device: torch.device) -> None:
-        from dsv4.model.batch import ForwardBatch  # model/ never imports engine/; the reverse is fine
-
-        self._batch_cls = ForwardBatch
         self.model = model
         self.cache = cache
         self.device = device
 
     def build_batch(self, out: SchedulerOutput) -> tuple[Any, list[list[int]], list[list[int]], list[int]]:
         ids: list[int] = []
-        positions: list[int] = []
         start_pos: list[int] = []
         seq_lens: list[int] = []
         slots: list[int] = []
@@ -45,19 +61,15 @@ class ModelRunner:
         rows: list[list[int]] = []
         token_index: list[list[int]] = []
         offsets: list[int] = []
-        max_pages = max(len(it.seq.pages) for it in out.items)
-        tables = torch.full((len(out.items), max_pages), -1, dtype=torch.int64)  # [B, max_pages]
-        for b, it in enumerate(out.items):
+        for it in out.items:
             toks = it.token_ids
             offset = len(ids)
             offsets.append(offset)
             ids += toks
-            positions += range(it.start, it.start + len(toks))
             start_pos.append(it.start)
             seq_lens.append(len(toks))
             assert it.seq.slot is not None, "scheduled sequence without a state slot"
             slots.append(it.seq.slot)
-            tables[b, : len(it.seq.pages)] = torch.tensor(it.seq.pages, dtype=torch.int64)
             if it.samples:
                 # The last prompt/decoded token predicts the next one; a draft's own logits check the token after it.
                 idx = [offset + it.num_new - 1] + ([offset + it.num_new] if it.draft is not None else [])
@@ -67,15 +79,8 @@ class ModelRunner:
             else:
                 rows.append([])
                 token_index.append([])
-        batch = self._batch_cls(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
-            positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
-            start_pos=start_pos,
-            seq_lens=seq_lens,
-            slots=slots,
-            block_tables=tables.to(self.device),
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=self.device),
-        )
+        batch = make_forward_batch(self.device, ids, start_pos, seq_lens, slots, [it.seq.pages for it in out.items],
+                                   logits_indices)
         return batch, rows, token_index, offsets
 
     @torch.inference_mode()

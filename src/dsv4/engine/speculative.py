@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dsv4.engine.runner import StepResult
+from dsv4.engine.runner import StepResult, make_forward_batch
 from dsv4.engine.scheduler import SchedulerOutput
 
 
@@ -30,9 +30,6 @@ class MTPSpeculator:
             raise ValueError(
                 "speculative=True needs the checkpoint's MTP block (num_nextn_predict_layers >= 1); this model has none"
             )
-        from dsv4.model.batch import ForwardBatch
-
-        self._batch_cls = ForwardBatch
         self.model = model
         self.cache = cache
         self.device = device
@@ -40,7 +37,6 @@ class MTPSpeculator:
     @torch.inference_mode()
     def draft(self, out: SchedulerOutput, res: StepResult, stats: dict[str, int]) -> None:
         ids: list[int] = []
-        positions: list[int] = []
         start_pos: list[int] = []
         seq_lens: list[int] = []
         slots: list[int] = []
@@ -55,7 +51,6 @@ class MTPSpeculator:
             n = end - it.start
             # the MTP at position p needs token p+1, known for every computed position (tokens run one ahead)
             ids += seq.tokens[it.start + 1 : end + 1]
-            positions += range(it.start, end)
             start_pos.append(it.start)
             seq_lens.append(n)
             slots.append(seq.slot)
@@ -65,18 +60,7 @@ class MTPSpeculator:
                 drafting.append((seq, len(ids) - 1))
         if not ids:
             return
-        table = torch.full((len(tables), max(len(t) for t in tables)), -1, dtype=torch.int64)  # [B, max_pages]
-        for b, t in enumerate(tables):
-            table[b, : len(t)] = torch.tensor(t, dtype=torch.int64)
-        batch = self._batch_cls(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
-            positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
-            start_pos=start_pos,
-            seq_lens=seq_lens,
-            slots=slots,
-            block_tables=table.to(self.device),
-            logits_indices=torch.tensor([r for _, r in drafting], dtype=torch.int64, device=self.device),
-        )
+        batch = make_forward_batch(self.device, ids, start_pos, seq_lens, slots, tables, [r for _, r in drafting])
         hidden = res.hidden[torch.tensor(rows, dtype=torch.int64, device=res.hidden.device)]  # [N', M, D]
         mtp_out = self.model.forward_mtp(batch, hidden, self.cache)
         if drafting:
