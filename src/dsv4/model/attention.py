@@ -23,7 +23,6 @@ G = o_groups.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import CSA_RATIO, ModelConfig

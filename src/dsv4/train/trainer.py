@@ -52,7 +52,6 @@ from dsv4.train.data import (
 )
 from dsv4.train.loss import (
     ExpertLoad,
-    LossConfig,
     RouterRecorder,
     sequence_balance_loss,
     token_ce_sum,
