@@ -10,24 +10,20 @@ import torch
 from dsv4.config import ModelConfig
 from dsv4.model import checkpoint_io
 from dsv4.model.transformer import Transformer
+from tests.conftest import make_tiny_config
 
 V4_VOCAB = 129280
 
 
 def tiny_config(**overrides: object) -> ModelConfig:
+    """The model tests' tiny config, cut down to a few MB with the real V4 vocabulary (the chat format needs it)."""
     base: dict[str, object] = dict(
-        vocab_size=V4_VOCAB, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, head_dim=32,
-        qk_rope_head_dim=16, q_lora_rank=16, o_groups=2, o_lora_rank=16, sliding_window=8,
-        compress_ratios=[0, 4, 16, 0], index_n_heads=2, index_head_dim=16, index_topk=4,
-        moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-        num_hash_layers=1, routed_scaling_factor=1.5, swiglu_limit=10.0, rope_theta=10000.0,
-        compress_rope_theta=160000.0,
-        rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 32, "beta_fast": 32,
-                      "beta_slow": 1},
-        hc_mult=2, hc_sinkhorn_iters=4, num_nextn_predict_layers=0, max_position_embeddings=4096,
+        vocab_size=V4_VOCAB, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, q_lora_rank=16,
+        compress_ratios=[0, 4, 16, 0], index_n_heads=2, index_head_dim=16, moe_intermediate_size=16,
+        n_routed_experts=4, hc_mult=2, hc_sinkhorn_iters=4, num_nextn_predict_layers=0,
     )
     base.update(overrides)
-    return ModelConfig.from_dict(base)
+    return make_tiny_config(**base)
 
 
 def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
