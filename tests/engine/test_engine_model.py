@@ -110,6 +110,27 @@ def test_prefix_cache_hits(model):
     assert o.num_cached_tokens >= 32
 
 
+def force_half_the_drafts(llm, ps, ref, pick) -> None:
+    """Wrap the MTP drafter so that drafts chosen by ``pick(seq, call_number)`` become the true next token (from the
+    reference output ``ref``): a random MTP block is almost never right, and both accept and reject paths must run."""
+    spec = llm.engine.speculator
+    real_draft = spec.draft
+    full = {tuple(p): list(p) + r for p, r in zip(ps, ref)}
+    calls = [0]
+
+    def oracle_draft(out, res, stats):
+        real_draft(out, res, stats)
+        for it in out.items:
+            s = it.seq
+            calls[0] += 1
+            if s.draft_token is not None and pick(s, calls[0]):
+                f = full[tuple(s.prompt_token_ids)]
+                if s.num_tokens < len(f):
+                    s.draft_token = f[s.num_tokens]
+
+    spec.draft = oracle_draft
+
+
 def test_mtp_speculative_greedy_identical(model):
     ps = prompts(4, 10, 40, seed=6)
     ns = [12, 9, 15, 6]
@@ -126,22 +147,7 @@ def test_mtp_accept_and_reject_paths(model):
     ns = [14, 10, 12]
     ref = plain_greedy(model, ps, ns)
     llm = engine(model, speculative=True)
-    spec = llm.engine.speculator
-    real_draft = spec.draft
-    by_prompt = {tuple(p): r for p, r in zip(ps, ref)}
-    calls = [0]
-
-    def oracle_draft(out, res, stats):
-        real_draft(out, res, stats)
-        for it in out.items:
-            s = it.seq
-            calls[0] += 1
-            if s.draft_token is not None and calls[0] % 2:
-                full = list(s.prompt_token_ids) + by_prompt[tuple(s.prompt_token_ids)]
-                if s.num_tokens < len(full):
-                    s.draft_token = full[s.num_tokens]
-
-    spec.draft = oracle_draft
+    force_half_the_drafts(llm, ps, ref, lambda seq, call: call % 2 == 1)
     outs = llm.generate(ps, [greedy(n) for n in ns])
     assert [o.outputs[0].token_ids for o in outs] == ref
     st = llm.engine.stats
@@ -195,20 +201,7 @@ def test_everything_at_once(model):
     ns = [8, 11, 6, 9, 12, 7]
     ref = plain_greedy(model, ps, ns)
     llm = engine(model, speculative=True, num_pages=5, max_num_batched_tokens=40, max_prefix_snapshots=2)
-    spec = llm.engine.speculator
-    real_draft = spec.draft
-    full = {tuple(p): list(p) + r for p, r in zip(ps, ref)}
-
-    def half_oracle(out, res, stats):
-        real_draft(out, res, stats)
-        for it in out.items:
-            s = it.seq
-            if s.draft_token is not None and s.num_tokens % 2 == 0:
-                f = full[tuple(s.prompt_token_ids)]
-                if s.num_tokens < len(f):
-                    s.draft_token = f[s.num_tokens]
-
-    spec.draft = half_oracle
+    force_half_the_drafts(llm, ps, ref, lambda seq, call: seq.num_tokens % 2 == 0)
     outs = llm.generate(ps, [greedy(n) for n in ns])
     assert [o.outputs[0].token_ids for o in outs] == ref
     st = llm.engine.stats
