@@ -1,0 +1,191 @@
+"""Optional native CPU kernels: the decode-time hot spots of the model (the output head, the routed and shared
+experts, mHC), fused in C (``cpu_kernels.c``) and called through ctypes.
+
+They are built on first use with the system C compiler (``cc -O3 -march=native -fopenmp``; about 2 s) into
+``$DSV4_KERNEL_CACHE`` (default ``~/.cache/dsv4/kernels``), keyed by the source and the CPU. When that is not
+possible (no compiler, no AVX-512, or ``DSV4_NATIVE_KERNELS=0``) :func:`available` is False, :func:`why_unavailable`
+says why, and the model keeps its plain-PyTorch path: the kernels are a speed-up, never a requirement.
+
+Numerics: fp32 activations and sums; weights are read in place (bf16 or fp32, row-major), a bf16 weight widened
+exactly. Results equal the PyTorch fp32 path up to summation order (tested), and a row's result does not depend on
+how many rows a call carries. Shape legend: M rows (tokens), K in-features, N out-features, D dim, F expert dim.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_SRC = Path(__file__).with_name("cpu_kernels.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+_tried = False
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "dsv4_linear": [_P, _I, _I, _P, ctypes.c_int, _I, _P, ctypes.c_int],
+    "dsv4_moe": [_P, _I, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int, _F, _P, ctypes.c_int],
+    "dsv4_hc_pre": [_P, _I, _I, _I, _P, _P, _P, ctypes.c_int, _F, _F, _P, _F, _P, _P, _P, ctypes.c_int],
+}
+
+
+def _cpu_key() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return flags
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH; install one (e.g. apt-get install gcc) to build them")
+    src = _SRC.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode() + _cpu_key().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("DSV4_KERNEL_CACHE") or Path.home() / ".cache" / "dsv4" / "kernels")
+    so = cache / f"dsv4_cpu_{key}.so"
+    if not so.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC), "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"{cc} failed to build {_SRC.name} (this CPU may lack AVX-512): "
+                               f"{proc.stderr.strip()[-400:]}")
+        os.replace(tmp, so)  # atomic: concurrent builders each write their own temp file
+    lib = ctypes.CDLL(str(so))
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, (ctypes.c_int if name == "dsv4_moe" else None)
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _error, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("DSV4_NATIVE_KERNELS", "1") == "0":
+            _error = "disabled by DSV4_NATIVE_KERNELS=0"
+        else:
+            try:
+                _lib = _build()
+            except (RuntimeError, OSError) as e:
+                _error = str(e)
+    return _lib
+
+
+def available() -> bool:
+    """True when the native kernels are built (or can be) for this CPU."""
+    return _load() is not None
+
+
+def why_unavailable() -> str | None:
+    """None when :func:`available`, else the reason in one line."""
+    _load()
+    return _error
+
+
+def _lib_or_raise() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"dsv4 native CPU kernels are unavailable: {_error}")
+    return lib
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _check_weight(w: torch.Tensor) -> None:
+    if w.dtype not in (torch.bfloat16, torch.float32) or w.dim() != 2 or not w.is_contiguous() or w.is_cuda:
+        raise ValueError(f"native kernels take contiguous 2-D bf16/fp32 CPU weights, got {w.dtype} "
+                         f"{tuple(w.shape)} (contiguous={w.is_contiguous()}) on {w.device}")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] -> fp32 [..., N]: ``F.linear(x.float(), weight.float())`` with weight [N, K] bf16 or fp32."""
+    lib = _lib_or_raise()
+    _check_weight(weight)
+    n, k = weight.shape
+    xf = x.reshape(-1, k).float().contiguous()
+    y = torch.empty(xf.shape[0], n, dtype=torch.float32)
+    lib.dsv4_linear(_ptr(xf), xf.shape[0], k, _ptr(weight), int(weight.dtype == torch.bfloat16), n, _ptr(y),
+                    torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
+class ExpertWeights:
+    """Pointers to the routed experts' ``w1, w3 [F, D]``, ``w2 [D, F]`` and the shared expert's, for :func:`moe`.
+    Holds references to the tensors, so the pointers stay valid; rebuild it if the weights are replaced."""
+
+    def __init__(self, routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, swiglu_limit: float) -> None:
+        tensors = [w for ex in routed for w in ex] + list(shared or ())
+        for w in tensors:
+            _check_weight(w)
+        if len({w.dtype for w in tensors}) != 1:
+            raise ValueError("all expert weights must share one dtype (bf16 or fp32) for the native MoE kernel")
+        self.tensors = tensors  # keeps the storage alive
+        self.bf16 = tensors[0].dtype == torch.bfloat16
+        self.n_experts = len(routed)
+        self.dim = routed[0][0].shape[1]
+        self.inter = routed[0][0].shape[0]
+        self.shared_inter = shared[0].shape[0] if shared is not None else self.inter
+        self.limit = float(swiglu_limit)
+
+        def ptrs(i: int) -> ctypes.Array:
+            return (ctypes.c_void_p * len(routed))(*[_ptr(ex[i]) for ex in routed])
+
+        self.w1, self.w3, self.w2 = ptrs(0), ptrs(1), ptrs(2)
+        self.shared = tuple(_ptr(w) for w in shared) if shared is not None else (None, None, None)
+
+
+def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: ExpertWeights) -> torch.Tensor:
+    """Routed experts (per token in ascending expert id, fp32 sums from zero) plus the shared expert, as
+    ``MoE.forward`` computes them after the gate: x [T, D], ids [T, k], routing weights [T, k] -> fp32 [T, D]."""
+    lib = _lib_or_raise()
+    xf = x.float().contiguous()
+    t, d = xf.shape
+    if d != ex.dim:
+        raise ValueError(f"moe: x has dim {d}, the experts {ex.dim}")
+    ids = ids.to(torch.int64).contiguous()
+    weights = weights.float().contiguous()
+    y = torch.empty(t, d, dtype=torch.float32)
+    rc = lib.dsv4_moe(_ptr(xf), t, d, ex.inter, ex.shared_inter, _ptr(ids), _ptr(weights), ids.shape[1],
+                      ex.n_experts, ex.w1, ex.w3, ex.w2, *ex.shared, int(ex.bf16), ex.limit, _ptr(y),
+                      torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"moe: expert ids must lie in [0, {ex.n_experts})")
+    return y
+
+
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, sinkhorn_iters: int,
+           hc_eps: float, norm_eps: float, norm_weight: torch.Tensor | None = None, norm_eps2: float = 0.0
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``hyper.hc_pre`` (fp32 x [N, M, D] -> y [N, D], post [N, M], comb [N, M, M]), optionally followed by the
+    sub-layer's RMSNorm on y (``norm_weight``, ``norm_eps2``)."""
+    lib = _lib_or_raise()
+    n, m, d = x.shape
+    if m > 8:
+        raise ValueError(f"the native hc_pre supports hc_mult <= 8, got {m}")
+    xf = x.float().contiguous()
+    y = torch.empty(n, d, dtype=torch.float32)
+    post = torch.empty(n, m, dtype=torch.float32)
+    comb = torch.empty(n, m, m, dtype=torch.float32)
+    fn, base, scale = (t.float().contiguous() for t in (fn, base, scale))
+    lib.dsv4_hc_pre(_ptr(xf), n, m, d, _ptr(fn), _ptr(base), _ptr(scale), sinkhorn_iters, hc_eps, norm_eps,
+                    _ptr(norm_weight) if norm_weight is not None else None, norm_eps2, _ptr(y), _ptr(post),
+                    _ptr(comb), torch.get_num_threads())
+    return y, post, comb

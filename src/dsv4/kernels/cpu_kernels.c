@@ -1,0 +1,292 @@
+/* dsv4 native CPU kernels (x86-64 with AVX-512F): the decode-time hot spots of the plain-PyTorch model, fused.
+ *
+ * Built on first use by dsv4/kernels/__init__.py with the system C compiler (-O3 -march=native -fopenmp) and called
+ * through ctypes; the model keeps its PyTorch path when this cannot be built. Each kernel computes what the PyTorch
+ * code at its call site computes, in fp32, and is tested against it (tests/model/test_kernels.py).
+ *
+ * Weights are read in place, row-major [N, K], in bf16 or fp32 (a bf16 weight is widened exactly); activations and
+ * sums are fp32. One output element is 16 FMA lane sums over k (ascending) reduced in a fixed order, so a result
+ * does not depend on how many rows (tokens) a call carries: prefill and decode agree bitwise.
+ *
+ * Threads: OpenMP, sharing torch's libgomp (same soname, so one pool); the caller passes torch's thread count.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MR 6 /* token rows per micro-kernel call */
+#ifndef PF_ROWS
+#define PF_ROWS 16 /* software prefetch distance, in weight rows (four blocks ahead) */
+#endif
+#define NB 4 /* weight rows per micro-kernel call: MR x NB = 24 accumulators + NB weight registers */
+
+typedef uint16_t bf16;
+
+static inline __m512 load_bf16(const bf16 *p) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+static inline __m512 load_bf16_tail(const bf16 *p, __mmask16 m) {
+    __m256i v = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+static inline __m512 load_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 load_f32_tail(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+/* out[i, j] = dot(x[i, :], w[j, :]) for i < mr, j < nb (compile-time constants after inlining). Each dot is 16 lane
+ * sums over k (FMA, k ascending) reduced in a fixed order, so a result does not depend on M or on the blocking. */
+#define MICRO(NAME, WT, LOAD, LOAD_TAIL)                                                                            \
+    static inline __attribute__((always_inline)) void NAME(const float *x, int64_t ldx, const int mr, const WT *w,  \
+                                                           int64_t ldw, const int nb, int64_t K, float *out,       \
+                                                           int64_t ldo) {                                          \
+        __m512 acc[MR][NB];                                                                                        \
+        for (int i = 0; i < mr; i++)                                                                               \
+            for (int j = 0; j < nb; j++) acc[i][j] = _mm512_setzero_ps();                                          \
+        int64_t k = 0;                                                                                             \
+        for (; k + 16 <= K; k += 16) {                                                                             \
+            __m512 wv[NB];                                                                                         \
+            for (int j = 0; j < nb; j++) {                                                                         \
+                _mm_prefetch((const char *)(w + (j + PF_ROWS) * ldw + k), _MM_HINT_T0);                            \
+                wv[j] = LOAD(w + j * ldw + k);                                                                     \
+            }                                                                                                      \
+            for (int i = 0; i < mr; i++) {                                                                         \
+                __m512 xv = _mm512_loadu_ps(x + i * ldx + k);                                                      \
+                for (int j = 0; j < nb; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);                    \
+            }                                                                                                      \
+        }                                                                                                          \
+        if (k < K) {                                                                                               \
+            __mmask16 m = (__mmask16)((1u << (K - k)) - 1u);                                                       \
+            __m512 wv[NB];                                                                                         \
+            for (int j = 0; j < nb; j++) wv[j] = LOAD_TAIL(w + j * ldw + k, m);                                    \
+            for (int i = 0; i < mr; i++) {                                                                         \
+                __m512 xv = _mm512_maskz_loadu_ps(m, x + i * ldx + k);                                             \
+                for (int j = 0; j < nb; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);                    \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (int i = 0; i < mr; i++)                                                                               \
+            for (int j = 0; j < nb; j++) out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]);                       \
+    }
+
+MICRO(micro_bf16, bf16, load_bf16, load_bf16_tail)
+MICRO(micro_f32, float, load_f32, load_f32_tail)
+
+/* all M rows against nb (<= NB) weight rows; mr and nb become constants in each switch arm */
+#define ROWS(MICROFN, WT)                                                                                          \
+    static inline __attribute__((always_inline)) void MICROFN##_nb(const float *x, int64_t M, int64_t K,           \
+                                                                   const WT *w, const int nb, float *y,            \
+                                                                   int64_t N) {                                    \
+        int64_t i = 0;                                                                                             \
+        for (; i + MR <= M; i += MR) MICROFN(x + i * K, K, MR, w, K, nb, K, y + i * N, N);                         \
+        switch (M - i) {                                                                                           \
+        case 5: MICROFN(x + i * K, K, 5, w, K, nb, K, y + i * N, N); break;                                        \
+        case 4: MICROFN(x + i * K, K, 4, w, K, nb, K, y + i * N, N); break;                                        \
+        case 3: MICROFN(x + i * K, K, 3, w, K, nb, K, y + i * N, N); break;                                        \
+        case 2: MICROFN(x + i * K, K, 2, w, K, nb, K, y + i * N, N); break;                                        \
+        case 1: MICROFN(x + i * K, K, 1, w, K, nb, K, y + i * N, N); break;                                        \
+        default: break;                                                                                            \
+        }                                                                                                          \
+    }                                                                                                              \
+    static void MICROFN##_block(const float *x, int64_t M, int64_t K, const WT *w, int nb, float *y, int64_t N) {   \
+        switch (nb) {                                                                                              \
+        case 4: MICROFN##_nb(x, M, K, w, 4, y, N); break;                                                          \
+        case 3: MICROFN##_nb(x, M, K, w, 3, y, N); break;                                                          \
+        case 2: MICROFN##_nb(x, M, K, w, 2, y, N); break;                                                          \
+        default: MICROFN##_nb(x, M, K, w, 1, y, N); break;                                                         \
+        }                                                                                                          \
+    }
+
+ROWS(micro_bf16, bf16)
+ROWS(micro_f32, float)
+
+/* y[M, N] = x[M, K] @ W[N, K]^T with W row-major in bf16 (w_bf16) or fp32; parallel over blocks of NB weight rows
+ * when the work is worth a fork. Many rows and a bf16 W: each block is widened to fp32 once (scratch) instead of in
+ * every row block; same values, same FMA order. */
+void dsv4_linear(const float *x, int64_t M, int64_t K, const void *w, int w_bf16, int64_t N, float *y, int nthreads) {
+    int64_t nblocks = (N + NB - 1) / NB;
+    int par = nthreads > 1 && nblocks > 1 && M * N * K >= (1 << 16);
+#pragma omp parallel num_threads(par ? nthreads : 1)
+    {
+        int widen = w_bf16 && M > MR;
+        float *scratch = widen ? (float *)malloc((size_t)NB * K * sizeof(float) + 64) : NULL;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblocks; b++) {
+            int64_t n0 = b * NB;
+            int nb = (int)(N - n0 < NB ? N - n0 : NB);
+            if (!w_bf16) {
+                micro_f32_block(x, M, K, (const float *)w + n0 * K, nb, y + n0, N);
+            } else if (widen) {
+                const bf16 *src = (const bf16 *)w + n0 * K;
+                int64_t len = nb * K, i = 0;
+                for (; i + 16 <= len; i += 16) _mm512_storeu_ps(scratch + i, load_bf16(src + i));
+                for (; i < len; i++) {
+                    uint32_t bits = (uint32_t)src[i] << 16;
+                    memcpy(scratch + i, &bits, 4);
+                }
+                micro_f32_block(x, M, K, scratch, nb, y + n0, N);
+            } else {
+                micro_bf16_block(x, M, K, (const bf16 *)w + n0 * K, nb, y + n0, N);
+            }
+        }
+        free(scratch);
+    }
+}
+
+/* ---------------------------------------------------------------- routed + shared experts (model/moe.py) */
+
+/* One expert (Expert.forward) on `cnt` rows: h = rw * (silu(min(g, L)) * clamp(u, -L, L)), out = h @ w2^T, with
+ * g = xs @ w1^T, u = xs @ w3^T. rw NULL: the shared expert (no routing weight). g, u: [cnt, F] scratch. */
+static void expert_rows(const float *xs, int64_t cnt, int64_t D, int64_t F, const void *w1, const void *w3,
+                        const void *w2, int w_bf16, const float *rw, float limit, float *g, float *u, float *out,
+                        int nthreads) {
+    dsv4_linear(xs, cnt, D, w1, w_bf16, F, g, nthreads);
+    dsv4_linear(xs, cnt, D, w3, w_bf16, F, u, nthreads);
+    for (int64_t i = 0; i < cnt * F; i++) {
+        float gi = g[i], ui = u[i];
+        if (limit > 0) {
+            gi = gi < limit ? gi : limit;
+            ui = ui < -limit ? -limit : (ui > limit ? limit : ui);
+        }
+        float a = (gi / (1.0f + expf(-gi))) * ui;
+        g[i] = rw ? rw[i / F] * a : a; /* routing weight before w2 (official) */
+    }
+    dsv4_linear(g, cnt, F, w2, w_bf16, D, out, nthreads);
+}
+
+/* y[T, D] = routed experts + shared expert, as MoE.forward: each token's expert outputs summed in ascending expert id
+ * (fp32, from zero), then the shared expert's output added. ids/weights [T, k]; w1s/w3s/w2s: E weight pointers
+ * ([F, D], [F, D], [D, F]); shared_*: NULL when the model has none. Experts run in parallel (one thread each, pairs
+ * grouped by expert); the sums are then formed per token in the fixed order. Returns 0, or -1 (nothing written)
+ * when an id is outside [0, E). */
+int dsv4_moe(const float *x, int64_t T, int64_t D, int64_t F, int64_t Fs, const int64_t *ids, const float *weights,
+             int64_t k, int64_t E, const void *const *w1s, const void *const *w3s, const void *const *w2s,
+             const void *shared_w1, const void *shared_w3, const void *shared_w2, int w_bf16, float limit, float *y,
+             int nthreads) {
+    int64_t pairs = T * k;
+    for (int64_t i = 0; i < pairs; i++)
+        if (ids[i] < 0 || ids[i] >= E) return -1;
+    int64_t *first = calloc((size_t)E + 1, sizeof(int64_t)), *fill = malloc((size_t)E * sizeof(int64_t));
+    int64_t *order = malloc((size_t)pairs * sizeof(int64_t)), *where = malloc((size_t)pairs * sizeof(int64_t));
+    float *outs = malloc((size_t)pairs * D * sizeof(float));
+    for (int64_t i = 0; i < pairs; i++) first[ids[i] + 1]++;
+    for (int64_t e = 0; e < E; e++) first[e + 1] += first[e];
+    memcpy(fill, first, (size_t)E * sizeof(int64_t));
+    for (int64_t i = 0; i < pairs; i++) { /* stable: token order inside an expert */
+        where[i] = fill[ids[i]]++;
+        order[where[i]] = i;
+    }
+#pragma omp parallel num_threads(nthreads > 1 ? nthreads : 1)
+    {
+        int64_t cap = 0;
+        for (int64_t e = 0; e < E; e++) cap = first[e + 1] - first[e] > cap ? first[e + 1] - first[e] : cap;
+        float *xs = malloc((size_t)cap * D * sizeof(float) + 64), *rw = malloc((size_t)cap * sizeof(float) + 64);
+        float *g = malloc((size_t)cap * F * sizeof(float) + 64), *u = malloc((size_t)cap * F * sizeof(float) + 64);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t e = 0; e < E; e++) {
+            int64_t a = first[e], cnt = first[e + 1] - a;
+            if (cnt == 0) continue;
+            for (int64_t j = 0; j < cnt; j++) {
+                memcpy(xs + j * D, x + (order[a + j] / k) * D, (size_t)D * sizeof(float));
+                rw[j] = weights[order[a + j]];
+            }
+            expert_rows(xs, cnt, D, F, w1s[e], w3s[e], w2s[e], w_bf16, rw, limit, g, u, outs + a * D, 1);
+        }
+        free(xs); free(rw); free(g); free(u);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            float *yt = y + t * D;
+            memset(yt, 0, (size_t)D * sizeof(float));
+            int64_t last = -1;
+            for (int64_t n = 0; n < k; n++) { /* the token's pairs by ascending expert id (k is small) */
+                int64_t best = -1;
+                for (int64_t j = 0; j < k; j++) {
+                    int64_t pr = t * k + j;
+                    if (where[pr] > last && (best < 0 || where[pr] < where[best])) best = pr;
+                }
+                last = where[best];
+                const float *o = outs + where[best] * D;
+                for (int64_t d = 0; d < D; d++) yt[d] += o[d];
+            }
+        }
+    }
+    if (shared_w1) {
+        float *g = malloc((size_t)T * Fs * sizeof(float)), *u = malloc((size_t)T * Fs * sizeof(float));
+        float *out = malloc((size_t)T * D * sizeof(float));
+        expert_rows(x, T, D, Fs, shared_w1, shared_w3, shared_w2, w_bf16, NULL, limit, g, u, out, nthreads);
+        for (int64_t i = 0; i < T * D; i++) y[i] += out[i];
+        free(g); free(u); free(out);
+    }
+    free(first); free(fill); free(order); free(where); free(outs);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- mHC (model/hyper.py) */
+
+/* hc_pre fused with the sub-layer's RMSNorm: x [N, M, D] -> y = norm_w * RMS(sum_j pre_j x_j) [N, D], post [N, M],
+ * comb [N, M, M] (Sinkhorn in the official order); fn [(2+M)*M, M*D] fp32; M <= 8, (2+M)*M <= 96. */
+void dsv4_hc_pre(const float *x, int64_t N, int64_t M, int64_t D, const float *fn, const float *base,
+                 const float *scale, int iters, float hc_eps, float norm_eps, const float *norm_w, float norm_eps2,
+                 float *y, float *post, float *comb, int nthreads) {
+    int64_t K = (2 + M) * M, MD = M * D;
+    int par = nthreads > 1 && N >= 4;
+#pragma omp parallel for schedule(static) num_threads(par ? nthreads : 1)
+    for (int64_t t = 0; t < N; t++) {
+        const float *xt = x + t * MD;
+        float mix[96];
+        float ssf = 0.0f;
+        for (int64_t i = 0; i < MD; i++) ssf += xt[i] * xt[i];
+        float r = 1.0f / sqrtf(ssf / (float)MD + norm_eps);
+        for (int64_t c = 0; c < K; c++) {
+            const float *f = fn + c * MD;
+            __m512 acc = _mm512_setzero_ps();
+            int64_t i = 0;
+            for (; i + 16 <= MD; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(xt + i), _mm512_loadu_ps(f + i), acc);
+            float s = _mm512_reduce_add_ps(acc);
+            for (; i < MD; i++) s += xt[i] * f[i];
+            mix[c] = s * r;
+        }
+        float pre[8];
+        for (int64_t j = 0; j < M; j++) {
+            pre[j] = 1.0f / (1.0f + expf(-(mix[j] * scale[0] + base[j]))) + hc_eps;
+            post[t * M + j] = 2.0f / (1.0f + expf(-(mix[M + j] * scale[1] + base[M + j])));
+        }
+        float *cm = comb + t * M * M;
+        for (int64_t j = 0; j < M; j++) { /* row softmax + eps */
+            float mx = -INFINITY, s = 0.0f;
+            for (int64_t c = 0; c < M; c++) {
+                cm[j * M + c] = mix[2 * M + j * M + c] * scale[2] + base[2 * M + j * M + c];
+                mx = cm[j * M + c] > mx ? cm[j * M + c] : mx;
+            }
+            for (int64_t c = 0; c < M; c++) s += (cm[j * M + c] = expf(cm[j * M + c] - mx));
+            for (int64_t c = 0; c < M; c++) cm[j * M + c] = cm[j * M + c] / s + hc_eps;
+        }
+        for (int it = 0; it < iters; it++) {
+            if (it > 0)
+                for (int64_t j = 0; j < M; j++) { /* rows */
+                    float s = 0.0f;
+                    for (int64_t c = 0; c < M; c++) s += cm[j * M + c];
+                    s += hc_eps;
+                    for (int64_t c = 0; c < M; c++) cm[j * M + c] /= s;
+                }
+            for (int64_t c = 0; c < M; c++) { /* columns */
+                float s = 0.0f;
+                for (int64_t j = 0; j < M; j++) s += cm[j * M + c];
+                s += hc_eps;
+                for (int64_t j = 0; j < M; j++) cm[j * M + c] /= s;
+            }
+        }
+        float *yt = y + t * D;
+        for (int64_t d = 0; d < D; d++) {
+            float s = 0.0f;
+            for (int64_t j = 0; j < M; j++) s += pre[j] * xt[j * D + d];
+            yt[d] = s;
+        }
+        if (norm_w) {
+            float q = 0.0f;
+            for (int64_t d = 0; d < D; d++) q += yt[d] * yt[d];
+            float rr = 1.0f / sqrtf(q / (float)D + norm_eps2);
+            for (int64_t d = 0; d < D; d++) yt[d] = norm_w[d] * (yt[d] * rr);
+        }
+    }
+}

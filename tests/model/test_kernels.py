@@ -1,0 +1,145 @@
+"""The native CPU kernels (dsv4/kernels) against the PyTorch code they replace, and the model's fast path against its
+PyTorch path. They run wherever the kernels build (a C compiler and AVX-512, as on the CI machines)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv4 import kernels
+from dsv4.model import hyper
+from dsv4.model.batch import ForwardBatch
+from dsv4.model.cache import KVCache
+from dsv4.model.moe import MoE
+from dsv4.model.norm import RMSNorm
+from tests.conftest import make_tiny_config, random_model
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.why_unavailable()}")
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
+    err = (a - b).abs().max().item()
+    assert err <= rel * max(1.0, b.abs().max().item()), f"max abs diff {err}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(129, 64), (7, 37), (256, 512), (3, 16)])
+def test_linear_matches_torch_and_is_row_invariant(dtype, n, k):
+    g = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(13, k, generator=g)
+    y = kernels.linear(x, w)
+    assert y.dtype == torch.float32 and y.shape == (13, n)
+    close(y, F.linear(x, w.float()))
+    # a row's result does not depend on the other rows of the call (prefill and decode agree bitwise)
+    for m in (1, 5, 6, 7):
+        assert torch.equal(kernels.linear(x[:m], w), y[:m])
+    assert torch.equal(kernels.linear(x[-1], w), y[-1])
+
+
+def test_linear_rejects_bad_weights():
+    with pytest.raises(ValueError, match="contiguous 2-D"):
+        kernels.linear(torch.randn(2, 8), torch.randn(8, 4).t())
+    with pytest.raises(ValueError, match="contiguous 2-D"):
+        kernels.linear(torch.randn(2, 8), torch.randn(4, 8, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_moe_matches_the_pytorch_experts(dtype, tokens):
+    cfg = make_tiny_config(num_hash_layers=0)
+    torch.manual_seed(tokens)
+    moe = MoE(cfg, 1, dtype)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+    ref_moe = copy.deepcopy(moe).float()
+    moe.use_native_kernels()
+    x = torch.randn(tokens, cfg.dim) * 3  # large enough that the SwiGLU clamp bites
+    with torch.no_grad():
+        ref = ref_moe(x, None)
+        out = moe(x, None)
+    assert out.dtype == torch.float32
+    close(out, ref)
+    w, ids = ref_moe.gate(x, None)
+    with pytest.raises(ValueError, match="expert ids"):
+        kernels.moe(x, torch.full_like(ids, cfg.n_routed_experts), w, moe._native)
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_hc_pre_with_norm_matches_pytorch(tokens):
+    cfg = make_tiny_config()
+    m, d = cfg.hc_mult, cfg.dim
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, m, d, generator=g)
+    fn = torch.randn((2 + m) * m, m * d, generator=g) * 0.05
+    base, scale = torch.randn((2 + m) * m, generator=g), 1 + 0.2 * torch.randn(3, generator=g)
+    norm = RMSNorm(d, cfg.rms_norm_eps)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(d, generator=g))
+        y, post, comb = hyper.hc_pre(x, fn, base, scale, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+        ny, npost, ncomb = kernels.hc_pre(x, fn, base, scale, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps,
+                                          norm.weight, norm.eps)
+        close(ny, norm(y))
+    close(npost, post)
+    close(ncomb, comb)
+    close(ncomb.sum(-2), torch.ones(tokens, m), rel=1e-3)  # doubly stochastic (columns exactly, up to eps)
+
+
+def test_native_model_matches_pytorch_model():
+    cfg = make_tiny_config()
+    model = random_model(cfg)
+    native = copy.deepcopy(model).use_native_kernels()
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        close(native(ids), model(ids), rel=1e-4)
+
+
+def test_native_bf16_model_keeps_expert_and_head_dtypes():
+    """A bf16 model: experts stay bf16 (read as bf16), everything else becomes fp32; logits = the fp32 model's."""
+    cfg = make_tiny_config()
+    model = random_model(cfg, dtype=torch.bfloat16)
+    ref = copy.deepcopy(model).float()
+    model.use_native_kernels()
+    for name, p in model.named_parameters():
+        want = torch.bfloat16 if ".experts." in name or "shared_experts." in name else torch.float32
+        assert p.dtype == want, name
+    ids = torch.randint(0, cfg.vocab_size, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        close(model(ids), ref(ids), rel=1e-4)
+
+
+def test_native_incremental_decode_equals_full_forward():
+    """Prefill 20 tokens then decode one at a time through the cache == the cache-free forward (native path)."""
+    cfg = make_tiny_config()
+    model = random_model(cfg).use_native_kernels()
+    seq = torch.randint(0, cfg.vocab_size, (36,), generator=torch.Generator().manual_seed(2)).tolist()
+    cache = KVCache(cfg, num_slots=1, num_pages=4, page_size=16, dtype=torch.float32)
+    rows = []
+    with torch.no_grad():
+        full = model(torch.tensor([seq]))[0]
+        chunks = [(0, 20)] + [(i, i + 1) for i in range(20, len(seq))]
+        for a, b in chunks:
+            batch = ForwardBatch(input_ids=torch.tensor(seq[a:b]), positions=torch.arange(a, b), start_pos=[a],
+                                 seq_lens=[b - a], slots=[0], block_tables=torch.arange(4)[None],
+                                 logits_indices=torch.arange(b - a))
+            rows.append(model.forward_batch(batch, cache).logits)
+    close(torch.cat(rows), full, rel=1e-4)
+
+
+def test_unavailable_kernels_say_why_and_the_model_refuses_clearly():
+    code = ("from dsv4 import kernels; from tests.conftest import make_tiny_config, random_model\n"
+            "print(kernels.available(), kernels.why_unavailable())\n"
+            "try:\n    random_model(make_tiny_config()).use_native_kernels()\n"
+            "except RuntimeError as e:\n    print('refused:', e)\n")
+    env = dict(os.environ, DSV4_NATIVE_KERNELS="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__)))).stdout
+    assert "False disabled by DSV4_NATIVE_KERNELS=0" in out
+    assert "refused: dsv4 native CPU kernels are unavailable" in out and "native_kernels=False" in out
