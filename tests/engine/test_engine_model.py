@@ -1,5 +1,6 @@
 """The engine on a tiny random fp32 V4 model (SWA + CSA + HCA layers, hash layer, mHC, MTP) against plain decoding:
-a full, cache-free forward of the whole sequence at every step (issue 4, item 7)."""
+a full, cache-free forward of the whole sequence at every step (issue 4, item 7). Every test runs on the PyTorch
+path and on the native-kernel fast path (Transformer.use_native_kernels) where the kernels build."""
 
 from __future__ import annotations
 
@@ -26,10 +27,17 @@ TINY = dict(
 PAGE = 16
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["torch", "native"])
+def model(request):
     torch.manual_seed(0)
-    return Transformer(ModelConfig.from_dict(TINY), dtype=torch.float32).init_weights(0).eval()
+    m = Transformer(ModelConfig.from_dict(TINY), dtype=torch.float32).init_weights(0).eval()
+    if request.param == "native":
+        from dsv4 import kernels
+
+        if not kernels.available():
+            pytest.skip(f"native kernels: {kernels.why_unavailable()}")
+        m.use_native_kernels()
+    return m
 
 
 @torch.inference_mode()
@@ -185,6 +193,9 @@ def test_llm_from_checkpoint_directory(model, tmp_path):
     cio.save_checkpoint(tmp_path, model.state_dict(), ModelConfig.from_dict(TINY), quantize=False,
                         dtype=torch.float32)
     llm = LLM(str(tmp_path), dtype=torch.float32, page_size=PAGE, max_num_seqs=2, cache_memory_gb=0.01)
+    from dsv4 import kernels
+
+    assert llm.engine.model.native == kernels.available()  # a checkpoint the engine loads itself: auto fast path
     p = prompts(1, 12, 12, seed=9)[0]
     (out,) = llm.generate([p], greedy(5))
     assert out.outputs[0].token_ids == plain_greedy(model, [p], [5])[0]

@@ -10,11 +10,12 @@ and leaves every other request untouched.
 
 from __future__ import annotations
 
+
 import itertools
 import random
 import threading
 from collections.abc import Sequence as SequenceABC
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,8 @@ class LLMEngine:
         param = next(model.parameters())
         self.device = param.device
         c = self.config
+        if c.native_kernels and not getattr(model, "native", False):
+            model.use_native_kernels()  # before the cache is sized: it takes the activation dtype (fp32)
 
         from dsv4.engine.cache_budget import build_cache  # sizing lives next to the cache maths
 
@@ -320,6 +323,10 @@ class LLM:
                 dtype = getattr(torch, dtype)
             path = Path(model)
             model = dsv4.load_model(path, dtype=dtype, device=device)
+            if config.native_kernels is None and model.device.type == "cpu":
+                from dsv4 import kernels
+
+                config = replace(config, native_kernels=kernels.available())
             if tokenizer is None:
                 from dsv4.chat import load_tokenizer
 

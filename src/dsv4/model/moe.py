@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4 import kernels
 from dsv4.config import ModelConfig
 
 
@@ -92,6 +93,8 @@ class MoE(nn.Module):
         """x [N, D] -> [N, D]."""
         n, k = x.shape[0], self.gate.topk
         weights, ids = self.gate(x, input_ids)  # [N, k]
+        if self._native is not None and not torch.is_grad_enabled():
+            return kernels.moe(x, ids, weights, self._native).to(x.dtype)
         if n == 1 and self._packed is None and not torch.is_grad_enabled():
             return self._one_token(x, weights, ids)
         flat = ids.flatten()  # [N*k]
@@ -162,8 +165,18 @@ class MoE(nn.Module):
             y = y + Expert.forward(self.shared_experts, x).float()
         return y.to(x.dtype)
 
-    # ------------------------------------------------------------------ inference fast path
+    # ------------------------------------------------------------------ inference fast paths
     _packed: tuple[torch.Tensor, torch.Tensor] | None = None
+    _native: kernels.ExpertWeights | None = None
+
+    def use_native_kernels(self) -> None:
+        """Run the experts (after the gate) as one native kernel call (dsv4/kernels; Transformer.use_native_kernels).
+        The kernel reads the expert weights in place; call this again if they are replaced."""
+        def lins(ex: Expert) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return ex.w1.weight, ex.w3.weight, ex.w2.weight
+
+        shared = lins(self.shared_experts) if self.shared_experts is not None else None
+        self._native = kernels.ExpertWeights([lins(ex) for ex in self.experts], shared, self.experts[0].limit)
 
     @torch.no_grad()
     def pack(self) -> None:

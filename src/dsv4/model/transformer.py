@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4 import kernels
 from dsv4.config import ModelConfig
 from dsv4.model.attention import Attention
 from dsv4.model.batch import BatchPlan, ForwardBatch, ForwardOutput
@@ -63,13 +64,26 @@ class Block(nn.Module):
         return hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
                       getattr(self, f"hc_{site}_scale"), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
+    def _pre_norm(self, x: torch.Tensor, site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hc_pre then the site's RMSNorm on its output: one fused native call on the inference fast path."""
+        norm = self.attn_norm if site == "attn" else self.ffn_norm
+        if self.native and not torch.is_grad_enabled():
+            c = self.config
+            return kernels.hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
+                                  getattr(self, f"hc_{site}_scale"), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps,
+                                  norm.weight, norm.eps)
+        y, post, comb = self._pre(x, site)
+        return norm(y), post, comb
+
+    native = False  # set by Transformer.use_native_kernels
+
     def forward(self, x: torch.Tensor, plan: BatchPlan, cache: KVCache | None, input_ids: torch.Tensor
                 ) -> torch.Tensor:
         """x [N, M, D] -> [N, M, D]."""
-        y, post, comb = self._pre(x, "attn")
-        x = hc_post(self.attn(self.attn_norm(y), plan, cache), x, post, comb)
-        y, post, comb = self._pre(x, "ffn")
-        return hc_post(self.ffn(self.ffn_norm(y), input_ids), x, post, comb)
+        y, post, comb = self._pre_norm(x, "attn")
+        x = hc_post(self.attn(y, plan, cache), x, post, comb)
+        y, post, comb = self._pre_norm(x, "ffn")
+        return hc_post(self.ffn(y, input_ids), x, post, comb)
 
 
 class Transformer(nn.Module):
@@ -128,6 +142,8 @@ class Transformer(nn.Module):
         fn, base, scale = hc if hc is not None else (self.hc_head_fn, self.hc_head_base, self.hc_head_scale)
         c = self.config
         y = (norm or self.norm)(hc_head(hidden, fn, base, scale, c.hc_eps, c.rms_norm_eps))  # [M', D]
+        if self.native and not torch.is_grad_enabled():
+            return kernels.linear(y, self.head.weight)
         return F.linear(y.float(), self.head.weight.float())
 
     def forward_mtp(self, batch: ForwardBatch, hidden: torch.Tensor, cache: KVCache | None = None, depth: int = 0
@@ -143,6 +159,36 @@ class Transformer(nn.Module):
                 raise ValueError("this KVCache has no MTP window; build it with KVCache(..., mtp=True)")
         plan = BatchPlan(batch, self.device, cache is not None)
         return self.mtp[depth](hidden, plan, cache, self, batch.logits_indices)
+
+    native = False
+
+    @torch.no_grad()
+    def use_native_kernels(self) -> Transformer:
+        """CPU inference fast path (dsv4/kernels): the output head, the experts and mHC + norm run as fused native
+        kernels, and every activation is fp32. The expert weights and the head stay in their stored dtype (a bf16
+        checkpoint's are read as bf16 and widened exactly); every other floating parameter becomes fp32 (exact).
+        The results are the fp32 path's up to summation order. Autograd keeps the PyTorch path, so this is for
+        inference. Raises RuntimeError when the kernels cannot be built here (the reason is in the message)."""
+        if self.device.type != "cpu":
+            raise ValueError(f"the native kernels are CPU kernels; this model is on {self.device}")
+        if not kernels.available():
+            raise RuntimeError(f"dsv4 native CPU kernels are unavailable: {kernels.why_unavailable()}; "
+                               "use the PyTorch path (native_kernels=False)")
+        kept = {id(self.head.weight)}
+        moes = [mod for mod in self.modules() if isinstance(mod, MoE)]
+        for moe in moes:
+            for ex in [*moe.experts, *([moe.shared_experts] if moe.shared_experts is not None else [])]:
+                kept.update(id(lin.weight) for lin in (ex.w1, ex.w2, ex.w3))
+        for p in self.parameters():
+            if p.is_floating_point() and p.dtype != torch.float32 and id(p) not in kept:
+                p.data = p.data.float()
+        for moe in moes:
+            moe.use_native_kernels()
+        for mod in self.modules():
+            if isinstance(mod, Block):
+                mod.native = True
+        self.native = True
+        return self
 
     def pack_experts(self) -> Transformer:
         """Inference fast path: stack each MoE's routed experts (see ``MoE.pack``; same memory, same names)."""
