@@ -196,12 +196,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = torch.bfloat16  # the checkpoint's dtype
+    from dsv4 import kernels
+
+    native = kernels.available() if args.native == "auto" else args.native == "on"
     res: dict[str, Any] = {"threads": args.threads, "torch": torch.__version__, "cpu": platform.processor() or
-                           platform.machine(), "engine_dtype": args.dtype, "hf_dtype": args.hf_dtype}
+                           platform.machine(), "engine_path": "native kernels" if native else "pytorch",
+                           "engine_dtype": "float32" if native else args.dtype, "hf_dtype": args.hf_dtype}
+    if args.native == "auto" and not native:
+        log(f"native kernels unavailable ({kernels.why_unavailable()}): benchmarking the PyTorch path")
     t = time.perf_counter()
     model = build_model(0, dtype, args.weights_cache)
     bf16_model = model
-    if args.dtype != "bfloat16":
+    if native:
+        # fp32 activations; the experts stay bf16 (read as bf16), the head stays fp32 (official); the rest is fp32
+        model = build_model(0, dtype, args.weights_cache).use_native_kernels()
+    elif args.dtype != "bfloat16":
         # NOTE: bf16 weights upcast losslessly; activations are then computed in this dtype (see the report: on
         # CPUs without AMX, torch's bf16 matmuls are 2-5x slower than fp32 at decode sizes).
         model = build_model(0, dtype, args.weights_cache).to(getattr(torch, args.dtype))
@@ -247,6 +256,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res["bandwidth_util"] = round(wbytes / step / bw, 3)
     log(f"engine single-stream decode: {1 / step:.1f} tok/s ({step * 1e3:.1f} ms/step), "
         f"bandwidth utilisation {res['bandwidth_util']:.0%} of {bw / 1e9:.2f} GB/s")
+    if args.bf16_head_rounds:
+        # The official head is fp32 (265 MB here, read every token); transformers holds it in bf16. The same engine
+        # with the head rounded to bf16 shows what that costs (different logits: reported, never the headline).
+        fp32_head = model.head.weight.data
+        model.head.weight.data = fp32_head.bfloat16()
+        steps = [engine_decode_steps(llm, prompt, args.new)[1] for _ in range(args.bf16_head_rounds)]
+        model.head.weight.data = fp32_head
+        res["engine_decode_tok_s_bf16_head"] = round(1 / statistics.median(steps), 2)
+        log(f"engine single-stream decode with a bf16 head: {res['engine_decode_tok_s_bf16_head']} tok/s")
     res["engine_prefill_tok_s"] = round(args.prefill_len / statistics.median(e_pre), 1)
     log(f"engine prefill ({args.prefill_len} tokens): {res['engine_prefill_tok_s']} tok/s")
     if args.spec_new:
@@ -261,7 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"MTP speculative single stream: {res['spec_tok_s']} tok/s (prefill included), acceptance rate "
             f"{res['spec_acceptance_rate']}")
         del spec_llm
-        res["engine_batched_tok_s"] = round(engine_batched(llm, args.batch, args.prompt_len, args.new), 2)
+    res["engine_batched_tok_s"] = round(engine_batched(llm, args.batch, args.prompt_len, args.new), 2)
     log(f"engine batched ({args.batch} x {args.prompt_len}/{args.new}): {res['engine_batched_tok_s']} tok/s")
     del llm
 
@@ -279,6 +297,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["hf_one_at_a_time_tok_s"] = round(args.new / per_req, 2)
         res["hf_prefill_tok_s"] = round(args.prefill_len / statistics.median(h_prefill), 1)
         res["decode_speedup"] = round(res["engine_decode_tok_s"] / res["hf_decode_tok_s"], 2)
+        if "engine_decode_tok_s_bf16_head" in res:
+            res["decode_speedup_bf16_head"] = round(res["engine_decode_tok_s_bf16_head"] / res["hf_decode_tok_s"], 2)
         res["batched_speedup"] = round(res["engine_batched_tok_s"] / res["hf_one_at_a_time_tok_s"], 2)
         res["prefill_speedup"] = round(res["engine_prefill_tok_s"] / res["hf_prefill_tok_s"], 2)
         log(f"transformers: decode {res['hf_decode_tok_s']} tok/s, one-at-a-time {res['hf_one_at_a_time_tok_s']} "
@@ -351,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="engine compute dtype (weights are the bf16 checkpoint's, upcast losslessly for float32)")
     ap.add_argument("--hf-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--bf16-head-rounds", type=int, default=1,
+                    help="extra single-stream rounds with the head rounded to bf16, as transformers holds it (0 skips)")
+    ap.add_argument("--native", default="auto", choices=["auto", "on", "off"],
+                    help="engine on the native CPU kernels (auto: when they build here) or the PyTorch path")
     ap.add_argument("--report", type=Path, default=None, help="directory for a dated Markdown report")
     args = ap.parse_args(argv)
     args.argv = list(argv) if argv is not None else []

@@ -35,6 +35,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "dsv4_linear": [_P, _I, _I, _P, ctypes.c_int, _I, _P, ctypes.c_int],
     "dsv4_moe": [_P, _I, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int, _F, _P, ctypes.c_int],
+    "dsv4_decode_attn": [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, _F, _P, ctypes.c_int],
     "dsv4_hc_pre": [_P, _I, _I, _I, _P, _P, _P, ctypes.c_int, _F, _F, _P, _F, _P, _P, _P, ctypes.c_int],
 }
 
@@ -189,3 +190,27 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
                     _ptr(norm_weight) if norm_weight is not None else None, norm_eps2, _ptr(y), _ptr(post),
                     _ptr(comb), torch.get_num_threads())
     return y, post, comb
+
+
+def decode_attention(q: torch.Tensor, ring: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
+                     entries: torch.Tensor | None, entry_rows: torch.Tensor | None, sink: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One decode query per sequence (``attention.sparse_attention`` for S = 1, fp32): q [B, H, c]; the window is
+    ``ring`` [slots, w, c] rows ``p % w`` of slot ``slots[b]`` for p in ``max(0, pos[b] - w + 1) .. pos[b]`` (the
+    query's own key already written); compressed keys are rows ``entry_rows`` [B, E] (-1 = none) of ``entries``
+    viewed [rows, c]. Returns fp32 [B, H, c]."""
+    lib = _lib_or_raise()
+    b, h, c = q.shape
+    if ring.dtype != torch.float32 or (entries is not None and entries.dtype != torch.float32):
+        raise ValueError("the native decode attention reads an fp32 cache (build the KVCache with dtype=float32)")
+    qf = q.float().contiguous()
+    slots, pos = slots.to(torch.int64).contiguous(), pos.to(torch.int64).contiguous()
+    e = 0
+    if entries is not None and entry_rows is not None:
+        entry_rows = entry_rows.to(torch.int64).contiguous()
+        e = entry_rows.shape[1]
+    out = torch.empty(b, h, c, dtype=torch.float32)
+    lib.dsv4_decode_attn(_ptr(qf), b, h, c, _ptr(ring), ring.shape[1], _ptr(slots), _ptr(pos),
+                         _ptr(entries) if e else None, _ptr(entry_rows) if e else None, e,
+                         _ptr(sink.float().contiguous()), scale, _ptr(out), torch.get_num_threads())
+    return out

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv4 import kernels
 from dsv4.config import CSA_RATIO, ModelConfig
 from dsv4.model.batch import BatchPlan, Group, group_rows, unpad_rows
 from dsv4.model.cache import KVCache
@@ -86,6 +87,12 @@ class Attention(nn.Module):
 
         out = None
         for grp in plan.groups:
+            if self.native and grp.is_decode and cache is not None and not qat and not torch.is_grad_enabled():
+                o = self._decode_native(q, kv, x, grp, cache, ckv if self.compressor is not None else None,
+                                        cz if self.compressor is not None else None,
+                                        (iq, iw, ikv, iz) if self.indexer is not None else None)
+                out = unpad_rows(o, grp, n, out)
+                continue
             qg = group_rows(q, grp)  # [Bg, S, H, c]
             raw_k, raw_mask = self._window_keys(kv, grp, cache)  # [Bg, W', c], [Bg, S, W']
             hist = raw_k.shape[1] - grp.width  # ring rows in front of the chunk's own keys
@@ -133,6 +140,39 @@ class Attention(nn.Module):
         wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)  # [G, d_g, H*c/G]
         o = torch.bmm(o.transpose(0, 1), wo_a.transpose(1, 2)).transpose(0, 1)  # [N, G, d_g] (= einsum ngd,grd)
         return self.wo_b(o.flatten(1))
+
+    native = False  # set by Transformer.use_native_kernels
+
+    def _decode_native(self, q: torch.Tensor, kv: torch.Tensor, x: torch.Tensor, grp: Group, cache: KVCache,
+                       ckv: torch.Tensor | None, cz: torch.Tensor | None,
+                       idx: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+        """The decode group (one token per sequence) through kernels.decode_attention: the same keys as the general
+        path (window ring, HCA's visible entries or the indexer's CSA picks), read in place. -> [Bg, 1, H, c]."""
+        lid, r, page_size = self.layer_id, self.ratio, cache.page_size
+        pos = grp.pos[:, 0]
+        ring = cache.window[lid]
+        with torch.no_grad():  # decode: the ring row this token takes held position t - window, outside its window
+            ring[grp.slots, pos % self.window] = group_rows(kv, grp)[:, 0].to(ring.dtype)
+        entries = rows = None
+        if self.compressor is not None:
+            entries = cache.entries[lid]  # [pages, page_size // r, c]
+            self.compressor.group_entries(ckv, cz, grp, self.rotary, x.dtype, None, cache.comp_state[lid], entries,
+                                          page_size, read=False)
+            vis = (pos + 1) // r  # [Bg] entries this token may see
+            if idx is None:  # HCA: every visible entry
+                ids = torch.arange(max(grp.end_list) // r, device=x.device)[None].expand(grp.size, -1)
+                ok = ids < vis[:, None]
+            else:  # CSA: the indexer's top-k of the visible entries
+                iq, iw, ikv, iz = idx
+                keys = self.indexer.compressor.group_entries(
+                    ikv, iz, grp, self.rotary, x.dtype, None, cache.idx_state[lid], cache.idx_entries[lid], page_size)
+                top = self.indexer.select(group_rows(iq, grp), group_rows(iw, grp), keys, vis[:, None])[:, 0]
+                ids, ok = top.clamp(min=0), top >= 0
+            page, row = _page_row(grp.block_tables, ids, r, page_size)
+            rows = torch.where(ok, page * entries.shape[1] + row, -1)
+        o = kernels.decode_attention(group_rows(q, grp)[:, 0], ring, grp.slots, pos, entries, rows, self.attn_sink,
+                                     self.softmax_scale)
+        return o.to(q.dtype)[:, None]
 
     def _kv_post(self, kv: torch.Tensor) -> torch.Tensor:
         """QAT: FP8-round the non-RoPE dims, keep the RoPE dims (official act_quant on kv[..., :-rd])."""

@@ -185,7 +185,7 @@ class Transformer(nn.Module):
         for moe in moes:
             moe.use_native_kernels()
         for mod in self.modules():
-            if isinstance(mod, Block):
+            if isinstance(mod, (Block, Attention)):
                 mod.native = True
         self.native = True
         return self
