@@ -73,7 +73,7 @@ def test_moe_matches_the_pytorch_experts(dtype, tokens):
 
 
 @pytest.mark.parametrize("tokens", [1, 9])
-def test_hc_pre_with_norm_matches_pytorch(tokens):
+def test_hc_pre_with_norm_and_hc_post_match_pytorch(tokens):
     cfg = make_tiny_config()
     m, d = cfg.hc_mult, cfg.dim
     g = torch.Generator().manual_seed(tokens)
@@ -89,6 +89,8 @@ def test_hc_pre_with_norm_matches_pytorch(tokens):
         close(ny, norm(y))
     close(npost, post)
     close(ncomb, comb)
+    f = torch.randn(tokens, d, generator=g)
+    close(kernels.hc_post(f, x, post, comb), hyper.hc_post(f, x, post, comb))
     close(ncomb.sum(-2), torch.ones(tokens, m), rel=1e-3)  # doubly stochastic (columns exactly, up to eps)
 
 

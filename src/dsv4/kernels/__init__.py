@@ -36,6 +36,10 @@ _SIGNATURES = {
     "dsv4_linear": [_P, _I, _I, _P, ctypes.c_int, _I, _P, ctypes.c_int],
     "dsv4_moe": [_P, _I, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int, _F, _P, ctypes.c_int],
     "dsv4_decode_attn": [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, _F, _P, ctypes.c_int],
+    "dsv4_attn_in": [_P, _I, _I, _P, _I, _P, _P, _I, _I, _P, _P, _P, _P, _I, _F, ctypes.c_int, _P, _P, _P,
+                     ctypes.c_int],
+    "dsv4_attn_out": [_P, _I, _I, _I, _P, _P, _I, _P, _I, _I, _P, _I, ctypes.c_int, _P, ctypes.c_int],
+    "dsv4_hc_post": [_P, _P, _P, _P, _I, _I, _I, _P, ctypes.c_int],
     "dsv4_hc_pre": [_P, _I, _I, _I, _P, _P, _P, ctypes.c_int, _F, _F, _P, _F, _P, _P, _P, ctypes.c_int],
 }
 
@@ -213,4 +217,57 @@ def decode_attention(q: torch.Tensor, ring: torch.Tensor, slots: torch.Tensor, p
     lib.dsv4_decode_attn(_ptr(qf), b, h, c, _ptr(ring), ring.shape[1], _ptr(slots), _ptr(pos),
                          _ptr(entries) if e else None, _ptr(entry_rows) if e else None, e,
                          _ptr(sink.float().contiguous()), scale, _ptr(out), torch.get_num_threads())
+    return out
+
+
+def _same_dtype(*ws: torch.Tensor) -> int:
+    for w in ws:
+        _check_weight(w)
+    if len({w.dtype for w in ws}) != 1:
+        raise ValueError("the native attention projections take weights of one dtype (bf16 or fp32)")
+    return int(ws[0].dtype == torch.bfloat16)
+
+
+def attention_in(x: torch.Tensor, wq_a: torch.Tensor, q_norm: torch.Tensor, wq_b: torch.Tensor, n_heads: int,
+                 wkv: torch.Tensor, kv_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Attention.forward``'s inputs in one call: x [B, D] -> qr = q_norm(x wq_a^T) [B, Q], q = RoPE(RMS(qr wq_b^T)
+    per head) [B, H, c], kv = RoPE(kv_norm(x wkv^T)) [B, c]; cos/sin [B, R/2]; all fp32."""
+    lib = _lib_or_raise()
+    bf = _same_dtype(wq_a, wq_b, wkv)
+    xf = x.float().contiguous()
+    b, d = xf.shape
+    qd, c = wq_a.shape[0], wkv.shape[0]
+    qr = torch.empty(b, qd, dtype=torch.float32)
+    q = torch.empty(b, n_heads, c, dtype=torch.float32)
+    kv = torch.empty(b, c, dtype=torch.float32)
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    lib.dsv4_attn_in(_ptr(xf), b, d, _ptr(wq_a), qd, _ptr(q_norm.float().contiguous()), _ptr(wq_b), n_heads, c,
+                     _ptr(wkv), _ptr(kv_norm.float().contiguous()), _ptr(cos), _ptr(sin), cos.shape[-1], eps, bf,
+                     _ptr(qr), _ptr(q), _ptr(kv), torch.get_num_threads())
+    return qr, q, kv
+
+
+def attention_out(o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wo_a: torch.Tensor, groups: int,
+                  wo_b: torch.Tensor) -> torch.Tensor:
+    """``Attention.forward``'s output in one call: inverse RoPE on o [B, H, c], grouped wo_a, wo_b -> fp32 [B, D]."""
+    lib = _lib_or_raise()
+    bf = _same_dtype(wo_a, wo_b)
+    of = o.float().contiguous().clone()  # rotated in place
+    b, h, c = of.shape
+    y = torch.empty(b, wo_b.shape[0], dtype=torch.float32)
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    lib.dsv4_attn_out(_ptr(of), b, h, c, _ptr(cos), _ptr(sin), cos.shape[-1], _ptr(wo_a), groups,
+                      wo_a.shape[0] // groups, _ptr(wo_b), wo_b.shape[0], bf, _ptr(y), torch.get_num_threads())
+    return y
+
+
+def hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """``hyper.hc_post`` in fp32: f [N, D], res [N, M, D], post [N, M], comb [N, M, M] -> [N, M, D]."""
+    lib = _lib_or_raise()
+    n, m, d = res.shape
+    ff, rf = f.float().contiguous(), res.float().contiguous()
+    pf, cf = post.float().contiguous(), comb.float().contiguous()
+    out = torch.empty(n, m, d, dtype=torch.float32)
+    lib.dsv4_hc_post(_ptr(ff), _ptr(rf), _ptr(pf), _ptr(cf), n, m, d, _ptr(out), torch.get_num_threads())
     return out

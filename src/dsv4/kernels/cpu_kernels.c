@@ -344,3 +344,86 @@ void dsv4_decode_attn(const float *q, int64_t B, int64_t H, int64_t c, const flo
         free(keys);
     }
 }
+
+/* ---------------------------------------------------------------- attention projections (model/attention.py) */
+
+static void rms_rows(float *x, int64_t rows, int64_t n, const float *w, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *v = x + r * n, ss = 0.0f;
+        for (int64_t i = 0; i < n; i++) ss += v[i] * v[i];
+        float s = 1.0f / sqrtf(ss / (float)n + eps);
+        if (w)
+            for (int64_t i = 0; i < n; i++) v[i] = w[i] * (v[i] * s);
+        else
+            for (int64_t i = 0; i < n; i++) v[i] = v[i] * s;
+    }
+}
+
+/* interleaved RoPE on the last 2 * half dims of each of `rows` vectors of width n; cs/sn [half] (sign -1: inverse) */
+static void rope_rows(float *x, int64_t rows, int64_t n, const float *cs, const float *sn, int64_t half, float sign) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *v = x + r * n + (n - 2 * half);
+        for (int64_t j = 0; j < half; j++) {
+            float x0 = v[2 * j], x1 = v[2 * j + 1], s = sign * sn[j];
+            v[2 * j] = x0 * cs[j] - x1 * s;
+            v[2 * j + 1] = x0 * s + x1 * cs[j];
+        }
+    }
+}
+
+/* Attention inputs for B tokens, as Attention.forward computes them: qr = q_norm(x wq_a^T) [B, Q];
+ * q = rope(rms(qr wq_b^T per head)) [B, H, c]; kv = rope(kv_norm(x wkv^T)) [B, c]. cos/sin [B, half]. Weights fp32
+ * or bf16 (one flag for all three). */
+void dsv4_attn_in(const float *x, int64_t B, int64_t D, const void *wq_a, int64_t Q, const float *q_norm_w,
+                  const void *wq_b, int64_t H, int64_t c, const void *wkv, const float *kv_norm_w, const float *cos,
+                  const float *sin, int64_t half, float eps, int w_bf16, float *qr, float *q, float *kv,
+                  int nthreads) {
+    dsv4_linear(x, B, D, wq_a, w_bf16, Q, qr, nthreads);
+    rms_rows(qr, B, Q, q_norm_w, eps);
+    dsv4_linear(qr, B, Q, wq_b, w_bf16, H * c, q, nthreads);
+    dsv4_linear(x, B, D, wkv, w_bf16, c, kv, nthreads);
+    for (int64_t b = 0; b < B; b++) {
+        rms_rows(q + b * H * c, H, c, NULL, eps);
+        rope_rows(q + b * H * c, H, c, cos + b * half, sin + b * half, half, 1.0f);
+        rms_rows(kv + b * c, 1, c, kv_norm_w, eps);
+        rope_rows(kv + b * c, 1, c, cos + b * half, sin + b * half, half, 1.0f);
+    }
+}
+
+/* Attention output: inverse RoPE on o [B, H, c] (in place), the grouped low-rank wo_a (group g: heads
+ * g*H/G .. (g+1)*H/G - 1 against rows g*R .. (g+1)*R - 1 of wo_a [G*R, H*c/G]), then wo_b [D, G*R] -> y [B, D]. */
+void dsv4_attn_out(float *o, int64_t B, int64_t H, int64_t c, const float *cos, const float *sin, int64_t half,
+                   const void *wo_a, int64_t G, int64_t R, const void *wo_b, int64_t D, int w_bf16, float *y,
+                   int nthreads) {
+    int64_t gw = H * c / G, es = w_bf16 ? 2 : 4;
+    float *xg = malloc((size_t)B * gw * sizeof(float)), *og = malloc((size_t)B * R * sizeof(float));
+    float *mid = malloc((size_t)B * G * R * sizeof(float));
+    for (int64_t b = 0; b < B; b++) rope_rows(o + b * H * c, H, c, cos + b * half, sin + b * half, half, -1.0f);
+    for (int64_t g = 0; g < G; g++) {
+        for (int64_t b = 0; b < B; b++) memcpy(xg + b * gw, o + b * H * c + g * gw, (size_t)gw * sizeof(float));
+        dsv4_linear(xg, B, gw, (const char *)wo_a + g * R * gw * es, w_bf16, R, og, nthreads);
+        for (int64_t b = 0; b < B; b++) memcpy(mid + (b * G + g) * R, og + b * R, (size_t)R * sizeof(float));
+    }
+    dsv4_linear(mid, B, G * R, wo_b, w_bf16, D, y, nthreads);
+    free(xg); free(og); free(mid);
+}
+
+/* hc_post: out[t, k, :] = post[t, k] * f[t, :] + sum_j comb[t, j, k] * res[t, j, :] (the sum over j ascending). */
+void dsv4_hc_post(const float *f, const float *res, const float *post, const float *comb, int64_t N, int64_t M,
+                  int64_t D, float *out, int nthreads) {
+    int par = nthreads > 1 && N >= 4;
+#pragma omp parallel for schedule(static) num_threads(par ? nthreads : 1)
+    for (int64_t t = 0; t < N; t++)
+        for (int64_t k = 0; k < M; k++) {
+            float *o = out + (t * M + k) * D;
+            const float *cm = comb + t * M * M, *ft = f + t * D;
+            for (int64_t d = 0; d < D; d++) o[d] = cm[k] * res[t * M * D + d];
+            for (int64_t j = 1; j < M; j++) {
+                const float *rj = res + (t * M + j) * D;
+                float c = cm[j * M + k];
+                for (int64_t d = 0; d < D; d++) o[d] += c * rj[d];
+            }
+            float p = post[t * M + k];
+            for (int64_t d = 0; d < D; d++) o[d] = p * ft[d] + o[d];
+        }
+}

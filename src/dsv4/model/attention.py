@@ -71,10 +71,15 @@ class Attention(nn.Module):
         n = x.shape[0]
         qat = self.numerics.qat_sim
         cos, sin = plan.memoize(("rope", self.ratio > 0), lambda: self.rotary.cos_sin(plan.positions))  # [N, R/2]
-        qr = self.q_norm(self.wq_a(x))  # [N, q_lora]
-        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [N, H, c]
-        q = apply_rope(rms_unweighted(q, self.eps), cos[:, None], sin[:, None])
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [N, c]
+        native = self.native and not qat and not torch.is_grad_enabled()
+        if native:  # the same four lines as one native call
+            qr, q, kv = kernels.attention_in(x, self.wq_a.weight, self.q_norm.weight, self.wq_b.weight, self.n_heads,
+                                             self.wkv.weight, self.kv_norm.weight, cos, sin, self.eps)
+        else:
+            qr = self.q_norm(self.wq_a(x))  # [N, q_lora]
+            q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [N, H, c]
+            q = apply_rope(rms_unweighted(q, self.eps), cos[:, None], sin[:, None])
+            kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [N, c]
         if qat:
             kv = self._kv_post(kv)
         if self.compressor is not None:
@@ -87,7 +92,7 @@ class Attention(nn.Module):
 
         out = None
         for grp in plan.groups:
-            if self.native and grp.is_decode and cache is not None and not qat and not torch.is_grad_enabled():
+            if native and grp.is_decode and cache is not None:
                 o = self._decode_native(q, kv, x, grp, cache, ckv if self.compressor is not None else None,
                                         cz if self.compressor is not None else None,
                                         (iq, iw, ikv, iz) if self.indexer is not None else None)
@@ -135,6 +140,8 @@ class Attention(nn.Module):
                                               gathered, self.attn_sink, self.softmax_scale))  # [Bg, Q, H, c]
             o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [Bg, S, H, c]
             out = unpad_rows(o, grp, n, out)
+        if native:
+            return kernels.attention_out(out, cos, sin, self.wo_a.weight, self.n_groups, self.wo_b.weight)
         o = apply_rope(out, cos[:, None], sin[:, None], inverse=True)  # [N, H, c]
         o = o.reshape(n, self.n_groups, -1)  # [N, G, H*c/G]
         wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)  # [G, d_g, H*c/G]

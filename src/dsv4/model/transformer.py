@@ -80,10 +80,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, plan: BatchPlan, cache: KVCache | None, input_ids: torch.Tensor
                 ) -> torch.Tensor:
         """x [N, M, D] -> [N, M, D]."""
+        post_fn = kernels.hc_post if self.native and not torch.is_grad_enabled() else hc_post
         y, post, comb = self._pre_norm(x, "attn")
-        x = hc_post(self.attn(y, plan, cache), x, post, comb)
+        x = post_fn(self.attn(y, plan, cache), x, post, comb)
         y, post, comb = self._pre_norm(x, "ffn")
-        return hc_post(self.ffn(y, input_ids), x, post, comb)
+        return post_fn(self.ffn(y, input_ids), x, post, comb)
 
 
 class Transformer(nn.Module):
