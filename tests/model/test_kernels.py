@@ -145,3 +145,25 @@ def test_unavailable_kernels_say_why_and_the_model_refuses_clearly():
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__)))).stdout
     assert "False disabled by DSV4_NATIVE_KERNELS=0" in out
     assert "refused: dsv4 native CPU kernels are unavailable" in out and "native_kernels=False" in out
+
+
+def test_indexer_topk_matches_select_reading_keys_from_pages():
+    """kernels.indexer_topk (keys read in place through the block table) picks what Indexer.select picks."""
+    from dsv4.model.indexer import Indexer
+
+    cfg = make_tiny_config(index_topk=5)
+    ind = Indexer(cfg, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    b, h, i, r, page = 3, cfg.index_n_heads, cfg.index_head_dim, 4, 16
+    pages = torch.randn(10, page // r, i, generator=g)  # the cache's idx_entries of one layer
+    tables = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(b)])  # [B, 4 pages]
+    q, w = torch.randn(b, h, i, generator=g), torch.randn(b, h, generator=g)
+    vis = torch.tensor([3, 11, 16])  # fewer than k, more than k, all entries of the 4 pages
+    e = torch.arange(16)
+    keys = pages[tables.gather(1, (e * r // page)[None].expand(b, -1)), (e * r % page) // r]  # [B, 16, I]
+    want = ind.select(q[:, None], w[:, None], keys, vis[:, None])[:, 0]
+    got = kernels.indexer_topk(q, w, pages, tables, r, vis, want.shape[1])
+    assert got.shape == want.shape
+    for row_got, row_want in zip(got.tolist(), want.tolist()):
+        assert sorted(row_got) == sorted(row_want)  # same picks (the order only changes a summation order)
+    assert got[0, 3:].tolist() == [-1, -1]

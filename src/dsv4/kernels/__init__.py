@@ -40,6 +40,7 @@ _SIGNATURES = {
                      ctypes.c_int],
     "dsv4_attn_out": [_P, _I, _I, _I, _P, _P, _I, _P, _I, _I, _P, _I, ctypes.c_int, _P, ctypes.c_int],
     "dsv4_hc_post": [_P, _P, _P, _P, _I, _I, _I, _P, ctypes.c_int],
+    "dsv4_indexer_topk": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _I, _P, ctypes.c_int],
     "dsv4_hc_pre": [_P, _I, _I, _I, _P, _P, _P, ctypes.c_int, _F, _F, _P, _F, _P, _P, _P, ctypes.c_int],
 }
 
@@ -271,3 +272,21 @@ def hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.
     out = torch.empty(n, m, d, dtype=torch.float32)
     lib.dsv4_hc_post(_ptr(ff), _ptr(rf), _ptr(pf), _ptr(cf), n, m, d, _ptr(out), torch.get_num_threads())
     return out
+
+
+def indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, block_tables: torch.Tensor, ratio: int,
+                 visible: torch.Tensor, k: int) -> torch.Tensor:
+    """``Indexer.select`` for one decode query per sequence, reading the indexer keys in place from their pages:
+    q [B, H, I], w [B, H], keys = the cache's [pages, page_size // ratio, I] fp32, block_tables [B, P], visible [B]
+    -> [B, k] entry ids, best first, -1 where fewer than k are visible."""
+    lib = _lib_or_raise()
+    if keys.dtype != torch.float32 or not keys.is_contiguous():
+        raise ValueError("the native indexer reads a contiguous fp32 cache (build the KVCache with dtype=float32)")
+    qf, wf = q.float().contiguous(), w.float().contiguous()
+    b, h, i = qf.shape
+    tables = block_tables.to(torch.int64).contiguous()
+    vis = visible.to(torch.int64).contiguous()
+    top = torch.empty(b, k, dtype=torch.int64)
+    lib.dsv4_indexer_topk(_ptr(qf), _ptr(wf), b, h, i, _ptr(keys), _ptr(tables), tables.shape[1], ratio,
+                          keys.shape[1] * ratio, _ptr(vis), k, _ptr(top), torch.get_num_threads())
+    return top

@@ -427,3 +427,76 @@ void dsv4_hc_post(const float *f, const float *res, const float *post, const flo
             for (int64_t d = 0; d < D; d++) o[d] = p * ft[d] + o[d];
         }
 }
+
+/* ---------------------------------------------------------------- Lightning Indexer selection (model/indexer.py) */
+
+typedef struct {
+    float s;
+    int64_t i;
+} scored;
+
+/* descending score, then ascending id */
+static int scored_cmp(const void *a, const void *b) {
+    const scored *x = a, *y = b;
+    if (x->s != y->s) return x->s < y->s ? 1 : -1;
+    return x->i < y->i ? -1 : (x->i > y->i);
+}
+
+/* reorder a[0..n) so that its k best (scored_cmp order) come first, in any order (quickselect) */
+static void select_best(scored *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        scored pivot = a[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (scored_cmp(&a[i], &pivot) < 0) i++;
+            while (scored_cmp(&a[j], &pivot) > 0) j--;
+            if (i <= j) {
+                scored t = a[i];
+                a[i++] = a[j];
+                a[j--] = t;
+            }
+        }
+        if (k - 1 <= j) hi = j;
+        else if (k - 1 >= i) lo = i;
+        else return;
+    }
+}
+
+/* For one decode query per sequence: score_e = sum_h w[b, h] * relu(q[b, h] . key_e) over the visible entries
+ * e < vis[b] (keys read in place: entry e of sequence b is row (page * (P / r) + (e * r % P) / r) of `keys` [*, I]
+ * with page = tables[b, e * r / P]); top[b, 0..k) = the k best ids, best first, -1 past the visible count
+ * (Indexer.select for S = 1). */
+void dsv4_indexer_topk(const float *q, const float *w, int64_t B, int64_t H, int64_t I, const float *keys,
+                       const int64_t *tables, int64_t ncols, int64_t ratio, int64_t page_size, const int64_t *vis,
+                       int64_t k, int64_t *top, int nthreads) {
+    int64_t per_page = page_size / ratio, nmax = 1;
+    for (int64_t b = 0; b < B; b++) nmax = vis[b] > nmax ? vis[b] : nmax;
+    scored *sc = malloc((size_t)nmax * sizeof(scored));
+    for (int64_t b = 0; b < B; b++) {
+        int64_t n = vis[b];
+        int par = nthreads > 1 && n * H * I >= (1 << 15);
+#pragma omp parallel for schedule(static) num_threads(par ? nthreads : 1)
+        for (int64_t e = 0; e < n; e++) {
+            int64_t page = tables[b * ncols + e * ratio / page_size];
+            const float *key = keys + (page * per_page + (e * ratio % page_size) / ratio) * I;
+            float s = 0.0f;
+            for (int64_t h = 0; h < H; h++) {
+                const float *qh = q + (b * H + h) * I;
+                __m512 acc = _mm512_setzero_ps();
+                int64_t i = 0;
+                for (; i + 16 <= I; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(key + i), acc);
+                float d = _mm512_reduce_add_ps(acc);
+                for (; i < I; i++) d += qh[i] * key[i];
+                s += (d > 0.0f ? d : 0.0f) * w[b * H + h];
+            }
+            sc[e].s = s;
+            sc[e].i = e;
+        }
+        int64_t m = n < k ? n : k;
+        if (n > k) select_best(sc, n, k);
+        qsort(sc, (size_t)m, sizeof(scored), scored_cmp);
+        for (int64_t j = 0; j < k; j++) top[b * k + j] = j < m ? sc[j].i : -1;
+    }
+    free(sc);
+}

@@ -171,9 +171,12 @@ class Attention(nn.Module):
                 ok = ids < vis[:, None]
             else:  # CSA: the indexer's top-k of the visible entries
                 iq, iw, ikv, iz = idx
-                keys = self.indexer.compressor.group_entries(
-                    ikv, iz, grp, self.rotary, x.dtype, None, cache.idx_state[lid], cache.idx_entries[lid], page_size)
-                top = self.indexer.select(group_rows(iq, grp), group_rows(iw, grp), keys, vis[:, None])[:, 0]
+                keys = cache.idx_entries[lid]
+                self.indexer.compressor.group_entries(ikv, iz, grp, self.rotary, x.dtype, None, cache.idx_state[lid],
+                                                      keys, page_size, read=False)
+                k = min(self.indexer.topk, max(grp.end_list) // r)
+                top = kernels.indexer_topk(group_rows(iq, grp)[:, 0], group_rows(iw, grp)[:, 0], keys,
+                                           grp.block_tables, r, vis, k)
                 ids, ok = top.clamp(min=0), top >= 0
             page, row = _page_row(grp.block_tables, ids, r, page_size)
             rows = torch.where(ok, page * entries.shape[1] + row, -1)
