@@ -75,7 +75,21 @@ def _build() -> ctypes.CDLL:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, (ctypes.c_int if name == "dsv4_moe" else None)
+    lib.dsv4_set_sgemm.argtypes, lib.dsv4_set_sgemm.restype = [_P], None
+    lib.dsv4_set_sgemm(_torch_sgemm())
     return lib
+
+
+def _torch_sgemm() -> int | None:
+    """Address of the BLAS ``sgemm_`` that torch's CPU library exports (MKL in the x86 wheels), or None: the kernels
+    then use their own micro-kernels for every size. ``DSV4_KERNEL_BLAS=0`` opts out."""
+    if os.environ.get("DSV4_KERNEL_BLAS", "1") == "0":
+        return None
+    try:
+        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        return ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
 
 
 def _load() -> ctypes.CDLL | None:

@@ -5,8 +5,8 @@
  * code at its call site computes, in fp32, and is tested against it (tests/model/test_kernels.py).
  *
  * Weights are read in place, row-major [N, K], in bf16 or fp32 (a bf16 weight is widened exactly); activations and
- * sums are fp32. One output element is 16 FMA lane sums over k (ascending) reduced in a fixed order, so a result
- * does not depend on how many rows (tokens) a call carries: prefill and decode agree bitwise.
+ * sums are fp32. Up to 63 rows, one output element is 16 FMA lane sums over k (ascending) reduced in a fixed order,
+ * whatever the number of rows; from 64 rows the BLAS sgemm of torch's own library does the product when available.
  *
  * Threads: OpenMP, sharing torch's libgomp (same soname, so one pool); the caller passes torch's thread count.
  */
@@ -100,40 +100,119 @@ MICRO(micro_f32, float, load_f32, load_f32_tail)
 ROWS(micro_bf16, bf16)
 ROWS(micro_f32, float)
 
-/* y[M, N] = x[M, K] @ W[N, K]^T with W row-major in bf16 (w_bf16) or fp32; parallel over blocks of NB weight rows
- * when the work is worth a fork. Many rows and a bf16 W: each block is widened to fp32 once (scratch) instead of in
- * every row block; same values, same FMA order. */
+/* Optional BLAS sgemm (Fortran interface, LP64), handed over by the Python side from torch's own library: for many
+ * rows it beats the micro-kernels ~2x. NULL: the micro-kernels everywhere. */
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
+static sgemm_fn blas_sgemm = NULL;
+void dsv4_set_sgemm(void *fn) { blas_sgemm = (sgemm_fn)fn; }
+
+#define BLAS_MIN_ROWS 64 /* fewer rows: the micro-kernels (decode); more: BLAS (prefill, many tokens per expert) */
+#define BLAS_CHUNK 256   /* bf16 weight rows widened to fp32 per BLAS call */
+
+/* y[:, n0:n0+n] = x[M, K] @ w[n, K]^T with fp32 w, through BLAS (column-major: C[n, M] = w^T' x'). */
+static void blas_nt(const float *x, int64_t M, int64_t K, const float *w, int64_t n, float *y, int64_t ldy) {
+    int m_ = (int)n, n_ = (int)M, k_ = (int)K, lda = (int)K, ldb = (int)K, ldc = (int)ldy;
+    float one = 1.0f, zero = 0.0f;
+    blas_sgemm("T", "N", &m_, &n_, &k_, &one, w, &lda, x, &ldb, &zero, y, &ldc);
+}
+
+#define MC 96 /* token rows per cache block: x[MC, K] stays in L2 while every weight block passes over it */
+
+/* y[M, N] = x[M, K] @ W[N, K]^T with W row-major in bf16 (w_bf16) or fp32. Rows in blocks of MC (sequential), weight
+ * rows in blocks of NB (parallel when the work is worth a fork). Many rows and a bf16 W: each weight block is widened
+ * to fp32 once per row block (scratch) instead of in every micro-kernel call; same values, same FMA order. */
 void dsv4_linear(const float *x, int64_t M, int64_t K, const void *w, int w_bf16, int64_t N, float *y, int nthreads) {
-    int64_t nblocks = (N + NB - 1) / NB;
-    int par = nthreads > 1 && nblocks > 1 && M * N * K >= (1 << 16);
-#pragma omp parallel num_threads(par ? nthreads : 1)
-    {
-        int widen = w_bf16 && M > MR;
-        float *scratch = widen ? (float *)malloc((size_t)NB * K * sizeof(float) + 64) : NULL;
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < nblocks; b++) {
-            int64_t n0 = b * NB;
-            int nb = (int)(N - n0 < NB ? N - n0 : NB);
-            if (!w_bf16) {
-                micro_f32_block(x, M, K, (const float *)w + n0 * K, nb, y + n0, N);
-            } else if (widen) {
-                const bf16 *src = (const bf16 *)w + n0 * K;
-                int64_t len = nb * K, i = 0;
-                for (; i + 16 <= len; i += 16) _mm512_storeu_ps(scratch + i, load_bf16(src + i));
-                for (; i < len; i++) {
-                    uint32_t bits = (uint32_t)src[i] << 16;
-                    memcpy(scratch + i, &bits, 4);
-                }
-                micro_f32_block(x, M, K, scratch, nb, y + n0, N);
-            } else {
-                micro_bf16_block(x, M, K, (const bf16 *)w + n0 * K, nb, y + n0, N);
-            }
+    if (blas_sgemm && M >= BLAS_MIN_ROWS && M < (1 << 30) && K < (1 << 30) && N < (1 << 30)) {
+        if (!w_bf16) {
+            blas_nt(x, M, K, (const float *)w, N, y, N);
+            return;
         }
-        free(scratch);
+        int64_t rows = N < BLAS_CHUNK ? N : BLAS_CHUNK;
+        float *wf = malloc((size_t)rows * K * sizeof(float));
+        for (int64_t n0 = 0; n0 < N; n0 += BLAS_CHUNK) {
+            int64_t n = N - n0 < BLAS_CHUNK ? N - n0 : BLAS_CHUNK;
+            const bf16 *src = (const bf16 *)w + n0 * K;
+            int64_t len = n * K, i = 0;
+            for (; i + 16 <= len; i += 16) _mm512_storeu_ps(wf + i, load_bf16(src + i));
+            for (; i < len; i++) {
+                uint32_t bits = (uint32_t)src[i] << 16;
+                memcpy(wf + i, &bits, 4);
+            }
+            blas_nt(x, M, K, wf, n, y + n0, N);
+        }
+        free(wf);
+        return;
+    }
+    int64_t nblocks = (N + NB - 1) / NB;
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+        int64_t mc = M - m0 < MC ? M - m0 : MC;
+        const float *xm = x + m0 * K;
+        float *ym = y + m0 * N;
+        int par = nthreads > 1 && nblocks > 1 && mc * N * K >= (1 << 16);
+#pragma omp parallel num_threads(par ? nthreads : 1)
+        {
+            int widen = w_bf16 && mc > MR;
+            float *scratch = widen ? (float *)malloc((size_t)NB * K * sizeof(float) + 64) : NULL;
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < nblocks; b++) {
+                int64_t n0 = b * NB;
+                int nb = (int)(N - n0 < NB ? N - n0 : NB);
+                if (!w_bf16) {
+                    micro_f32_block(xm, mc, K, (const float *)w + n0 * K, nb, ym + n0, N);
+                } else if (widen) {
+                    const bf16 *src = (const bf16 *)w + n0 * K;
+                    int64_t len = nb * K, i = 0;
+                    for (; i + 16 <= len; i += 16) _mm512_storeu_ps(scratch + i, load_bf16(src + i));
+                    for (; i < len; i++) {
+                        uint32_t bits = (uint32_t)src[i] << 16;
+                        memcpy(scratch + i, &bits, 4);
+                    }
+                    micro_f32_block(xm, mc, K, scratch, nb, ym + n0, N);
+                } else {
+                    micro_bf16_block(xm, mc, K, (const bf16 *)w + n0 * K, nb, ym + n0, N);
+                }
+            }
+            free(scratch);
+        }
     }
 }
 
 /* ---------------------------------------------------------------- routed + shared experts (model/moe.py) */
+
+/* exp on 16 lanes (Cephes expf: range reduction by ln 2, degree-5 polynomial, about 1 ulp on [-87, 88]; inputs are
+ * clamped there, which keeps silu finite for any finite input) */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* g[i] = r * (silu(min(g, L)) * clamp(u, -L, L)) (r = 1: no routing weight; L <= 0: no clamp), as Expert.forward */
+static void swiglu(float *g, const float *u, int64_t n, float limit, float r) {
+    __m512 lim = _mm512_set1_ps(limit), nlim = _mm512_set1_ps(-limit), one = _mm512_set1_ps(1.0f);
+    __m512 rv = _mm512_set1_ps(r);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 gi = _mm512_maskz_loadu_ps(m, g + i), ui = _mm512_maskz_loadu_ps(m, u + i);
+        if (limit > 0) {
+            gi = _mm512_min_ps(gi, lim);
+            ui = _mm512_min_ps(_mm512_max_ps(ui, nlim), lim);
+        }
+        __m512 silu = _mm512_div_ps(gi, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gi))));
+        _mm512_mask_storeu_ps(g + i, m, _mm512_mul_ps(rv, _mm512_mul_ps(silu, ui))); /* weight before w2 */
+    }
+}
 
 /* One expert (Expert.forward) on `cnt` rows: h = rw * (silu(min(g, L)) * clamp(u, -L, L)), out = h @ w2^T, with
  * g = xs @ w1^T, u = xs @ w3^T. rw NULL: the shared expert (no routing weight). g, u: [cnt, F] scratch. */
@@ -142,15 +221,7 @@ static void expert_rows(const float *xs, int64_t cnt, int64_t D, int64_t F, cons
                         int nthreads) {
     dsv4_linear(xs, cnt, D, w1, w_bf16, F, g, nthreads);
     dsv4_linear(xs, cnt, D, w3, w_bf16, F, u, nthreads);
-    for (int64_t i = 0; i < cnt * F; i++) {
-        float gi = g[i], ui = u[i];
-        if (limit > 0) {
-            gi = gi < limit ? gi : limit;
-            ui = ui < -limit ? -limit : (ui > limit ? limit : ui);
-        }
-        float a = (gi / (1.0f + expf(-gi))) * ui;
-        g[i] = rw ? rw[i / F] * a : a; /* routing weight before w2 (official) */
-    }
+    for (int64_t i = 0; i < cnt; i++) swiglu(g + i * F, u + i * F, F, limit, rw ? rw[i] : 1.0f);
     dsv4_linear(g, cnt, F, w2, w_bf16, D, out, nthreads);
 }
 
@@ -223,29 +294,30 @@ int dsv4_moe(const float *x, int64_t T, int64_t D, int64_t F, int64_t Fs, const 
 
 /* ---------------------------------------------------------------- mHC (model/hyper.py) */
 
+static float sum_squares(const float *v, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(v + i), _mm512_loadu_ps(v + i), acc);
+    float s = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) s += v[i] * v[i];
+    return s;
+}
+
 /* hc_pre fused with the sub-layer's RMSNorm: x [N, M, D] -> y = norm_w * RMS(sum_j pre_j x_j) [N, D], post [N, M],
  * comb [N, M, M] (Sinkhorn in the official order); fn [(2+M)*M, M*D] fp32; M <= 8, (2+M)*M <= 96. */
 void dsv4_hc_pre(const float *x, int64_t N, int64_t M, int64_t D, const float *fn, const float *base,
                  const float *scale, int iters, float hc_eps, float norm_eps, const float *norm_w, float norm_eps2,
                  float *y, float *post, float *comb, int nthreads) {
     int64_t K = (2 + M) * M, MD = M * D;
+    float *mixes = malloc((size_t)N * K * sizeof(float));
+    dsv4_linear(x, N, MD, fn, 0, K, mixes, nthreads); /* [N, K] = x fn^T, before the per-token RMS factor */
     int par = nthreads > 1 && N >= 4;
 #pragma omp parallel for schedule(static) num_threads(par ? nthreads : 1)
     for (int64_t t = 0; t < N; t++) {
         const float *xt = x + t * MD;
-        float mix[96];
-        float ssf = 0.0f;
-        for (int64_t i = 0; i < MD; i++) ssf += xt[i] * xt[i];
-        float r = 1.0f / sqrtf(ssf / (float)MD + norm_eps);
-        for (int64_t c = 0; c < K; c++) {
-            const float *f = fn + c * MD;
-            __m512 acc = _mm512_setzero_ps();
-            int64_t i = 0;
-            for (; i + 16 <= MD; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(xt + i), _mm512_loadu_ps(f + i), acc);
-            float s = _mm512_reduce_add_ps(acc);
-            for (; i < MD; i++) s += xt[i] * f[i];
-            mix[c] = s * r;
-        }
+        float *mix = mixes + t * K;
+        float r = 1.0f / sqrtf(sum_squares(xt, MD) / (float)MD + norm_eps);
+        for (int64_t c = 0; c < K; c++) mix[c] *= r;
         float pre[8];
         for (int64_t j = 0; j < M; j++) {
             pre[j] = 1.0f / (1.0f + expf(-(mix[j] * scale[0] + base[j]))) + hc_eps;
@@ -277,18 +349,15 @@ void dsv4_hc_pre(const float *x, int64_t N, int64_t M, int64_t D, const float *f
             }
         }
         float *yt = y + t * D;
-        for (int64_t d = 0; d < D; d++) {
-            float s = 0.0f;
-            for (int64_t j = 0; j < M; j++) s += pre[j] * xt[j * D + d];
-            yt[d] = s;
-        }
+        for (int64_t d = 0; d < D; d++) yt[d] = pre[0] * xt[d];
+        for (int64_t j = 1; j < M; j++)
+            for (int64_t d = 0; d < D; d++) yt[d] += pre[j] * xt[j * D + d];
         if (norm_w) {
-            float q = 0.0f;
-            for (int64_t d = 0; d < D; d++) q += yt[d] * yt[d];
-            float rr = 1.0f / sqrtf(q / (float)D + norm_eps2);
+            float rr = 1.0f / sqrtf(sum_squares(yt, D) / (float)D + norm_eps2);
             for (int64_t d = 0; d < D; d++) yt[d] = norm_w[d] * (yt[d] * rr);
         }
     }
+    free(mixes);
 }
 
 /* ---------------------------------------------------------------- decode attention (model/attention.py) */
@@ -349,9 +418,8 @@ void dsv4_decode_attn(const float *q, int64_t B, int64_t H, int64_t c, const flo
 
 static void rms_rows(float *x, int64_t rows, int64_t n, const float *w, float eps) {
     for (int64_t r = 0; r < rows; r++) {
-        float *v = x + r * n, ss = 0.0f;
-        for (int64_t i = 0; i < n; i++) ss += v[i] * v[i];
-        float s = 1.0f / sqrtf(ss / (float)n + eps);
+        float *v = x + r * n;
+        float s = 1.0f / sqrtf(sum_squares(v, n) / (float)n + eps);
         if (w)
             for (int64_t i = 0; i < n; i++) v[i] = w[i] * (v[i] * s);
         else
