@@ -35,7 +35,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "dsv4_linear": [_P, _I, _I, _P, ctypes.c_int, _I, _P, ctypes.c_int],
     "dsv4_moe": [_P, _I, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int, _F, _P, ctypes.c_int],
-    "dsv4_decode_attn": [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, _F, _P, ctypes.c_int],
+    "dsv4_chunk_attn": [_P, _P, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I, _P, _F, _P, ctypes.c_int],
     "dsv4_attn_in": [_P, _I, _I, _P, _I, _P, _P, _I, _I, _P, _P, _P, _P, _I, _F, ctypes.c_int, _P, _P, _P,
                      ctypes.c_int],
     "dsv4_attn_out": [_P, _I, _I, _I, _P, _P, _I, _P, _I, _I, _P, _I, ctypes.c_int, _P, ctypes.c_int],
@@ -211,27 +211,28 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     return y, post, comb
 
 
-def decode_attention(q: torch.Tensor, ring: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
-                     entries: torch.Tensor | None, entry_rows: torch.Tensor | None, sink: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """One decode query per sequence (``attention.sparse_attention`` for S = 1, fp32): q [B, H, c]; the window is
-    ``ring`` [slots, w, c] rows ``p % w`` of slot ``slots[b]`` for p in ``max(0, pos[b] - w + 1) .. pos[b]`` (the
-    query's own key already written); compressed keys are rows ``entry_rows`` [B, E] (-1 = none) of ``entries``
-    viewed [rows, c]. Returns fp32 [B, H, c]."""
+def chunk_attention(q: torch.Tensor, kv: torch.Tensor, start: torch.Tensor, lens: torch.Tensor, ring: torch.Tensor,
+                    slots: torch.Tensor, entries: torch.Tensor | None, entry_rows: torch.Tensor | None,
+                    sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """``attention.sparse_attention`` for a group's chunks, keys read in place (fp32): q [B, S, H, c], the chunks'
+    own keys kv [B, S, c]; query s of sequence b sits at ``start[b] + s`` (s < lens[b]); its window comes from the
+    chunk and, before ``start[b]``, from ``ring`` [slots, w, c] (call before writing the chunk to the ring); its
+    compressed keys are rows ``entry_rows`` [B, S, E] (-1 = none) of ``entries`` viewed [rows, c]. -> [B, S, H, c]."""
     lib = _lib_or_raise()
-    b, h, c = q.shape
+    b, s, h, c = q.shape
     if ring.dtype != torch.float32 or (entries is not None and entries.dtype != torch.float32):
-        raise ValueError("the native decode attention reads an fp32 cache (build the KVCache with dtype=float32)")
-    qf = q.float().contiguous()
-    slots, pos = slots.to(torch.int64).contiguous(), pos.to(torch.int64).contiguous()
+        raise ValueError("the native attention reads an fp32 cache (build the KVCache with dtype=float32)")
+    qf, kvf = q.float().contiguous(), kv.float().contiguous()
+    start, lens = start.to(torch.int64).contiguous(), lens.to(torch.int64).contiguous()
+    slots = slots.to(torch.int64).contiguous()
     e = 0
     if entries is not None and entry_rows is not None:
         entry_rows = entry_rows.to(torch.int64).contiguous()
-        e = entry_rows.shape[1]
-    out = torch.empty(b, h, c, dtype=torch.float32)
-    lib.dsv4_decode_attn(_ptr(qf), b, h, c, _ptr(ring), ring.shape[1], _ptr(slots), _ptr(pos),
-                         _ptr(entries) if e else None, _ptr(entry_rows) if e else None, e,
-                         _ptr(sink.float().contiguous()), scale, _ptr(out), torch.get_num_threads())
+        e = entry_rows.shape[-1]
+    out = torch.empty(b, s, h, c, dtype=torch.float32)
+    lib.dsv4_chunk_attn(_ptr(qf), _ptr(kvf), b, s, h, c, _ptr(start), _ptr(lens), _ptr(ring), ring.shape[1],
+                        _ptr(slots), _ptr(entries) if e else None, _ptr(entry_rows) if e else None, e,
+                        _ptr(sink.float().contiguous()), scale, _ptr(out), torch.get_num_threads())
     return out
 
 

@@ -362,52 +362,57 @@ void dsv4_hc_pre(const float *x, int64_t N, int64_t M, int64_t D, const float *f
 
 /* ---------------------------------------------------------------- decode attention (model/attention.py) */
 
-/* One query token per sequence, already written to its window ring: out[b, h] = softmax([q.k for the window keys,
- * q.k for the compressed keys, sink[h]]) without the sink column, times the same keys (K = V), as
- * attention.sparse_attention computes it for S = 1. Window keys: ring rows (slot[b] * w + p % w) for positions
- * p = max(0, pos[b] - w + 1) .. pos[b]; compressed keys: rows ent_rows[b, 0..E) of `entries` ([*, c]), -1 = none.
- * q, out [B, H, c]; logits scratch per thread. */
-void dsv4_decode_attn(const float *q, int64_t B, int64_t H, int64_t c, const float *ring, int64_t w,
-                      const int64_t *slots, const int64_t *pos, const float *entries, const int64_t *ent_rows,
-                      int64_t E, const float *sink, float scale, float *out, int nthreads) {
-    int par = nthreads > 1 && B >= 2;
+/* Attention of a chunk of S query tokens per sequence (S = 1: decode), as attention.sparse_attention computes it:
+ * out[b, s, h] = softmax([q.k for the window keys, q.k for the compressed keys, sink[h]]) without the sink column,
+ * times the same keys (K = V: one shared KV head, so each key is read once for all heads). Query s of sequence b sits
+ * at t = start[b] + s (s < len[b]; later rows are padding and get zeros). Window keys: positions max(0, t - w + 1) .. t,
+ * from the chunk's own keys kv [B, S, c] for positions >= start[b], else from the ring (row slot[b] * w + p % w,
+ * written before this chunk). Compressed keys: rows ent_rows[b, s, 0..E) of `entries` [*, c], -1 = none. */
+void dsv4_chunk_attn(const float *q, const float *kv, int64_t B, int64_t S, int64_t H, int64_t c, const int64_t *start,
+                     const int64_t *len, const float *ring, int64_t w, const int64_t *slots, const float *entries,
+                     const int64_t *ent_rows, int64_t E, const float *sink, float scale, float *out, int nthreads) {
+    int par = nthreads > 1 && B * S >= 2;
 #pragma omp parallel num_threads(par ? nthreads : 1)
     {
         float *logit = malloc((size_t)H * (w + E) * sizeof(float) + 64), *mx = malloc((size_t)H * sizeof(float));
         const float **keys = malloc((size_t)(w + E) * sizeof(float *));
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) {
-            int64_t nk = 0, p0 = pos[b] - w + 1 < 0 ? 0 : pos[b] - w + 1;
-            for (int64_t p = p0; p <= pos[b]; p++) keys[nk++] = ring + (slots[b] * w + p % w) * c;
-            for (int64_t e = 0; e < E; e++)
-                if (ent_rows[b * E + e] >= 0) keys[nk++] = entries + ent_rows[b * E + e] * c;
-            const float *qb = q + b * H * c;
-            for (int64_t h = 0; h < H; h++) mx[h] = sink[h];
-            for (int64_t j = 0; j < nk; j++) /* one shared KV head: each key is read once for all heads */
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t s = 0; s < S; s++) {
+                float *ob = out + (b * S + s) * H * c;
+                memset(ob, 0, (size_t)H * c * sizeof(float));
+                if (s >= len[b]) continue;
+                int64_t t = start[b] + s, nk = 0, p0 = t - w + 1 < 0 ? 0 : t - w + 1;
+                for (int64_t p = p0; p <= t; p++)
+                    keys[nk++] = p >= start[b] ? kv + (b * S + p - start[b]) * c : ring + (slots[b] * w + p % w) * c;
+                const int64_t *rows = ent_rows ? ent_rows + (b * S + s) * E : NULL;
+                for (int64_t e = 0; e < E; e++)
+                    if (rows[e] >= 0) keys[nk++] = entries + rows[e] * c;
+                const float *qb = q + (b * S + s) * H * c;
+                for (int64_t h = 0; h < H; h++) mx[h] = sink[h];
+                for (int64_t j = 0; j < nk; j++)
+                    for (int64_t h = 0; h < H; h++) {
+                        const float *qh = qb + h * c;
+                        __m512 acc = _mm512_setzero_ps();
+                        int64_t i = 0;
+                        for (; i + 16 <= c; i += 16)
+                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(keys[j] + i), acc);
+                        float sdot = _mm512_reduce_add_ps(acc);
+                        for (; i < c; i++) sdot += qh[i] * keys[j][i];
+                        float l = logit[h * nk + j] = sdot * scale;
+                        mx[h] = l > mx[h] ? l : mx[h];
+                    }
                 for (int64_t h = 0; h < H; h++) {
-                    const float *qh = qb + h * c;
-                    __m512 acc = _mm512_setzero_ps();
-                    int64_t i = 0;
-                    for (; i + 16 <= c; i += 16)
-                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(keys[j] + i), acc);
-                    float sdot = _mm512_reduce_add_ps(acc);
-                    for (; i < c; i++) sdot += qh[i] * keys[j][i];
-                    float l = logit[h * nk + j] = sdot * scale;
-                    mx[h] = l > mx[h] ? l : mx[h];
+                    float *lh = logit + h * nk, den = expf(sink[h] - mx[h]);
+                    for (int64_t j = 0; j < nk; j++) den += (lh[j] = expf(lh[j] - mx[h]));
+                    for (int64_t j = 0; j < nk; j++) lh[j] /= den;
                 }
-            float *ob = out + b * H * c;
-            memset(ob, 0, (size_t)H * c * sizeof(float));
-            for (int64_t h = 0; h < H; h++) {
-                float *lh = logit + h * nk, den = expf(sink[h] - mx[h]);
-                for (int64_t j = 0; j < nk; j++) den += (lh[j] = expf(lh[j] - mx[h]));
-                for (int64_t j = 0; j < nk; j++) lh[j] /= den;
+                for (int64_t j = 0; j < nk; j++)
+                    for (int64_t h = 0; h < H; h++) {
+                        float pj = logit[h * nk + j], *o = ob + h * c;
+                        for (int64_t i = 0; i < c; i++) o[i] += pj * keys[j][i];
+                    }
             }
-            for (int64_t j = 0; j < nk; j++)
-                for (int64_t h = 0; h < H; h++) {
-                    float pj = logit[h * nk + j], *o = ob + h * c;
-                    for (int64_t i = 0; i < c; i++) o[i] += pj * keys[j][i];
-                }
-        }
         free(logit);
         free(mx);
         free(keys);

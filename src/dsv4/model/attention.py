@@ -92,10 +92,10 @@ class Attention(nn.Module):
 
         out = None
         for grp in plan.groups:
-            if native and grp.is_decode and cache is not None:
-                o = self._decode_native(q, kv, x, grp, cache, ckv if self.compressor is not None else None,
-                                        cz if self.compressor is not None else None,
-                                        (iq, iw, ikv, iz) if self.indexer is not None else None)
+            if native and cache is not None:
+                o = self._native_chunk(q, kv, x, grp, cache, ckv if self.compressor is not None else None,
+                                       cz if self.compressor is not None else None,
+                                       (iq, iw, ikv, iz) if self.indexer is not None else None)
                 out = unpad_rows(o, grp, n, out)
                 continue
             qg = group_rows(q, grp)  # [Bg, S, H, c]
@@ -150,49 +150,60 @@ class Attention(nn.Module):
 
     native = False  # set by Transformer.use_native_kernels
 
-    def _decode_native(self, q: torch.Tensor, kv: torch.Tensor, x: torch.Tensor, grp: Group, cache: KVCache,
-                       ckv: torch.Tensor | None, cz: torch.Tensor | None,
-                       idx: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
-        """The decode group (one token per sequence) through kernels.decode_attention: the same keys as the general
-        path (window ring, HCA's visible entries or the indexer's CSA picks), read in place. -> [Bg, 1, H, c]."""
+    def _native_chunk(self, q: torch.Tensor, kv: torch.Tensor, x: torch.Tensor, grp: Group, cache: KVCache,
+                      ckv: torch.Tensor | None, cz: torch.Tensor | None,
+                      idx: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+        """A group's chunks (decode or prefill) through kernels.chunk_attention: the keys the general path below
+        builds (window, HCA's visible entries, the indexer's CSA picks) read in place. -> [Bg, S, H, c]."""
         lid, r, page_size = self.layer_id, self.ratio, cache.page_size
-        pos = grp.pos[:, 0]
-        ring = cache.window[lid]
-        with torch.no_grad():  # decode: the ring row this token takes held position t - window, outside its window
-            ring[grp.slots, pos % self.window] = group_rows(kv, grp)[:, 0].to(ring.dtype)
+        qg, kvg = group_rows(q, grp), group_rows(kv, grp)  # [Bg, S, H, c], [Bg, S, c]
         entries = rows = None
         if self.compressor is not None:
             entries = cache.entries[lid]  # [pages, page_size // r, c]
             self.compressor.group_entries(ckv, cz, grp, self.rotary, x.dtype, None, cache.comp_state[lid], entries,
                                           page_size, read=False)
-            vis = (pos + 1) // r  # [Bg] entries this token may see
+            vis = grp.memoize(("visible", r), lambda: (grp.pos + 1) // r)  # [Bg, S] entries each query may see
             if idx is None:  # HCA: every visible entry
-                ids = torch.arange(max(grp.end_list) // r, device=x.device)[None].expand(grp.size, -1)
-                ok = ids < vis[:, None]
+                ids = torch.arange(max(grp.end_list) // r, device=x.device)[None].expand(grp.size, -1)  # [Bg, E]
+                ok = ids[:, None, :] < vis[..., None]  # [Bg, S, E]
+                ids = ids[:, None, :].expand_as(ok)
             else:  # CSA: the indexer's top-k of the visible entries
                 iq, iw, ikv, iz = idx
                 keys = cache.idx_entries[lid]
-                self.indexer.compressor.group_entries(ikv, iz, grp, self.rotary, x.dtype, None, cache.idx_state[lid],
-                                                      keys, page_size, read=False)
-                k = min(self.indexer.topk, max(grp.end_list) // r)
-                top = kernels.indexer_topk(group_rows(iq, grp)[:, 0], group_rows(iw, grp)[:, 0], keys,
-                                           grp.block_tables, r, vis, k)
+                if grp.is_decode:  # one query per sequence: score the indexer keys in place
+                    self.indexer.compressor.group_entries(ikv, iz, grp, self.rotary, x.dtype, None,
+                                                          cache.idx_state[lid], keys, page_size, read=False)
+                    k = min(self.indexer.topk, max(grp.end_list) // r)
+                    top = kernels.indexer_topk(group_rows(iq, grp)[:, 0], group_rows(iw, grp)[:, 0], keys,
+                                               grp.block_tables, r, vis[:, 0], k)[:, None]  # [Bg, 1, k]
+                else:
+                    gathered = self.indexer.compressor.group_entries(ikv, iz, grp, self.rotary, x.dtype, None,
+                                                                     cache.idx_state[lid], keys, page_size)
+                    top = self.indexer.select(group_rows(iq, grp), group_rows(iw, grp), gathered, vis)  # [Bg, S, k]
                 ids, ok = top.clamp(min=0), top >= 0
-            page, row = _page_row(grp.block_tables, ids, r, page_size)
-            rows = torch.where(ok, page * entries.shape[1] + row, -1)
-        o = kernels.decode_attention(group_rows(q, grp)[:, 0], ring, grp.slots, pos, entries, rows, self.attn_sink,
-                                     self.softmax_scale)
-        return o.to(q.dtype)[:, None]
+            page, row = _page_row(grp.block_tables, ids.flatten(1), r, page_size)
+            rows = torch.where(ok, (page * entries.shape[1] + row).view_as(ids), -1)
+        lens = grp.memoize(("lens",), lambda: grp.end - grp.start)
+        o = kernels.chunk_attention(qg, kvg, grp.start, lens, cache.window[lid], grp.slots, entries, rows,
+                                    self.attn_sink, self.softmax_scale)
+        self._window_keys(kv, grp, cache, read=False)  # now the chunk's last `window` keys become the ring
+        return o.to(q.dtype)
 
     def _kv_post(self, kv: torch.Tensor) -> torch.Tensor:
         """QAT: FP8-round the non-RoPE dims, keep the RoPE dims (official act_quant on kv[..., :-rd])."""
         return torch.cat([fp8_sim(kv[..., : self.nope_dim], 64), kv[..., self.nope_dim:]], dim=-1)
 
-    def _window_keys(self, kv: torch.Tensor, grp: Group, cache: KVCache | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw keys [Bg, W', c] (ring history + new chunk) and the sliding-window mask [Bg, S, W']."""
+    def _window_keys(self, kv: torch.Tensor, grp: Group, cache: KVCache | None, read: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Raw keys [Bg, W', c] (ring history + new chunk) and the sliding-window mask [Bg, S, W']; with a cache the
+        chunk's keys are then written to the ring (``read=False``: only that)."""
         lay = grp.memoize(("window", self.window, cache is not None),
                           lambda: _WindowLayout(grp, self.window, cache is not None))
+        if not read:
+            with torch.no_grad():
+                ring = cache.window[self.layer_id]
+                ring[lay.w_slots, lay.w_rows] = kv[lay.w_tok].to(ring.dtype)
+            return None
         kvg = group_rows(kv, grp)  # [Bg, S, c]
         if lay.hist_rows is not None:
             ring = cache.window[self.layer_id]  # [slots, w, c]; index_select on the flat rows: a cheaper gather
