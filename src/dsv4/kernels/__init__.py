@@ -41,6 +41,8 @@ _SIGNATURES = {
     "dsv4_attn_out": [_P, _I, _I, _I, _P, _P, _I, _P, _I, _I, _P, _I, ctypes.c_int, _P, ctypes.c_int],
     "dsv4_hc_post": [_P, _P, _P, _P, _I, _I, _I, _P, ctypes.c_int],
     "dsv4_indexer_topk": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _I, _P, ctypes.c_int],
+    "dsv4_compress_decode": [_P, _I, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _I, _P, _F, _P, _P, _I,
+                             _P, _P, _I, _I, ctypes.c_int],
     "dsv4_hc_pre": [_P, _I, _I, _I, _P, _P, _P, ctypes.c_int, _F, _F, _P, _F, _P, _P, _P, ctypes.c_int],
 }
 
@@ -305,3 +307,26 @@ def indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, block_tab
     lib.dsv4_indexer_topk(_ptr(qf), _ptr(wf), b, h, i, _ptr(keys), _ptr(tables), tables.shape[1], ratio,
                           keys.shape[1] * ratio, _ptr(vis), k, _ptr(top), torch.get_num_threads())
     return top
+
+
+def compress_decode(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor, ratio: int,
+                    overlap: bool, positions: torch.Tensor, slots: torch.Tensor, state: torch.Tensor,
+                    norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, pages: torch.Tensor,
+                    block_tables: torch.Tensor) -> None:
+    """``Compressor.project`` + ``group_entries`` (with a cache) for one new token per sequence, in place: x [B, D]
+    at ``positions`` [B]; the tail state [slots, 2, rows, C] and, for tokens that complete a block, the entry pages
+    [pages, page_size // ratio, c] are updated. cos/sin [B, R/2] at the entry position (pos // ratio) * ratio."""
+    lib = _lib_or_raise()
+    for t in (wkv, wgate, ape, state, pages):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError("the native compressor takes contiguous fp32 weights, state and pages")
+    xf = x.float().contiguous()
+    b, d = xf.shape
+    c = pages.shape[-1]
+    pos, slots = positions.to(torch.int64).contiguous(), slots.to(torch.int64).contiguous()
+    tables = block_tables.to(torch.int64).contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    lib.dsv4_compress_decode(_ptr(xf), b, d, _ptr(wkv), _ptr(wgate), _ptr(ape), wkv.shape[0], c, ratio, int(overlap),
+                             _ptr(pos), _ptr(slots), _ptr(state), state.shape[2], _ptr(norm_weight.float().contiguous()),
+                             eps, _ptr(cos), _ptr(sin), cos.shape[-1], _ptr(pages), _ptr(tables), tables.shape[1],
+                             pages.shape[1] * ratio, torch.get_num_threads())

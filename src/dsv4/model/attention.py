@@ -82,19 +82,22 @@ class Attention(nn.Module):
             kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [N, c]
         if qat:
             kv = self._kv_post(kv)
-        if self.compressor is not None:
+        # decode-only steps on the fast path: the compressors project inside their native update (_native_chunk)
+        fused = native and cache is not None and len(plan.groups) == 1 and plan.groups[0].is_decode
+        ckv = cz = ikv = iz = None
+        if self.compressor is not None and not fused:
             ckv, cz = self.compressor.project(x, plan.positions)
         if self.indexer is not None:
             iq, iw = self.indexer.queries(x, qr, cos, sin, qat)
-            ikv, iz = self.indexer.compressor.project(x, plan.positions)
+            if not fused:
+                ikv, iz = self.indexer.compressor.project(x, plan.positions)
         lid = self.layer_id
         page_size = cache.page_size if cache is not None else 0
 
         out = None
         for grp in plan.groups:
             if native and cache is not None:
-                o = self._native_chunk(q, kv, x, grp, cache, ckv if self.compressor is not None else None,
-                                       cz if self.compressor is not None else None,
+                o = self._native_chunk(q, kv, x, grp, cache, ckv, cz,
                                        (iq, iw, ikv, iz) if self.indexer is not None else None)
                 out = unpad_rows(o, grp, n, out)
                 continue
@@ -160,8 +163,11 @@ class Attention(nn.Module):
         entries = rows = None
         if self.compressor is not None:
             entries = cache.entries[lid]  # [pages, page_size // r, c]
-            self.compressor.group_entries(ckv, cz, grp, self.rotary, x.dtype, None, cache.comp_state[lid], entries,
-                                          page_size, read=False)
+            if ckv is None:  # decode-only step: projection and update in one native call
+                self.compressor.decode_native(x, grp, self.rotary, cache.comp_state[lid], entries)
+            else:
+                self.compressor.group_entries(ckv, cz, grp, self.rotary, x.dtype, None, cache.comp_state[lid],
+                                              entries, page_size, read=False)
             vis = grp.memoize(("visible", r), lambda: (grp.pos + 1) // r)  # [Bg, S] entries each query may see
             if idx is None:  # HCA: every visible entry
                 ids = torch.arange(max(grp.end_list) // r, device=x.device)[None].expand(grp.size, -1)  # [Bg, E]
@@ -171,8 +177,11 @@ class Attention(nn.Module):
                 iq, iw, ikv, iz = idx
                 keys = cache.idx_entries[lid]
                 if grp.is_decode:  # one query per sequence: score the indexer keys in place
-                    self.indexer.compressor.group_entries(ikv, iz, grp, self.rotary, x.dtype, None,
-                                                          cache.idx_state[lid], keys, page_size, read=False)
+                    if ikv is None:
+                        self.indexer.compressor.decode_native(x, grp, self.rotary, cache.idx_state[lid], keys)
+                    else:
+                        self.indexer.compressor.group_entries(ikv, iz, grp, self.rotary, x.dtype, None,
+                                                              cache.idx_state[lid], keys, page_size, read=False)
                     k = min(self.indexer.topk, max(grp.end_list) // r)
                     top = kernels.indexer_topk(group_rows(iq, grp)[:, 0], group_rows(iw, grp)[:, 0], keys,
                                                grp.block_tables, r, vis[:, 0], k)[:, None]  # [Bg, 1, k]

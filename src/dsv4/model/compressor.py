@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4 import kernels
 from dsv4.config import CSA_RATIO
-from dsv4.model.batch import Group, pad_rows
+from dsv4.model.batch import Group, group_rows, pad_rows
 from dsv4.model.norm import RMSNorm
 from dsv4.model.rope import Rotary, apply_rope
 
@@ -112,6 +113,17 @@ class Compressor(nn.Module):
             state[lay.tail_slots, 0, lay.tail_rows] = kv[lay.tail_tok]
             state[lay.tail_slots, 1, lay.tail_rows] = z[lay.tail_tok]
         return pages[lay.read_page, lay.read_row] if read else None  # [Bg, E, c]
+
+
+    def decode_native(self, x: torch.Tensor, grp: Group, rotary: Rotary, state: torch.Tensor, pages: torch.Tensor
+                      ) -> None:
+        """``project`` + ``group_entries(read=False)`` for a decode group (one token per sequence) as one native
+        call (dsv4/kernels; the model's fast path, fp32, no QAT rounding)."""
+        pos = grp.pos[:, 0]
+        cos, sin = rotary.cos_sin(pos // self.ratio * self.ratio)
+        kernels.compress_decode(group_rows(x, grp)[:, 0], self.wkv.weight, self.wgate.weight, self.ape, self.ratio,
+                                self.overlap, pos, grp.slots, state, self.norm.weight, self.norm.eps, cos, sin, pages,
+                                grp.block_tables)
 
 
 class _Layout:
