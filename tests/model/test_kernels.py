@@ -103,14 +103,17 @@ def test_native_model_matches_pytorch_model():
         close(native(ids), model(ids), rel=1e-4)
 
 
-def test_native_bf16_model_keeps_expert_and_head_dtypes():
-    """A bf16 model: experts stay bf16 (read as bf16), everything else becomes fp32; logits = the fp32 model's."""
+def test_native_bf16_model_keeps_the_dtypes_the_kernels_read():
+    """A bf16 model: experts and attention projections stay bf16 (read as bf16), everything else becomes fp32 (the
+    head is fp32 already); logits = the fp32 model's."""
     cfg = make_tiny_config()
     model = random_model(cfg, dtype=torch.bfloat16)
     ref = copy.deepcopy(model).float()
     model.use_native_kernels()
+    read_as_stored = (".experts.", "shared_experts.", ".attn.wq_a.", ".attn.wq_b.", ".attn.wkv.", ".attn.wo_a.",
+                      ".attn.wo_b.")
     for name, p in model.named_parameters():
-        want = torch.bfloat16 if ".experts." in name or "shared_experts." in name else torch.float32
+        want = torch.bfloat16 if any(k in name for k in read_as_stored) else torch.float32
         assert p.dtype == want, name
     ids = torch.randint(0, cfg.vocab_size, (1, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -167,3 +170,15 @@ def test_indexer_topk_matches_select_reading_keys_from_pages():
     for row_got, row_want in zip(got.tolist(), want.tolist()):
         assert sorted(row_got) == sorted(row_want)  # same picks (the order only changes a summation order)
     assert got[0, 3:].tolist() == [-1, -1]
+
+
+def test_native_model_refuses_autograd_and_qat_clearly():
+    cfg = make_tiny_config()
+    model = random_model(cfg).use_native_kernels()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+    from dsv4.model.transformer import Transformer
+
+    qat = Transformer(cfg, dtype=torch.float32, qat_sim=True).init_weights(0)
+    with pytest.raises(ValueError, match="QAT"):
+        qat.use_native_kernels()

@@ -125,6 +125,9 @@ class Transformer(nn.Module):
 
     def forward_batch(self, batch: ForwardBatch, cache: KVCache | None = None) -> ForwardOutput:
         """One varlen step (docs/contracts.md). With ``cache=None`` the forward is pure and differentiable."""
+        if self.native and torch.is_grad_enabled():
+            raise RuntimeError("this model runs on the native kernels (use_native_kernels), which are inference-only: "
+                               "call it under torch.no_grad() / torch.inference_mode()")
         if cache is not None:
             _check_cache(self.config, cache, batch)
         plan = BatchPlan(batch, self.device, cache is not None)
@@ -154,6 +157,9 @@ class Transformer(nn.Module):
         logits for token t+2 and the MTP block's streams."""
         if not self.mtp:
             raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
+        if self.native and torch.is_grad_enabled():
+            raise RuntimeError("this model runs on the native kernels (use_native_kernels), which are inference-only: "
+                               "call it under torch.no_grad() / torch.inference_mode()")
         if cache is not None:
             _check_cache(self.config, cache, batch)
             if len(cache.window) <= self.config.n_layers + depth:
@@ -165,13 +171,20 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def use_native_kernels(self) -> Transformer:
-        """CPU inference fast path (dsv4/kernels): the output head, the experts and mHC + norm run as fused native
-        kernels, and every activation is fp32. The expert weights and the head stay in their stored dtype (a bf16
-        checkpoint's are read as bf16 and widened exactly); every other floating parameter becomes fp32 (exact).
-        The results are the fp32 path's up to summation order. Autograd keeps the PyTorch path, so this is for
-        inference. Raises RuntimeError when the kernels cannot be built here (the reason is in the message)."""
+        """CPU inference fast path (dsv4/kernels), in place: the output head, the experts, mHC + norm, the attention
+        projections and attention, the Lightning Indexer's top-k and the compressors' decode update run as native
+        kernels, and every activation is fp32. The weights the kernels read (experts, head, attention projections)
+        stay in their stored dtype (a bf16 checkpoint's are read as bf16 and widened exactly); every other floating
+        parameter becomes fp32 (exact). Results are the fp32 path's up to summation order.
+
+        Inference only: a forward with autograd enabled raises (the kernels have no backward). Raises RuntimeError
+        when the kernels cannot be built here and ValueError for what they do not cover (another device, QAT
+        simulation); the message says which."""
         if self.device.type != "cpu":
             raise ValueError(f"the native kernels are CPU kernels; this model is on {self.device}")
+        if self.numerics.qat_sim:
+            raise ValueError("the native kernels do not simulate the QAT roundings; load without qat_sim=True or "
+                             "use the PyTorch path (native_kernels=False)")
         if not kernels.available():
             raise RuntimeError(f"dsv4 native CPU kernels are unavailable: {kernels.why_unavailable()}; "
                                "use the PyTorch path (native_kernels=False)")
@@ -180,6 +193,8 @@ class Transformer(nn.Module):
         for moe in moes:
             for ex in [*moe.experts, *([moe.shared_experts] if moe.shared_experts is not None else [])]:
                 kept.update(id(lin.weight) for lin in (ex.w1, ex.w2, ex.w3))
+        for att in (mod for mod in self.modules() if isinstance(mod, Attention)):
+            kept.update(id(lin.weight) for lin in (att.wq_a, att.wq_b, att.wkv, att.wo_a, att.wo_b))
         for p in self.parameters():
             if p.is_floating_point() and p.dtype != torch.float32 and id(p) not in kept:
                 p.data = p.data.float()
