@@ -182,3 +182,12 @@ def test_native_model_refuses_autograd_and_qat_clearly():
     qat = Transformer(cfg, dtype=torch.float32, qat_sim=True).init_weights(0)
     with pytest.raises(ValueError, match="QAT"):
         qat.use_native_kernels()
+
+
+def test_argmax_rows_is_torch_max_indices():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 1000, generator=g)
+    x[1, 7] = x[1, 900] = 50.0  # ties: the first one
+    x[2, 3] = float("nan")  # a NaN wins, like torch.max
+    x[3] = 0.0
+    assert kernels.argmax_rows(x).tolist() == x.max(dim=-1).indices.tolist()

@@ -43,6 +43,7 @@ _SIGNATURES = {
     "dsv4_indexer_topk": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _I, _P, ctypes.c_int],
     "dsv4_compress_decode": [_P, _I, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _I, _P, _F, _P, _P, _I,
                              _P, _P, _I, _I, ctypes.c_int],
+    "dsv4_argmax_rows": [_P, _I, _I, _P, ctypes.c_int],
     "dsv4_hc_pre": [_P, _I, _I, _I, _P, _P, _P, ctypes.c_int, _F, _F, _P, _F, _P, _P, _P, ctypes.c_int],
 }
 
@@ -106,6 +107,11 @@ def _load() -> ctypes.CDLL | None:
             except (RuntimeError, OSError) as e:
                 _error = str(e)
     return _lib
+
+
+def loaded() -> bool:
+    """True when the kernels are already built and loaded in this process (no build is attempted)."""
+    return _lib is not None
 
 
 def available() -> bool:
@@ -330,3 +336,13 @@ def compress_decode(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape
                              _ptr(pos), _ptr(slots), _ptr(state), state.shape[2], _ptr(norm_weight.float().contiguous()),
                              eps, _ptr(cos), _ptr(sin), cos.shape[-1], _ptr(pages), _ptr(tables), tables.shape[1],
                              pages.shape[1] * ratio, torch.get_num_threads())
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.max(dim=-1).indices`` for fp32 [M, V] rows (first maximum; a NaN wins), rows split over the threads."""
+    lib = _lib_or_raise()
+    xf = x.float().contiguous()
+    m, v = xf.shape
+    out = torch.empty(m, dtype=torch.int64)
+    lib.dsv4_argmax_rows(_ptr(xf), m, v, _ptr(out), torch.get_num_threads())
+    return out

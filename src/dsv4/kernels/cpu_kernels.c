@@ -650,3 +650,29 @@ void dsv4_compress_decode(const float *x, int64_t B, int64_t D, const float *wkv
     }
     free(kv); free(z); free(pooled); free(wts); free(vk); free(vz);
 }
+
+/* ---------------------------------------------------------------- greedy sampling (engine/sampler.py) */
+
+/* out[i] = index of the first maximum of row i of x [M, V] (a NaN counts as the maximum, like torch.max) */
+void dsv4_argmax_rows(const float *x, int64_t M, int64_t V, int64_t *out, int nthreads) {
+    int par = nthreads > 1 && M * V >= (1 << 16);
+#pragma omp parallel num_threads(par ? nthreads : 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < M; i++) {
+            const float *row = x + i * V;
+            int64_t best = 0;
+            float bv = row[0];
+            if (bv == bv)
+                for (int64_t j = 1; j < V; j++) {
+                    float v = row[j];
+                    if (v > bv || v != v) {
+                        best = j;
+                        bv = v;
+                        if (v != v) break;
+                    }
+                }
+            out[i] = best;
+        }
+    }
+}
