@@ -653,26 +653,44 @@ void dsv4_compress_decode(const float *x, int64_t B, int64_t D, const float *wkv
 
 /* ---------------------------------------------------------------- greedy sampling (engine/sampler.py) */
 
-/* out[i] = index of the first maximum of row i of x [M, V] (a NaN counts as the maximum, like torch.max) */
+/* first index k >= 0 of row[0..V) with row[k] == t (NaN: row[k] != row[k]), V when none */
+static int64_t find_first(const float *row, int64_t V, float t, int nan) {
+    __m512 tv = _mm512_set1_ps(t);
+    int64_t k = 0;
+    for (; k + 16 <= V; k += 16) {
+        __m512 v = _mm512_loadu_ps(row + k);
+        __mmask16 m = nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, tv, _CMP_EQ_OQ);
+        if (m) return k + __builtin_ctz((unsigned)m);
+    }
+    for (; k < V; k++)
+        if (nan ? row[k] != row[k] : row[k] == t) return k;
+    return V;
+}
+
+/* out[i] = index of the first maximum of row i of x [M, V] (a NaN counts as the maximum, like torch.max): a vector
+ * pass for the maximum (stopping at a NaN), then a vector search for its first index. */
 void dsv4_argmax_rows(const float *x, int64_t M, int64_t V, int64_t *out, int nthreads) {
     int par = nthreads > 1 && M * V >= (1 << 16);
-#pragma omp parallel num_threads(par ? nthreads : 1)
-    {
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < M; i++) {
-            const float *row = x + i * V;
-            int64_t best = 0;
-            float bv = row[0];
-            if (bv == bv)
-                for (int64_t j = 1; j < V; j++) {
-                    float v = row[j];
-                    if (v > bv || v != v) {
-                        best = j;
-                        bv = v;
-                        if (v != v) break;
-                    }
-                }
-            out[i] = best;
+#pragma omp parallel for schedule(static) num_threads(par ? nthreads : 1)
+    for (int64_t i = 0; i < M; i++) {
+        const float *row = x + i * V;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        int nan = 0;
+        int64_t j = 0;
+        for (; j + 16 <= V; j += 16) {
+            __m512 v = _mm512_loadu_ps(row + j);
+            if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) {
+                nan = 1;
+                break;
+            }
+            mx = _mm512_max_ps(mx, v);
         }
+        float best = _mm512_reduce_max_ps(mx);
+        for (; j < V && !nan; j++) {
+            if (row[j] != row[j]) nan = 1;
+            else if (row[j] > best) best = row[j];
+        }
+        int64_t k = find_first(row, V, best, nan);
+        out[i] = k < V ? k : 0;
     }
 }
