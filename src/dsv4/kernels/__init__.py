@@ -1,5 +1,8 @@
-"""Optional native CPU kernels: the decode-time hot spots of the model (the output head, the routed and shared
-experts, mHC), fused in C (``cpu_kernels.c``) and called through ctypes.
+"""Optional native CPU kernels: the hot spots of the model's inference path fused in C (``cpu_kernels.c``) and
+called through ctypes: linear layers (the output head, attention projections), the routed + shared experts, mHC
+(``hc_pre`` + the following RMSNorm, ``hc_post``), attention over the window ring and the compressed pages (decode
+tokens and prefill chunks), the Lightning Indexer's top-k, the compressors' decode update, and the greedy argmax.
+``Transformer.use_native_kernels`` switches a model onto them; docs/architecture.md sec 6 describes the path.
 
 They are built on first use with the system C compiler (``cc -O3 -march=native -fopenmp``; about 2 s) into
 ``$DSV4_KERNEL_CACHE`` (default ``~/.cache/dsv4/kernels``), keyed by the source and the CPU. When that is not
@@ -7,8 +10,9 @@ possible (no compiler, no AVX-512, or ``DSV4_NATIVE_KERNELS=0``) :func:`availabl
 says why, and the model keeps its plain-PyTorch path: the kernels are a speed-up, never a requirement.
 
 Numerics: fp32 activations and sums; weights are read in place (bf16 or fp32, row-major), a bf16 weight widened
-exactly. Results equal the PyTorch fp32 path up to summation order (tested), and a row's result does not depend on
-how many rows a call carries. Shape legend: M rows (tokens), K in-features, N out-features, D dim, F expert dim.
+exactly. Results equal the PyTorch fp32 path up to summation order (tests/model/test_kernels.py). Products with 64 or
+more rows go to the BLAS ``sgemm`` in torch's own library when it exports one (``DSV4_KERNEL_BLAS=0``: never).
+Shape legend: M rows (tokens), K in-features, N out-features, D dim, F expert dim.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -332,9 +335,10 @@ def compress_decode(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape
     pos, slots = positions.to(torch.int64).contiguous(), slots.to(torch.int64).contiguous()
     tables = block_tables.to(torch.int64).contiguous()
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    lib.dsv4_compress_decode(_ptr(xf), b, d, _ptr(wkv), _ptr(wgate), _ptr(ape), wkv.shape[0], c, ratio, int(overlap),
-                             _ptr(pos), _ptr(slots), _ptr(state), state.shape[2], _ptr(norm_weight.float().contiguous()),
-                             eps, _ptr(cos), _ptr(sin), cos.shape[-1], _ptr(pages), _ptr(tables), tables.shape[1],
+    norm_w = norm_weight.float().contiguous()
+    lib.dsv4_compress_decode(_ptr(xf), b, d, _ptr(wkv), _ptr(wgate), _ptr(ape), wkv.shape[0], c, ratio,
+                             int(overlap), _ptr(pos), _ptr(slots), _ptr(state), state.shape[2], _ptr(norm_w), eps,
+                             _ptr(cos), _ptr(sin), cos.shape[-1], _ptr(pages), _ptr(tables), tables.shape[1],
                              pages.shape[1] * ratio, torch.get_num_threads())
 
 

@@ -1,4 +1,4 @@
-/* dsv4 native CPU kernels (x86-64 with AVX-512F): the decode-time hot spots of the plain-PyTorch model, fused.
+/* dsv4 native CPU kernels (x86-64 with AVX-512F): the inference hot spots of the plain-PyTorch model, fused.
  *
  * Built on first use by dsv4/kernels/__init__.py with the system C compiler (-O3 -march=native -fopenmp) and called
  * through ctypes; the model keeps its PyTorch path when this cannot be built. Each kernel computes what the PyTorch
@@ -46,7 +46,7 @@ static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 }
 
 /* out[i, j] = dot(x[i, :], w[j, :]) for i < mr, j < nb (compile-time constants after inlining). Each dot is 16 lane
- * sums over k (FMA, k ascending) reduced in a fixed order, so a result does not depend on M or on the blocking. */
+ * sums over k (FMA, k ascending) reduced in a fixed order, so a result does not depend on the other rows. */
 #define MICRO(NAME, WT, LOAD, LOAD_TAIL)                                                                            \
     static inline __attribute__((always_inline)) void NAME(const float *x, int64_t ldx, const int mr, const WT *w,  \
                                                            int64_t ldw, const int nb, int64_t K, float *out,       \
@@ -379,7 +379,7 @@ void dsv4_hc_pre(const float *x, int64_t N, int64_t M, int64_t D, const float *f
 /* Attention of a chunk of S query tokens per sequence (S = 1: decode), as attention.sparse_attention computes it:
  * out[b, s, h] = softmax([q.k for the window keys, q.k for the compressed keys, sink[h]]) without the sink column,
  * times the same keys (K = V: one shared KV head, so each key is read once for all heads). Query s of sequence b sits
- * at t = start[b] + s (s < len[b]; later rows are padding and get zeros). Window keys: positions max(0, t - w + 1) .. t,
+ * at t = start[b] + s (s < len[b]; later rows are padding and get zeros). Window keys: positions max(0, t-w+1) .. t,
  * from the chunk's own keys kv [B, S, c] for positions >= start[b], else from the ring (row slot[b] * w + p % w,
  * written before this chunk). Compressed keys: rows ent_rows[b, s, 0..E) of `entries` [*, c], -1 = none. */
 void dsv4_chunk_attn(const float *q, const float *kv, int64_t B, int64_t S, int64_t H, int64_t c, const int64_t *start,
@@ -572,7 +572,8 @@ void dsv4_indexer_topk(const float *q, const float *w, int64_t B, int64_t H, int
                 const float *qh = q + (b * H + h) * I;
                 __m512 acc = _mm512_setzero_ps();
                 int64_t i = 0;
-                for (; i + 16 <= I; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(key + i), acc);
+                for (; i + 16 <= I; i += 16)
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(key + i), acc);
                 float d = _mm512_reduce_add_ps(acc);
                 for (; i < I; i++) d += qh[i] * key[i];
                 s += (d > 0.0f ? d : 0.0f) * w[b * H + h];
@@ -588,7 +589,7 @@ void dsv4_indexer_topk(const float *q, const float *w, int64_t B, int64_t H, int
     free(sc);
 }
 
-/* ---------------------------------------------------------------- compressor, one decode token (model/compressor.py) */
+/* ---------------------------------------------------------------- compressor decode update (model/compressor.py) */
 
 /* Compressor.project + group_entries for one new token per sequence (position pos[b]), as the PyTorch path does it:
  * kv = x wkv^T, z = x wgate^T + ape[pos % r] ([B, C], C = coff * c); the token's row goes to the slot's tail state

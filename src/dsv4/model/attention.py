@@ -13,8 +13,10 @@ before ``P V``. With ``Numerics.qat_sim`` the non-RoPE KV dims are FP8-rounded.
 
 Prefill chunks attend densely within the chunk (a [S, window + S] mask) and to compressed entries through a
 [S, E] selection mask; a decode token reads its window from the cache ring and *gathers* only the top-k CSA
-entries (no dense mask over the history). Deliberately not here: fused kernels (this is the plain-PyTorch
-reference path) and any cache policy.
+entries (no dense mask over the history). On the native fast path (``native``, set by
+``Transformer.use_native_kernels``) the projections, the attention of cached chunks, the decode indexer top-k and the
+decode compressor update call dsv4/kernels instead (``_native_chunk``); the code below stays the reference.
+Deliberately not here: the kernels themselves and any cache policy.
 
 Shape legend: N flat tokens, Bg sequences, S chunk width, H heads, c head dim, W window keys, E entries, k picks,
 G = o_groups.

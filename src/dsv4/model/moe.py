@@ -8,8 +8,9 @@
   one always-on shared expert (also clamped).
 
 Each expert runs only on the tokens routed to it (tokens sorted by expert; one loop over the experts that got any
-token). Deliberately not here: expert parallelism, grouped-GEMM kernels, the training-time balance loss and the
-bias update (train/).
+token). On the native fast path (``MoE.use_native_kernels``) everything after the gate is one dsv4/kernels call.
+Deliberately not here: expert parallelism, the kernels themselves, the training-time balance loss and the bias
+update (train/).
 
 Shape legend: N tokens, D dim, E experts, k experts per token, F expert inner dim.
 """

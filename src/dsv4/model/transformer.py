@@ -14,9 +14,11 @@ Entry points:
   varlen batches of prefill chunks and decode tokens (docs/contracts.md);
 * ``model.forward_mtp(ForwardBatch of the *next* tokens, hidden, cache)``: the MTP block (mtp.py);
 * ``model.pack_experts()``: inference fast path (stacked expert weights, batched expert matmuls; same memory).
+* ``model.use_native_kernels()``: the CPU inference fast path (dsv4/kernels; fp32 activations, the weights the
+  kernels read kept in their stored dtype). ``dsv4.LLM`` applies it to checkpoints it loads onto a CPU.
 
-CPU note: with this torch build bf16 GEMV/GEMM kernels run 2-5x slower than fp32 on CPU, so a bf16 checkpoint
-decodes fastest on CPU when loaded with ``dtype=torch.float32`` (bf16 weights are exact in fp32).
+CPU note: on the PyTorch path, this torch build's bf16 GEMV/GEMM kernels run 2-5x slower than fp32 on CPU, so a bf16
+checkpoint decodes faster there when loaded with ``dtype=torch.float32`` (bf16 weights are exact in fp32).
 
 Deliberately not here: sampling, scheduling, cache allocation policy, parallelism.
 
