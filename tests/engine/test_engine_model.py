@@ -118,6 +118,19 @@ def test_prefix_cache_hits(model):
     assert o.num_cached_tokens >= 32
 
 
+def test_n_siblings_share_the_prompt_prefill(model):
+    """n > 1: the siblings wait for the first sequence's prompt snapshot and compute only the tail; same output."""
+    (p,) = prompts(1, 45, 45, seed=12)
+    llm = engine(model, max_num_batched_tokens=64)
+    (out,) = llm.generate([p], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, n=3))
+    ref = plain_greedy(model, [p], [5])[0]
+    assert [o.token_ids for o in out.outputs] == [ref] * 3
+    assert out.num_cached_tokens == 2 * 32  # two siblings x the last page boundary (32) of the 45-token prompt
+    off = engine(model, max_num_batched_tokens=64, enable_prefix_caching=False)
+    (plain,) = off.generate([p], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, n=3))
+    assert plain.num_cached_tokens == 0 and [o.token_ids for o in plain.outputs] == [ref] * 3
+
+
 def force_half_the_drafts(llm, ps, ref, pick) -> None:
     """Wrap the MTP drafter so that drafts chosen by ``pick(seq, call_number)`` become the true next token (from the
     reference output ``ref``): a random MTP block is almost never right, and both accept and reject paths must run."""

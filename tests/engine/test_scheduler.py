@@ -182,3 +182,23 @@ def test_random_workload_invariants(seed):
     if pc:
         pc.clear()
     assert bm.num_free_pages == bm.num_pages
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_sibling_waits_for_its_leaders_prompt_only_with_prefix_caching(cached):
+    bm = BlockManager(num_pages=64, num_slots=4, page_size=P)
+    sched = Scheduler(bm, max_num_batched_tokens=30, prefix_cache=PrefixCache(bm, 8) if cached else None)
+    lead = make_seq(0, 20)  # its last page boundary: 16
+    sib = Sequence(1, "r0", 1, list(lead.prompt_token_ids), lead.params, 1, None)
+    sib.leader = lead
+    other = make_seq(2, 3)
+    for s in (lead, sib, other):
+        sched.add(s)
+    out = run_step(sched)
+    # with prefix caching the sibling is passed over until the leader has computed up to 16 (then its prompt's
+    # snapshot exists) and the later request goes first; without it the sibling is admitted in arrival order
+    assert [it.seq.seq_id for it in out.items] == ([0, 2] if cached else [0, 1])
+    if cached:
+        assert lead.num_computed == 16 and sib in sched.waiting
+        out = run_step(sched)
+        assert 1 in [it.seq.seq_id for it in out.items]

@@ -175,6 +175,8 @@ class LLMEngine:
                         self.tokenizer, self.eos_token_id, self.max_model_len,
                     )
                 )
+            for s in seqs[1:]:
+                s.leader = seqs[0]  # siblings reuse the leader's prompt through the prefix cache (scheduler)
             self.requests[request_id] = _Request(request_id, text, ids, params, seqs)
             self.stats["prompt_tokens"] += len(ids) * params.n
             for s in seqs:

@@ -126,6 +126,8 @@ class Sequence:
         self.status = SeqStatus.WAITING
         self.num_computed = 0
         self.num_cached_tokens = 0  # prompt tokens reused from the prefix cache at (first) admission
+        # n > 1: sequence 0 of the request; the scheduler lets its siblings wait for its prompt's prefix snapshot
+        self.leader: Sequence | None = None
         self.slot: int | None = None
         self.pages: list[int] = []
         self.finish_reason: str | None = None

@@ -156,13 +156,29 @@ class Scheduler:
             out.items.append(ScheduledSeq(seq, seq.num_computed, n, draft, snap))
             budget -= total
             i += 1
-        # Admit new work only when nothing had to be preempted: memory is the bottleneck right now.
+        # Admit new work only when nothing had to be preempted: memory is the bottleneck right now. In arrival order;
+        # the first sequence that does not fit stops admission (no overtaking), a sibling waiting for its leader's
+        # prompt is passed over.
         if not out.preempted:
-            while self.waiting and budget > 0 and self.bm.num_free_slots > 0:
-                if not self._admit(self.waiting[0], budget, out):
+            for seq in list(self.waiting):
+                if budget <= 0 or self.bm.num_free_slots == 0:
+                    break
+                if self._awaits_leader(seq):
+                    continue
+                if not self._admit(seq, budget, out):
                     break
                 budget -= out.items[-1].num_tokens
         return out
+
+    def _awaits_leader(self, seq: Sequence) -> bool:
+        """A sibling of an n > 1 request waits until its leader has computed the prompt up to its last page
+        boundary: that chunk leaves a prefix-cache snapshot, so the sibling computes only the prompt's tail instead of
+        the whole prompt again. Without prefix caching, or once the leader is done, nothing waits."""
+        lead = seq.leader
+        if lead is None or self.prefix_cache is None or seq.num_computed or lead.is_finished:
+            return False
+        _, last = self._snapshot_points(lead)
+        return lead.num_computed < last
 
     def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput) -> bool:
         entry = None
@@ -184,7 +200,7 @@ class Scheduler:
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = entry.num_tokens
                 self.num_cached_tokens += entry.num_tokens
-        self.waiting.popleft()
+        self.waiting.remove(seq)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
         out.items.append(ScheduledSeq(seq, seq.num_computed, n, None, snap))
