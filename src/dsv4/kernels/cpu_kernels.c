@@ -404,8 +404,27 @@ void dsv4_chunk_attn(const float *q, const float *kv, int64_t B, int64_t S, int6
                     if (rows[e] >= 0) keys[nk++] = entries + rows[e] * c;
                 const float *qb = q + (b * S + s) * H * c;
                 for (int64_t h = 0; h < H; h++) mx[h] = sink[h];
-                for (int64_t j = 0; j < nk; j++)
-                    for (int64_t h = 0; h < H; h++) {
+                for (int64_t j = 0; j < nk; j++) {
+                    int64_t h = 0;
+                    if (c % 16 == 0)
+                        for (; h + 4 <= H; h += 4) { /* four heads per pass: one key load, one 4-way sum */
+                            const float *q0 = qb + h * c;
+                            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                            for (int64_t i = 0; i < c; i += 16) {
+                                __m512 kv16 = _mm512_loadu_ps(keys[j] + i);
+                                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + i), kv16, a0);
+                                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + c + i), kv16, a1);
+                                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 2 * c + i), kv16, a2);
+                                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 3 * c + i), kv16, a3);
+                            }
+                            float d4[4];
+                            _mm_storeu_ps(d4, hsum4(a0, a1, a2, a3));
+                            for (int u = 0; u < 4; u++) {
+                                float l = logit[(h + u) * nk + j] = d4[u] * scale;
+                                mx[h + u] = l > mx[h + u] ? l : mx[h + u];
+                            }
+                        }
+                    for (; h < H; h++) {
                         const float *qh = qb + h * c;
                         __m512 acc = _mm512_setzero_ps();
                         int64_t i = 0;
@@ -416,6 +435,7 @@ void dsv4_chunk_attn(const float *q, const float *kv, int64_t B, int64_t S, int6
                         float l = logit[h * nk + j] = sdot * scale;
                         mx[h] = l > mx[h] ? l : mx[h];
                     }
+                }
                 for (int64_t h = 0; h < H; h++) {
                     float *lh = logit + h * nk, den = expf(sink[h] - mx[h]);
                     for (int64_t j = 0; j < nk; j++) den += (lh[j] = expf(lh[j] - mx[h]));
