@@ -133,6 +133,27 @@ static void blas_nt(const float *x, int64_t M, int64_t K, const float *w, int64_
 
 #define MC 96 /* token rows per cache block: x[MC, K] stays in L2 while every weight block passes over it */
 
+/* weight block b (rows b*NB ..) of one row block; scratch: NB*K floats when a bf16 W is widened (mc > MR) */
+static inline void linear_block(int64_t b, const float *xm, int64_t mc, int64_t K, const void *w, int w_bf16,
+                                int64_t N, float *ym, float *scratch) {
+    int64_t n0 = b * NB;
+    int nb = (int)(N - n0 < NB ? N - n0 : NB);
+    if (!w_bf16) {
+        micro_f32_block(xm, mc, K, (const float *)w + n0 * K, nb, ym + n0, N);
+    } else if (scratch) {
+        const bf16 *src = (const bf16 *)w + n0 * K;
+        int64_t len = nb * K, i = 0;
+        for (; i + 16 <= len; i += 16) _mm512_storeu_ps(scratch + i, load_bf16(src + i));
+        for (; i < len; i++) {
+            uint32_t bits = (uint32_t)src[i] << 16;
+            memcpy(scratch + i, &bits, 4);
+        }
+        micro_f32_block(xm, mc, K, scratch, nb, ym + n0, N);
+    } else {
+        micro_bf16_block(xm, mc, K, (const bf16 *)w + n0 * K, nb, ym + n0, N);
+    }
+}
+
 /* y[M, N] = x[M, K] @ W[N, K]^T with W row-major in bf16 (w_bf16) or fp32. Rows in blocks of MC (sequential), weight
  * rows in blocks of NB (parallel when the work is worth a fork). Many rows and a bf16 W: each weight block is widened
  * to fp32 once per row block (scratch) instead of in every micro-kernel call; same values, same FMA order. */
@@ -163,30 +184,18 @@ void dsv4_linear(const float *x, int64_t M, int64_t K, const void *w, int w_bf16
         int64_t mc = M - m0 < MC ? M - m0 : MC;
         const float *xm = x + m0 * K;
         float *ym = y + m0 * N;
-        int par = nthreads > 1 && nblocks > 1 && mc * N * K >= (1 << 16);
-#pragma omp parallel num_threads(par ? nthreads : 1)
-        {
-            int widen = w_bf16 && mc > MR;
-            float *scratch = widen ? (float *)malloc((size_t)NB * K * sizeof(float) + 64) : NULL;
+        int widen = w_bf16 && mc > MR;
+        if (nthreads > 1 && nblocks > 1 && mc * N * K >= (1 << 16)) {
+#pragma omp parallel num_threads(nthreads)
+            {
+                float *scratch = widen ? (float *)malloc((size_t)NB * K * sizeof(float) + 64) : NULL;
 #pragma omp for schedule(static)
-            for (int64_t b = 0; b < nblocks; b++) {
-                int64_t n0 = b * NB;
-                int nb = (int)(N - n0 < NB ? N - n0 : NB);
-                if (!w_bf16) {
-                    micro_f32_block(xm, mc, K, (const float *)w + n0 * K, nb, ym + n0, N);
-                } else if (widen) {
-                    const bf16 *src = (const bf16 *)w + n0 * K;
-                    int64_t len = nb * K, i = 0;
-                    for (; i + 16 <= len; i += 16) _mm512_storeu_ps(scratch + i, load_bf16(src + i));
-                    for (; i < len; i++) {
-                        uint32_t bits = (uint32_t)src[i] << 16;
-                        memcpy(scratch + i, &bits, 4);
-                    }
-                    micro_f32_block(xm, mc, K, scratch, nb, ym + n0, N);
-                } else {
-                    micro_bf16_block(xm, mc, K, (const bf16 *)w + n0 * K, nb, ym + n0, N);
-                }
+                for (int64_t b = 0; b < nblocks; b++) linear_block(b, xm, mc, K, w, w_bf16, N, ym, scratch);
+                free(scratch);
             }
+        } else { /* no thread team: cheap, also from inside another kernel's parallel region */
+            float *scratch = widen ? (float *)malloc((size_t)NB * K * sizeof(float) + 64) : NULL;
+            for (int64_t b = 0; b < nblocks; b++) linear_block(b, xm, mc, K, w, w_bf16, N, ym, scratch);
             free(scratch);
         }
     }
