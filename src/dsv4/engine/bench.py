@@ -5,7 +5,8 @@ Workload (fixed, seeded): a random V4 checkpoint in bf16 with the real V4 vocabu
 Measured:
 * single-stream decode tok/s (128-token prompt, 128 new tokens; median step time), both engines;
 * batched throughput: 32 requests x 128 prompt / 128 output through the engine, against transformers generating the
-  same requests one at a time (its per-request time comes from its measured prefill and decode step times);
+  same requests one at a time (its per-request time comes from its measured prefill and decode step times), in
+  alternating rounds;
 * prefill tok/s (one 1024-token prompt), both engines;
 * memory-bandwidth utilisation: weight bytes read by one decode step / step time / bandwidth measured here with a big
   torch copy;
@@ -279,7 +280,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"MTP speculative single stream: {res['spec_tok_s']} tok/s (prefill included), acceptance rate "
             f"{res['spec_acceptance_rate']}")
         del spec_llm
-    res["engine_batched_tok_s"] = round(engine_batched(llm, args.batch, args.prompt_len, args.new), 2)
+    # Batched throughput against transformers serving the same requests one at a time, in alternating rounds too:
+    # each round, one engine run of all the requests, then transformers generating one of them (its prefill +
+    # (new - 1) decode steps, timed from a shorter generation); medians over the rounds.
+    e_batched, h_one = [], []
+    for r in range(max(1, args.batched_rounds)):
+        e_batched.append(engine_batched(llm, args.batch, args.prompt_len, args.new))
+        if hf is not None:
+            p1, st = hf_times(hf, _prompt(args.prompt_len, 1000 + r), args.hf_new, reps=1)
+            h_one.append(args.new / (p1 + (args.new - 1) * st))
+        log(f"batched round {r}: engine {e_batched[-1]:.1f} tok/s"
+            + (f"; transformers one at a time {h_one[-1]:.2f} tok/s" if h_one else ""))
+    res["rounds_engine_batched_tok_s"] = [round(x, 1) for x in e_batched]
+    res["rounds_hf_one_at_a_time_tok_s"] = [round(x, 2) for x in h_one]
+    res["engine_batched_tok_s"] = round(statistics.median(e_batched), 2)
     log(f"engine batched ({args.batch} x {args.prompt_len}/{args.new}): {res['engine_batched_tok_s']} tok/s")
     del llm
 
@@ -287,14 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         hf_step = statistics.median(h_step)
         res["hf_decode_tok_s"] = round(1 / hf_step, 2)
         res["hf_decode_step_ms"] = round(hf_step * 1e3, 2)
-        # one at a time: each request = its prefill + (new - 1) decode steps; timed right after the batched run,
-        # over `hf_batched_sample` requests, so that both see the same machine load
-        per_reqs = []
-        for i in range(max(1, args.hf_batched_sample)):
-            p1, st = hf_times(hf, _prompt(args.prompt_len, 1000 + i), args.hf_new, reps=1)
-            per_reqs.append(p1 + (args.new - 1) * st)
-        per_req = statistics.median(per_reqs)
-        res["hf_one_at_a_time_tok_s"] = round(args.new / per_req, 2)
+        res["hf_one_at_a_time_tok_s"] = round(statistics.median(h_one), 2)
         res["hf_prefill_tok_s"] = round(args.prefill_len / statistics.median(h_prefill), 1)
         res["decode_speedup"] = round(res["engine_decode_tok_s"] / res["hf_decode_tok_s"], 2)
         if "engine_decode_tok_s_bf16_head" in res:
@@ -364,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--long-ctx", type=int, default=32768, help="0 skips the 1K/32K step comparison")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="alternating engine/transformers measurement rounds")
-    ap.add_argument("--hf-batched-sample", type=int, default=1,
-                    help="requests transformers generates after the batched run to time one-at-a-time serving")
+    ap.add_argument("--batched-rounds", type=int, default=3,
+                    help="alternating rounds of the engine's batched run and one transformers request")
     ap.add_argument("--only-long-ctx", action="store_true", help="measure only the 1K vs long-context decode step")
     ap.add_argument("--spec-new", type=int, default=32, help="tokens for the MTP speculative run (0 skips it)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
