@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(0, dtype, args.weights_cache)
     bf16_model = model
     if native:
-        # fp32 activations; the experts stay bf16 (read as bf16), the head stays fp32 (official); the rest is fp32
+        # fp32 activations; experts and attention projections stay bf16 (read as bf16), the head fp32 (official)
         model = build_model(0, dtype, args.weights_cache).use_native_kernels()
     elif args.dtype != "bfloat16":
         # NOTE: bf16 weights upcast losslessly; activations are then computed in this dtype (see the report: on

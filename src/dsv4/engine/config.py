@@ -22,7 +22,7 @@ class EngineConfig:
     speculative: bool = False  # MTP speculative decoding (draft 1 token with mtp.0, verify with the main model)
     seed: int = 0  # seeds the per-request generators of requests without their own seed
     num_threads: int | None = None  # torch.set_num_threads; None leaves torch's default
-    # CPU fast path (dsv4/kernels, Transformer.use_native_kernels): fused native head, experts and mHC, fp32
+    # CPU fast path (dsv4/kernels, Transformer.use_native_kernels; docs/architecture.md sec 6): native kernels, fp32
     # activations. None = on when LLM loads the checkpoint itself onto the CPU and the kernels build here (a model
     # object you pass is never converted unless you ask with True); True = required; False = PyTorch path.
     native_kernels: bool | None = None

@@ -10,7 +10,6 @@ and leaves every other request untouched.
 
 from __future__ import annotations
 
-
 import itertools
 import random
 import threading

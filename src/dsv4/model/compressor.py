@@ -114,7 +114,6 @@ class Compressor(nn.Module):
             state[lay.tail_slots, 1, lay.tail_rows] = z[lay.tail_tok]
         return pages[lay.read_page, lay.read_row] if read else None  # [Bg, E, c]
 
-
     def decode_native(self, x: torch.Tensor, grp: Group, rotary: Rotary, state: torch.Tensor, pages: torch.Tensor
                       ) -> None:
         """``project`` + ``group_entries(read=False)`` for a decode group (one token per sequence) as one native
