@@ -133,6 +133,16 @@ static void blas_nt(const float *x, int64_t M, int64_t K, const float *w, int64_
 
 #define MC 96 /* token rows per cache block: x[MC, K] stays in L2 while every weight block passes over it */
 
+/* dst[0..n) = src widened to fp32 (exact) */
+static void widen_bf16(const bf16 *src, int64_t n, float *dst) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load_bf16(src + i));
+    for (; i < n; i++) {
+        uint32_t bits = (uint32_t)src[i] << 16;
+        memcpy(dst + i, &bits, 4);
+    }
+}
+
 /* weight block b (rows b*NB ..) of one row block; scratch: NB*K floats when a bf16 W is widened (mc > MR) */
 static inline void linear_block(int64_t b, const float *xm, int64_t mc, int64_t K, const void *w, int w_bf16,
                                 int64_t N, float *ym, float *scratch) {
@@ -141,13 +151,7 @@ static inline void linear_block(int64_t b, const float *xm, int64_t mc, int64_t 
     if (!w_bf16) {
         micro_f32_block(xm, mc, K, (const float *)w + n0 * K, nb, ym + n0, N);
     } else if (scratch) {
-        const bf16 *src = (const bf16 *)w + n0 * K;
-        int64_t len = nb * K, i = 0;
-        for (; i + 16 <= len; i += 16) _mm512_storeu_ps(scratch + i, load_bf16(src + i));
-        for (; i < len; i++) {
-            uint32_t bits = (uint32_t)src[i] << 16;
-            memcpy(scratch + i, &bits, 4);
-        }
+        widen_bf16((const bf16 *)w + n0 * K, nb * K, scratch);
         micro_f32_block(xm, mc, K, scratch, nb, ym + n0, N);
     } else {
         micro_bf16_block(xm, mc, K, (const bf16 *)w + n0 * K, nb, ym + n0, N);
@@ -167,13 +171,7 @@ void dsv4_linear(const float *x, int64_t M, int64_t K, const void *w, int w_bf16
         float *wf = malloc((size_t)rows * K * sizeof(float));
         for (int64_t n0 = 0; n0 < N; n0 += BLAS_CHUNK) {
             int64_t n = N - n0 < BLAS_CHUNK ? N - n0 : BLAS_CHUNK;
-            const bf16 *src = (const bf16 *)w + n0 * K;
-            int64_t len = n * K, i = 0;
-            for (; i + 16 <= len; i += 16) _mm512_storeu_ps(wf + i, load_bf16(src + i));
-            for (; i < len; i++) {
-                uint32_t bits = (uint32_t)src[i] << 16;
-                memcpy(wf + i, &bits, 4);
-            }
+            widen_bf16((const bf16 *)w + n0 * K, n * K, wf);
             blas_nt(x, M, K, wf, n, y + n0, N);
         }
         free(wf);
