@@ -240,3 +240,25 @@ def test_bf16_cache_tracks_bf16_forward(setup) -> None:
     want = full_logits(m, tokens)
     assert (got - want).abs().mean() < 0.05
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("start", [PAGE - 2, 2 * PAGE + 5])
+def test_snapshot_rows_undoes_a_two_token_forward(setup, start) -> None:
+    """Speculative rollback: snapshot_rows before a forward over two more positions, restore_rows after it, and the
+    slot state is back exactly (PAGE - 2 .. PAGE - 1 completes a CSA and an HCA block, moving CSA state rows)."""
+    cfg, model = setup
+    g = torch.Generator().manual_seed(9)
+    tokens = torch.randint(0, cfg.vocab_size, (start + 2,), generator=g)
+    cache = KVCache(cfg, num_slots=2, num_pages=8, page_size=PAGE, dtype=torch.float32)
+    pages = [3, 4, 5]
+    run_chunks(model, cache, 1, pages, tokens[:start], [start])
+    before = cache.snapshot_state(1)
+    saved = cache.snapshot_rows(1, [start, start + 1])
+    batch = ForwardBatch.from_sequences([tokens[start:]], start_pos=[start], slots=[1],
+                                        block_tables=torch.tensor([pages]))
+    with torch.no_grad():
+        model.forward_batch(batch, cache)
+    assert any(not torch.equal(a, b) for a, b in zip(before, cache.snapshot_state(1)))  # the forward wrote state
+    cache.restore_rows(saved)
+    for a, b in zip(before, cache.snapshot_state(1)):
+        assert torch.equal(a, b)

@@ -30,7 +30,9 @@ def plan_pages(model_config: Any, c: EngineConfig, dtype: torch.dtype, mtp: bool
 
     slot_b = KVCache.slot_bytes(model_config, dtype, mtp)
     page_b = KVCache.page_bytes(model_config, c.page_size, dtype)
-    fixed_slots = c.max_num_seqs * (2 if c.speculative else 1)  # + one rollback snapshot per running sequence
+    # + one rollback copy per running sequence (an upper bound: KVCache.snapshot_rows copies only what a verify
+    # step can overwrite)
+    fixed_slots = c.max_num_seqs * (2 if c.speculative else 1)
     fixed_slots += c.max_prefix_snapshots if c.enable_prefix_caching else 0
     if c.num_pages is not None:
         return c.num_pages, slot_b, page_b

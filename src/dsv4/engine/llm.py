@@ -226,8 +226,9 @@ class LLMEngine:
         for slot, snap in out.restores:
             self.cache.restore_state(slot, snap)
         spec = self.speculator
-        # Verify steps write state for the draft too; keep a pre-step snapshot to roll back a rejection.
-        rollback = {it.seq.seq_id: self.cache.snapshot_state(it.seq.slot) for it in out.items if it.draft is not None}
+        # Verify steps write state for the draft too; keep a copy of the rows they overwrite to roll back a rejection.
+        rollback = {it.seq.seq_id: self.cache.snapshot_rows(it.seq.slot, [it.start + j for j in range(it.num_tokens)])
+                    for it in out.items if it.draft is not None}
         res = self.runner.run(out)
         touched: list[Sequence] = []
         # 1. cache bookkeeping
@@ -260,7 +261,7 @@ class LLMEngine:
                 else:
                     # Rejected: restore the pre-verify state and recompute [last, corrected] next step. The window
                     # ring and the compressor tails were written for the draft, so they cannot simply be kept.
-                    self.cache.restore_state(seq.slot, rollback[seq.seq_id])
+                    self.cache.restore_rows(rollback[seq.seq_id])
                     seq.num_computed = it.start
                     seq.append_token(tok, lp)
             else:

@@ -4,9 +4,9 @@ Step k (a decode carrying draft d for position t+1) feeds `[x_t, d]`; the logits
 without speculation, from the request's own generator); if y0 == d the draft's own logits give y1 as well, so the
 sequence advances by two tokens in one forward. The acceptance test "sample from the target, accept iff equal" keeps
 the output distribution exactly the target's (the draft is a point mass) and makes greedy output identical to
-non-speculative greedy. On rejection the engine restores the slot state snapshotted before the verify (the forward
-wrote window rows and compressor tails for d, and a block completed by d cannot be "un-compressed") and recomputes
-`[x_t, y0]` in the next step; see `LLMEngine._execute`.
+non-speculative greedy. On rejection the engine restores the slot-state rows it copied before the verify
+(`KVCache.snapshot_rows`: the forward wrote window rows and compressor tails for d, and a block completed by d cannot
+be "un-compressed") and recomputes `[x_t, y0]` in the next step; see `LLMEngine._execute`.
 
 MTP inputs (architecture.md sec 10, `Transformer.forward_mtp`): at position p, the main model's streams h_p and the
 token at p+1; it predicts the token at p+2. This module runs the MTP block over *every* position the main model

@@ -122,6 +122,34 @@ class KVCache:
         return [t[slot].clone() for t in self._state_tensors()]
 
     @torch.no_grad()
+    def snapshot_rows(self, slot: int, positions: list[int]) -> list[tuple[torch.Tensor, tuple, torch.Tensor]]:
+        """A copy of the slot state a forward over ``positions`` (the next tokens) can overwrite, for a cheap rollback
+        (speculative decoding): their window-ring rows, the tail rows of the non-overlapping (HCA) compressors, and
+        the whole, small state of the overlapping (CSA, indexer) compressors, which also move a completed block into
+        their first rows. Entry pages need no copy: recomputing a position rewrites its entry. Undo with
+        :meth:`restore_rows`."""
+        saved = []
+        for ring in self.window:
+            rows = sorted({p % ring.shape[1] for p in positions})
+            saved.append((ring, (slot, rows), ring[slot, rows].clone()))
+        for states in (self.comp_state, self.idx_state):
+            for r, st in zip(self.ratios, states):
+                if st is None:
+                    continue
+                if r == CSA_RATIO:
+                    saved.append((st, (slot,), st[slot].clone()))
+                else:
+                    rows = sorted({p % r for p in positions})
+                    saved.append((st, (slot, slice(None), rows), st[slot, :, rows].clone()))
+        return saved
+
+    @staticmethod
+    @torch.no_grad()
+    def restore_rows(saved: list[tuple[torch.Tensor, tuple, torch.Tensor]]) -> None:
+        for t, index, rows in saved:
+            t[index] = rows
+
+    @torch.no_grad()
     def restore_state(self, slot: int, snap: list[torch.Tensor]) -> None:
         ts = self._state_tensors()
         if len(snap) != len(ts):
