@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-long-ctx", action="store_true", help="measure only the 1K vs long-context decode step")
     ap.add_argument("--spec-new", type=int, default=32, help="tokens for the MTP speculative run (0 skips it)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="engine compute dtype (weights are the bf16 checkpoint's, upcast losslessly for float32)")
+                    help="engine compute dtype on the PyTorch path (weights are the bf16 checkpoint's, upcast losslessly "
+                         "for float32); the native path always computes in float32")
     ap.add_argument("--hf-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--bf16-head-rounds", type=int, default=1,
                     help="extra single-stream rounds with the head rounded to bf16, as transformers holds it (0 skips)")

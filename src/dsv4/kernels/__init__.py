@@ -203,10 +203,10 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: ExpertWei
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, sinkhorn_iters: int,
-           hc_eps: float, norm_eps: float, norm_weight: torch.Tensor | None = None, norm_eps2: float = 0.0
+           hc_eps: float, norm_eps: float, norm_weight: torch.Tensor, norm_eps2: float
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``hyper.hc_pre`` (fp32 x [N, M, D] -> y [N, D], post [N, M], comb [N, M, M]), optionally followed by the
-    sub-layer's RMSNorm on y (``norm_weight``, ``norm_eps2``)."""
+    """``hyper.hc_pre`` followed by the sub-layer's RMSNorm on its output (``norm_weight``, ``norm_eps2``), as
+    ``Block._pre_norm`` uses them: fp32 x [N, M, D] -> normed y [N, D], post [N, M], comb [N, M, M]."""
     lib = _lib_or_raise()
     n, m, d = x.shape
     if m > 8:
@@ -215,9 +215,9 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     y = torch.empty(n, d, dtype=torch.float32)
     post = torch.empty(n, m, dtype=torch.float32)
     comb = torch.empty(n, m, m, dtype=torch.float32)
-    fn, base, scale = (t.float().contiguous() for t in (fn, base, scale))
+    fn, base, scale, norm_weight = (t.float().contiguous() for t in (fn, base, scale, norm_weight))
     lib.dsv4_hc_pre(_ptr(xf), n, m, d, _ptr(fn), _ptr(base), _ptr(scale), sinkhorn_iters, hc_eps, norm_eps,
-                    _ptr(norm_weight) if norm_weight is not None else None, norm_eps2, _ptr(y), _ptr(post),
+                    _ptr(norm_weight), norm_eps2, _ptr(y), _ptr(post),
                     _ptr(comb), torch.get_num_threads())
     return y, post, comb
 

@@ -324,8 +324,20 @@ static float sum_squares(const float *v, int64_t n) {
     return s;
 }
 
+/* x[r] = w * x[r] * rsqrt(mean(x[r]^2) + eps) for each of `rows` rows of width n (w NULL: no weight), in place */
+static void rms_rows(float *x, int64_t rows, int64_t n, const float *w, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *v = x + r * n;
+        float s = 1.0f / sqrtf(sum_squares(v, n) / (float)n + eps);
+        if (w)
+            for (int64_t i = 0; i < n; i++) v[i] = w[i] * (v[i] * s);
+        else
+            for (int64_t i = 0; i < n; i++) v[i] = v[i] * s;
+    }
+}
+
 /* hc_pre fused with the sub-layer's RMSNorm: x [N, M, D] -> y = norm_w * RMS(sum_j pre_j x_j) [N, D], post [N, M],
- * comb [N, M, M] (Sinkhorn in the official order); fn [(2+M)*M, M*D] fp32; M <= 8, (2+M)*M <= 96. */
+ * comb [N, M, M] (Sinkhorn in the official order); fn [(2+M)*M, M*D] fp32; M <= 8. */
 void dsv4_hc_pre(const float *x, int64_t N, int64_t M, int64_t D, const float *fn, const float *base,
                  const float *scale, int iters, float hc_eps, float norm_eps, const float *norm_w, float norm_eps2,
                  float *y, float *post, float *comb, int nthreads) {
@@ -373,10 +385,7 @@ void dsv4_hc_pre(const float *x, int64_t N, int64_t M, int64_t D, const float *f
         for (int64_t d = 0; d < D; d++) yt[d] = pre[0] * xt[d];
         for (int64_t j = 1; j < M; j++)
             for (int64_t d = 0; d < D; d++) yt[d] += pre[j] * xt[j * D + d];
-        if (norm_w) {
-            float rr = 1.0f / sqrtf(sum_squares(yt, D) / (float)D + norm_eps2);
-            for (int64_t d = 0; d < D; d++) yt[d] = norm_w[d] * (yt[d] * rr);
-        }
+        rms_rows(yt, 1, D, norm_w, norm_eps2);
     }
     free(mixes);
 }
@@ -461,17 +470,6 @@ void dsv4_chunk_attn(const float *q, const float *kv, int64_t B, int64_t S, int6
 }
 
 /* ---------------------------------------------------------------- attention projections (model/attention.py) */
-
-static void rms_rows(float *x, int64_t rows, int64_t n, const float *w, float eps) {
-    for (int64_t r = 0; r < rows; r++) {
-        float *v = x + r * n;
-        float s = 1.0f / sqrtf(sum_squares(v, n) / (float)n + eps);
-        if (w)
-            for (int64_t i = 0; i < n; i++) v[i] = w[i] * (v[i] * s);
-        else
-            for (int64_t i = 0; i < n; i++) v[i] = v[i] * s;
-    }
-}
 
 /* interleaved RoPE on the last 2 * half dims of each of `rows` vectors of width n; cs/sn [half] (sign -1: inverse) */
 static void rope_rows(float *x, int64_t rows, int64_t n, const float *cs, const float *sn, int64_t half, float sign) {
