@@ -197,24 +197,19 @@ class Attention(nn.Module):
         lens = grp.memoize(("lens",), lambda: grp.end - grp.start)
         o = kernels.chunk_attention(qg, kvg, grp.start, lens, cache.window[lid], grp.slots, entries, rows,
                                     self.attn_sink, self.softmax_scale)
-        self._window_keys(kv, grp, cache, read=False)  # now the chunk's last `window` keys become the ring
+        self._write_ring(kv, grp, cache)  # now the chunk's last `window` keys become the ring
         return o.to(q.dtype)
 
     def _kv_post(self, kv: torch.Tensor) -> torch.Tensor:
         """QAT: FP8-round the non-RoPE dims, keep the RoPE dims (official act_quant on kv[..., :-rd])."""
         return torch.cat([fp8_sim(kv[..., : self.nope_dim], 64), kv[..., self.nope_dim:]], dim=-1)
 
-    def _window_keys(self, kv: torch.Tensor, grp: Group, cache: KVCache | None, read: bool = True
-                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _window_keys(self, kv: torch.Tensor, grp: Group, cache: KVCache | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw keys [Bg, W', c] (ring history + new chunk) and the sliding-window mask [Bg, S, W']; with a cache the
-        chunk's keys are then written to the ring (``read=False``: only that)."""
+        chunk's keys are then written to the ring."""
         lay = grp.memoize(("window", self.window, cache is not None),
                           lambda: _WindowLayout(grp, self.window, cache is not None))
-        if not read:
-            with torch.no_grad():
-                ring = cache.window[self.layer_id]
-                ring[lay.w_slots, lay.w_rows] = kv[lay.w_tok].to(ring.dtype)
-            return None
         kvg = group_rows(kv, grp)  # [Bg, S, c]
         if lay.hist_rows is not None:
             ring = cache.window[self.layer_id]  # [slots, w, c]; index_select on the flat rows: a cheaper gather
@@ -223,10 +218,21 @@ class Attention(nn.Module):
         else:
             keys = kvg
         if cache is not None:
-            with torch.no_grad():  # write after reading: the chunk's last `w` tokens become the ring
-                ring = cache.window[self.layer_id]
-                ring[lay.w_slots, lay.w_rows] = kv[lay.w_tok].to(ring.dtype)
+            self._write_ring(kv, grp, cache)  # after reading: the chunk's last `w` tokens become the ring
         return keys, lay.mask
+
+    @torch.no_grad()
+    def _write_ring(self, kv: torch.Tensor, grp: Group, cache: KVCache) -> None:
+        """The last ``window`` keys of each sequence's chunk go to its ring rows ``p % window``."""
+        w = self.window
+
+        def rows() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            keep = grp.valid & (grp.pos >= grp.end[:, None] - w)  # rows p % w are unique among these
+            return grp.slots[:, None].expand_as(grp.pos)[keep], grp.pos[keep] % w, grp.tok_idx[keep]
+
+        slots, ring_rows, tok = grp.memoize(("ring_rows", w), rows)
+        ring = cache.window[self.layer_id]
+        ring[slots, ring_rows] = kv[tok].to(ring.dtype)
 
 
 class _WindowLayout:
@@ -244,11 +250,6 @@ class _WindowLayout:
             key_pos = torch.cat([torch.where(hist_pos >= 0, hist_pos, -1), grp.pos], dim=1)
         qp, kp = grp.pos[:, :, None], key_pos[:, None, :]
         self.mask = (kp >= 0) & (kp <= qp) & (kp > qp - w)  # [Bg, S, W']
-        if cached:
-            keep = grp.valid & (grp.pos >= grp.end[:, None] - w)  # rows p % w are unique among these
-            self.w_slots = grp.slots[:, None].expand_as(grp.pos)[keep]
-            self.w_rows = grp.pos[keep] % w
-            self.w_tok = grp.tok_idx[keep]
 
 
 def sparse_attention(q: torch.Tensor, raw_k: torch.Tensor, raw_mask: torch.Tensor, comp_k: torch.Tensor | None,

@@ -118,9 +118,10 @@ class Compressor(nn.Module):
                       ) -> None:
         """``project`` + ``group_entries(read=False)`` for a decode group (one token per sequence) as one native
         call (dsv4/kernels; the model's fast path, fp32, no QAT rounding)."""
-        pos = grp.pos[:, 0]
-        cos, sin = rotary.cos_sin(pos // self.ratio * self.ratio)
-        kernels.compress_decode(group_rows(x, grp)[:, 0], self.wkv.weight, self.wgate.weight, self.ape, self.ratio,
+        pos, r = grp.pos[:, 0], self.ratio
+        # the RoPE of the entry a token may complete: the same for every layer (and indexer) of this ratio
+        cos, sin = grp.memoize(("entry_rope", r), lambda: rotary.cos_sin(pos // r * r))
+        kernels.compress_decode(group_rows(x, grp)[:, 0], self.wkv.weight, self.wgate.weight, self.ape, r,
                                 self.overlap, pos, grp.slots, state, self.norm.weight, self.norm.eps, cos, sin, pages,
                                 grp.block_tables)
 
