@@ -315,14 +315,17 @@ int dsv4_moe(const float *x, int64_t T, int64_t D, int64_t F, int64_t Fs, const 
 
 /* ---------------------------------------------------------------- mHC (model/hyper.py) */
 
-static float sum_squares(const float *v, int64_t n) {
+/* a . b over n floats: 16 FMA lanes, reduced, then the tail */
+static inline float dot(const float *a, const float *b, int64_t n) {
     __m512 acc = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(v + i), _mm512_loadu_ps(v + i), acc);
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
     float s = _mm512_reduce_add_ps(acc);
-    for (; i < n; i++) s += v[i] * v[i];
+    for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
+
+static float sum_squares(const float *v, int64_t n) { return dot(v, v, n); }
 
 /* x[r] = w * x[r] * rsqrt(mean(x[r]^2) + eps) for each of `rows` rows of width n (w NULL: no weight), in place */
 static void rms_rows(float *x, int64_t rows, int64_t n, const float *w, float eps) {
@@ -441,14 +444,7 @@ void dsv4_chunk_attn(const float *q, const float *kv, int64_t B, int64_t S, int6
                             }
                         }
                     for (; h < H; h++) {
-                        const float *qh = qb + h * c;
-                        __m512 acc = _mm512_setzero_ps();
-                        int64_t i = 0;
-                        for (; i + 16 <= c; i += 16)
-                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(keys[j] + i), acc);
-                        float sdot = _mm512_reduce_add_ps(acc);
-                        for (; i < c; i++) sdot += qh[i] * keys[j][i];
-                        float l = logit[h * nk + j] = sdot * scale;
+                        float l = logit[h * nk + j] = dot(qb + h * c, keys[j], c) * scale;
                         mx[h] = l > mx[h] ? l : mx[h];
                     }
                 }
@@ -594,13 +590,7 @@ void dsv4_indexer_topk(const float *q, const float *w, int64_t B, int64_t H, int
             const float *key = keys + (page * per_page + (e * ratio % page_size) / ratio) * I;
             float s = 0.0f;
             for (int64_t h = 0; h < H; h++) {
-                const float *qh = q + (b * H + h) * I;
-                __m512 acc = _mm512_setzero_ps();
-                int64_t i = 0;
-                for (; i + 16 <= I; i += 16)
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(key + i), acc);
-                float d = _mm512_reduce_add_ps(acc);
-                for (; i < I; i++) d += qh[i] * key[i];
+                float d = dot(q + (b * H + h) * I, key, I);
                 s += (d > 0.0f ? d : 0.0f) * w[b * H + h];
             }
             sc[e].s = s;
