@@ -33,9 +33,9 @@ from dsv4.train import parallel
 from dsv4.train.checkpoint import (
     export_model,
     full_model_state,
-    latest_checkpoint,
     load_full_state,
-    load_training_state,
+    print_warning,
+    resume_point,
     save_training_state,
     set_rng_state,
 )
@@ -187,12 +187,12 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "train_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-        ckpt = latest_checkpoint(self.out) if cfg.resume else None
-        if ckpt is not None:
-            self._resume(ckpt)
+        warn = print_warning if self.rank == 0 else (lambda msg: None)
+        found = resume_point(self.out, warn) if cfg.resume else None
+        if found is not None:
+            self._resume(*found)
 
-    def _resume(self, path: Path) -> None:
-        state = load_training_state(path)
+    def _resume(self, path: Path, state: dict) -> None:
         load_full_state(self.model, self.opts, state, self.ep)
         self.loader.load_state_dict(state["data"])
         set_rng_state(state["rng"])
