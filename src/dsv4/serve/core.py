@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from dsv4.serve.budget import ThinkingBudget
+from dsv4.serve.guard import scrub_paths
 from dsv4.serve.metrics import ServerMetrics
 
 
@@ -33,6 +34,7 @@ class ServeError(Exception):
               "internal": 500}
 
     def __init__(self, kind: str, message: str, param: str | None = None, retry_after: int | None = None) -> None:
+        message = scrub_paths(message)  # library messages carry source paths; clients get none (guard.py)
         super().__init__(message)
         self.kind = kind
         self.message = message
