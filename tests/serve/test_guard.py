@@ -87,7 +87,8 @@ def test_scrub_paths():
         "[10:10:58] /project/cpp/json_schema_converter.cc:5082: Unsupported type \"nonsense\"\n":
             'Unsupported type "nonsense"',
         f"cannot open {lib}": "cannot open grammar.py",
-        'Traceback:\n  File "/opt/x/site-packages/a/b.py", line 12, in f\nValueError: bad': "Traceback:\nValueError: bad",
+        'Traceback:\n  File "/opt/x/site-packages/a/b.py", line 12, in f\nValueError: bad':
+            "Traceback:\nValueError: bad",
         "C:\\py\\Lib\\site-packages\\torch\\nn\\functional.py:42: boom": "boom",
     }
     for raw, want in cases.items():

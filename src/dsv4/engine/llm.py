@@ -110,8 +110,8 @@ class LLMEngine:
         self._seed_rng = random.Random(c.seed)
         self.lock = threading.RLock()  # AsyncLLM adds/aborts from another thread
         # Counters since start (read by the server's /metrics without the lock; plain ints).
-        self.stats = {"steps": 0, "failed_steps": 0, "drafted": 0, "accepted": 0, "prompt_tokens": 0, "cached_tokens": 0,
-                      "preemptions": 0}
+        self.stats = {"steps": 0, "failed_steps": 0, "drafted": 0, "accepted": 0, "prompt_tokens": 0,
+                      "cached_tokens": 0, "preemptions": 0}
 
     # --- requests ----------------------------------------------------------------------------------------------
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:

@@ -183,9 +183,9 @@ class ServingCore:
 
     # ---- preparing ------------------------------------------------------------------------------------------------
     def render_chat(self, job: ChatJob) -> tuple[Any, str, bool]:
-        """(prompt as a dsv4.chat.ChatPrompt, prefill, output starts inside the reasoning). A trailing assistant message is a prefill
-        (DeepSeek's prefix completion, Anthropic's prefill): the model continues it, and only the continuation is
-        returned. In thinking mode a prefill with content closes the reasoning (`reasoning_content` + `</think>` +
+        """(prompt as a dsv4.chat.ChatPrompt, prefill, output starts inside the reasoning). A trailing assistant
+        message is a prefill (DeepSeek's prefix completion, Anthropic's prefill): the model continues it, and only the
+        continuation is returned. In thinking mode a prefill with content closes the reasoning (`reasoning_content` + `</think>` +
         content); one with only `reasoning_content` continues the reasoning."""
         messages, prefill, in_reasoning = job.messages, "", job.thinking
         if messages and messages[-1].get("role") == "assistant":

@@ -38,6 +38,7 @@ from dsv4.train.checkpoint import (
     resume_point,
     save_training_state,
     set_rng_state,
+    step_checkpoints,
 )
 from dsv4.train.config import TrainConfig, config_to_dict, parse_args
 from dsv4.train.data import (
@@ -189,6 +190,10 @@ class Trainer:
             (self.out / "train_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
         warn = print_warning if self.rank == 0 else (lambda msg: None)
         found = resume_point(self.out, warn) if cfg.resume else None
+        old = step_checkpoints(self.out / "checkpoints")
+        if not cfg.resume and old:
+            warn(f"--resume false in {self.out}, which holds checkpoints up to {old[0].name} of an earlier run; this "
+                 "run's saves replace those of the same step (use a new --out to keep them all)")
         if found is not None:
             self._resume(*found)
 
