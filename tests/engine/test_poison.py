@@ -103,7 +103,13 @@ class FlakyModel(FakeModel):
     def forward_batch(self, batch, cache):
         if self.fail:
             self.fail -= 1
-            cache.pages[:, :1] = 12345  # scribble over the cache: nothing may trust what a failed step wrote
+            # half-written garbage wherever this step would have written: nothing may trust what a failed step wrote
+            P = cache.page_size
+            for b, (start, n) in enumerate(zip(batch.start_pos, batch.seq_lens)):
+                table = batch.block_tables[b].tolist()
+                for pos in range(start, start + (n + 1) // 2):
+                    cache.pages[table[pos // P], pos % P] = 12345
+                cache.state[batch.slots[b]] = torch.tensor([start + n, 12345])
             raise RuntimeError("device fell over")
         return super().forward_batch(batch, cache)
 
