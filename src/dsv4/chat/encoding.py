@@ -18,6 +18,9 @@ arguments given as a dict (rather than OpenAI's JSON string) render as the param
 that is not an object as one "arguments" parameter (the official encoder would wrap the dict in one parameter and
 crash on the non-object); malformed input raises `ValueError` saying what to fix instead of `AssertionError`.
 
+`encode_chat_prompt` renders the same text as a `ChatPrompt` (prompt.py) that tells the encoder's own text from the
+messages' text, so that `Tokenizer.encode_prompt` makes control tokens only where the encoder wrote them.
+
 Deliberately not here: tokenization (tokenizer.py) and parsing model output (parser.py, stream.py).
 """
 
