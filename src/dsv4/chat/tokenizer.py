@@ -196,8 +196,18 @@ class Tokenizer:
         """(start, end, id) of each added token the backend finds in `text` (char offsets), in order."""
         if text in self._added_ids:  # most encoder pieces are one control token
             return [(0, len(text), self._added_ids[text])]
-        enc = self.backend.encode(text, add_special_tokens=False)
-        return [(s, e, i) for i, (s, e) in zip(enc.ids, enc.offsets) if i in self._added]
+        # The encoder's pieces come from a small set of template strings: remember them (bounded all the same).
+        spans = self._span_cache.get(text)
+        if spans is None:
+            enc = self.backend.encode(text, add_special_tokens=False)
+            spans = [(s, e, i) for i, (s, e) in zip(enc.ids, enc.offsets) if i in self._added]
+            if len(self._span_cache) < 4096:
+                self._span_cache[text] = spans
+        return spans
+
+    @cached_property
+    def _span_cache(self) -> dict[str, list[tuple[int, int, int]]]:
+        return {}
 
     def encode_plain(self, text: str) -> list[int]:
         """`text` as plain text: never a control (added) token, even where it spells one. Text without any is
