@@ -79,7 +79,7 @@ def chat_main(argv: list[str]) -> int:
     p.add_argument("--thinking", action="store_true", help="thinking mode (reasoning before the answer)")
     args = p.parse_args(argv)
 
-    from dsv4.chat import encode_messages, parse_completion
+    from dsv4.chat import encode_chat_prompt, parse_completion
 
     llm = _make_llm(args)
     mode = "thinking" if args.thinking else "chat"
@@ -96,7 +96,11 @@ def chat_main(argv: list[str]) -> int:
         if not line:
             continue
         messages.append({"role": "user", "content": line})
-        prompt = encode_messages(messages, thinking_mode=mode)
+        # token ids, so that control-token strings in what was typed (or in the model's earlier replies) stay text;
+        # without a tokenizer, generate() says why it cannot take text
+        rendered = encode_chat_prompt(messages, thinking_mode=mode)
+        tok = llm.get_tokenizer()
+        prompt = tok.encode_prompt(rendered) if tok is not None else rendered.text
         out = llm.generate([prompt], _sampling(args))[0].outputs[0]
         reply = parse_completion(out.text, thinking_mode=mode, strict=False)  # text lacks the (special) EOS
         if reply.get("reasoning_content"):

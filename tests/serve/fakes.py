@@ -73,6 +73,8 @@ class FakeChat:
         import dsv4.chat as chat
 
         self.encode_messages = chat.encode_messages
+        self.encode_chat_prompt = chat.encode_chat_prompt
+        self.ChatPrompt = chat.ChatPrompt
         self.StreamParser = chat.StreamParser
 
     def build_constraint(self, *args: Any, **kwargs: Any) -> None:

@@ -18,6 +18,9 @@ arguments given as a dict (rather than OpenAI's JSON string) render as the param
 that is not an object as one "arguments" parameter (the official encoder would wrap the dict in one parameter and
 crash on the non-object); malformed input raises `ValueError` saying what to fix instead of `AssertionError`.
 
+`encode_chat_prompt` renders the same text as a `ChatPrompt` (prompt.py) that tells the encoder's own text from the
+messages' text, so that `Tokenizer.encode_prompt` makes control tokens only where the encoder wrote them.
+
 Deliberately not here: tokenization (tokenizer.py) and parsing model output (parser.py, stream.py).
 """
 
@@ -27,6 +30,7 @@ import copy
 import json
 from typing import Any
 
+from .prompt import ChatPrompt
 from .tokenizer import ASSISTANT, BOS, DSML, EOS, LATEST_REMINDER, THINK_END, THINK_START, USER
 
 Message = dict[str, Any]
@@ -94,7 +98,7 @@ def to_json(value: Any) -> str:
         return json.dumps(value, ensure_ascii=True)
 
 
-def render_tools(tools: list[Message]) -> str:
+def _tools_prompt(tools: list[Message]) -> ChatPrompt:
     functions = []
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
@@ -103,19 +107,25 @@ def render_tools(tools: list[Message]) -> str:
                 f"parameters}}}}, got {tool!r}"
             )
         functions.append(tool["function"])
-    return TOOLS_TEMPLATE.format(
-        dsml=DSML,
-        think_start=THINK_START,
-        think_end=THINK_END,
-        schemas="\n".join(to_json(f) for f in functions),
-    )
+    head, tail = TOOLS_TEMPLATE.split("{schemas}")
+    marks = dict(dsml=DSML, think_start=THINK_START, think_end=THINK_END)
+    schemas = [ChatPrompt().data(to_json(f)) for f in functions]  # names and descriptions are the client's
+    return ChatPrompt().ctrl(head.format(**marks)).join(schemas, "\n").ctrl(tail.format(**marks))
+
+
+def render_tools(tools: list[Message]) -> str:
+    return _tools_prompt(tools).text
+
+
+def _response_format_prompt(response_format: Any) -> ChatPrompt:
+    return ChatPrompt().ctrl(RESPONSE_FORMAT_HEADER).data(to_json(response_format))
 
 
 def render_response_format(response_format: Any) -> str:
-    return RESPONSE_FORMAT_HEADER + to_json(response_format)
+    return _response_format_prompt(response_format).text
 
 
-def encode_arguments(arguments: Any) -> str:
+def _arguments_prompt(arguments: Any) -> ChatPrompt:
     """One tool call's arguments (a JSON object string) as DSML parameter lines.
 
     Strings go verbatim with `string="true"`, everything else as JSON with `string="false"`. Arguments that are not
@@ -136,12 +146,17 @@ def encode_arguments(arguments: Any) -> str:
         is_str = isinstance(value, str)
         text = value if is_str else to_json(value)
         lines.append(
-            f'<{DSML}parameter name="{key}" string="{"true" if is_str else "false"}">{text}</{DSML}parameter>'
+            ChatPrompt().ctrl(f'<{DSML}parameter name="').data(f"{key}")
+            .ctrl(f'" string="{"true" if is_str else "false"}">').data(text).ctrl(f"</{DSML}parameter>")
         )
-    return "\n".join(lines)
+    return ChatPrompt().join(lines, "\n")
 
 
-def render_tool_calls(tool_calls: list[Message]) -> str:
+def encode_arguments(arguments: Any) -> str:
+    return _arguments_prompt(arguments).text
+
+
+def _tool_calls_prompt(tool_calls: list[Message]) -> ChatPrompt:
     invokes = []
     for i, call in enumerate(tool_calls):
         function = call.get("function") if isinstance(call, dict) else None
@@ -150,10 +165,15 @@ def render_tool_calls(tool_calls: list[Message]) -> str:
                 f"tool_calls[{i}] must be an OpenAI tool call {{'type': 'function', 'function': {{'name', "
                 f"'arguments'}}}}, got {call!r}"
             )
-        args = encode_arguments(function.get("arguments", "{}"))
-        invokes.append(f'<{DSML}invoke name="{function["name"]}">\n{args}\n</{DSML}invoke>')
-    block = "\n".join(invokes)
-    return f"\n\n<{DSML}{TOOL_CALLS_BLOCK}>\n{block}\n</{DSML}{TOOL_CALLS_BLOCK}>"
+        args = _arguments_prompt(function.get("arguments", "{}"))
+        invokes.append(ChatPrompt().ctrl(f'<{DSML}invoke name="').data(f"{function['name']}").ctrl('">\n')
+                       .extend(args).ctrl(f"\n</{DSML}invoke>"))
+    return (ChatPrompt().ctrl(f"\n\n<{DSML}{TOOL_CALLS_BLOCK}>\n").join(invokes, "\n")
+            .ctrl(f"\n</{DSML}{TOOL_CALLS_BLOCK}>"))
+
+
+def render_tool_calls(tool_calls: list[Message]) -> str:
+    return _tool_calls_prompt(tool_calls).text
 
 
 def _text(content: Any, where: str) -> str:
@@ -199,53 +219,59 @@ def _last_user_index(messages: list[Message]) -> int:
 def render_message(
     index: int, messages: list[Message], thinking_mode: str, drop_thinking: bool, reasoning_effort: str | None
 ) -> str:
+    return _message_prompt(index, messages, thinking_mode, drop_thinking, reasoning_effort).text
+
+
+def _message_prompt(
+    index: int, messages: list[Message], thinking_mode: str, drop_thinking: bool, reasoning_effort: str | None
+) -> ChatPrompt:
     msg = messages[index]
     role = msg.get("role")
     where = f"messages[{index}] (role {role!r})"
     last_user = _last_user_index(messages)
-    out = ""
+    out = ChatPrompt()
     if index == 0 and thinking_mode == "thinking" and reasoning_effort == "max":
-        out += REASONING_EFFORT_MAX
+        out.ctrl(REASONING_EFFORT_MAX)
 
     if role in ("system", "developer"):
         body = _text(msg.get("content"), where)
         if role == "developer":
             if not body:
                 raise ValueError(f"{where}: a developer message needs non-empty content")
-            body = USER + body
+            out.ctrl(USER)
+        out.data(body)
         if msg.get("tools"):
-            body += "\n\n" + render_tools(msg["tools"])
+            out.ctrl("\n\n").extend(_tools_prompt(msg["tools"]))
         if msg.get("response_format"):
-            body += "\n\n" + render_response_format(msg["response_format"])
-        out += body
+            out.ctrl("\n\n").extend(_response_format_prompt(msg["response_format"]))
     elif role == "user":
-        out += USER
+        out.ctrl(USER)
         blocks = msg.get("content_blocks")
         if blocks:
             parts = []
             for block in blocks:
                 kind = block.get("type")
                 if kind == "text":
-                    parts.append(block.get("text", ""))
+                    parts.append(ChatPrompt().data(block.get("text", "")))
                 elif kind == "tool_result":
-                    parts.append(f"<tool_result>{_tool_result_text(block.get('content', ''))}</tool_result>")
+                    parts.append(ChatPrompt().ctrl("<tool_result>").data(_tool_result_text(block.get("content", "")))
+                                 .ctrl("</tool_result>"))
                 else:
-                    parts.append(f"[Unsupported {kind}]")
-            out += "\n\n".join(parts)
+                    parts.append(ChatPrompt().data(f"[Unsupported {kind}]"))
+            out.join(parts, "\n\n")
         else:
-            out += _text(msg.get("content"), where)
+            out.data(_text(msg.get("content"), where))
     elif role == "latest_reminder":
-        out += LATEST_REMINDER + _text(msg.get("content"), where)
+        out.ctrl(LATEST_REMINDER).data(_text(msg.get("content"), where))
     elif role == "assistant":
-        tool_calls = render_tool_calls(msg["tool_calls"]) if msg.get("tool_calls") else ""
-        thinking = ""
+        tool_calls = _tool_calls_prompt(msg["tool_calls"]) if msg.get("tool_calls") else ChatPrompt()
         # A task's output (the turn after a message with `task`) is never reasoned about.
         after_task = index > 0 and messages[index - 1].get("task") is not None
         if thinking_mode == "thinking" and not after_task and (not drop_thinking or index > last_user):
-            thinking = (msg.get("reasoning_content") or "") + THINK_END
-        out += thinking + _text(msg.get("content"), where) + tool_calls
+            out.data(msg.get("reasoning_content") or "").ctrl(THINK_END)
+        out.data(_text(msg.get("content"), where)).extend(tool_calls)
         if not msg.get("wo_eos", False):
-            out += EOS
+            out.ctrl(EOS)
     elif role == "tool":
         raise ValueError(f"{where}: tool messages must be merged into user turns first (merge_tool_messages)")
     else:
@@ -262,12 +288,12 @@ def render_message(
         if task not in TASK_TOKENS:
             raise ValueError(f"{where}: unknown task {task!r}; valid tasks are {sorted(TASK_TOKENS)}")
         if task == "action":
-            out += ASSISTANT + (THINK_START if thinking_mode == "thinking" else THINK_END) + TASK_TOKENS[task]
+            out.ctrl(ASSISTANT + (THINK_START if thinking_mode == "thinking" else THINK_END) + TASK_TOKENS[task])
         else:
-            out += TASK_TOKENS[task]
+            out.ctrl(TASK_TOKENS[task])
     elif role in ("user", "developer"):
         opens_thinking = thinking_mode == "thinking" and (not drop_thinking or index >= last_user)
-        out += ASSISTANT + (THINK_START if opens_thinking else THINK_END)
+        out.ctrl(ASSISTANT + (THINK_START if opens_thinking else THINK_END))
     return out
 
 
@@ -386,7 +412,26 @@ def encode_messages(
     `context` is an already-encoded prefix (rendered elsewhere, e.g. cached): its messages shape the rendering of
     `messages` but are not rendered again, and no BOS is written. `tools` / `response_format` attach to the first
     system message (a dsv4 convenience; the official encoder expects them on the message).
+
+    NOTE: tokenizing this string with `Tokenizer.encode` turns control-token strings inside message text into
+    control tokens; use `encode_chat_prompt` + `Tokenizer.encode_prompt` for prompts that carry untrusted text.
     """
+    return encode_chat_prompt(messages, thinking_mode, reasoning_effort, drop_thinking, context,
+                              add_default_bos_token, tools, response_format).text
+
+
+def encode_chat_prompt(
+    messages: list[Message],
+    thinking_mode: str = "chat",
+    reasoning_effort: str | None = None,
+    drop_thinking: bool = True,
+    context: list[Message] | None = None,
+    add_default_bos_token: bool = True,
+    tools: list[Message] | None = None,
+    response_format: Any = None,
+) -> ChatPrompt:
+    """`encode_messages` as a ChatPrompt (prompt.py): the same text, with the encoder's own pieces told apart from
+    the messages' text, so that `Tokenizer.encode_prompt` never makes a control token out of message text."""
     if thinking_mode not in THINKING_MODES:
         raise ValueError(f"thinking_mode must be one of {THINKING_MODES}, got {thinking_mode!r}")
     if reasoning_effort not in REASONING_EFFORTS:
@@ -415,7 +460,7 @@ def encode_messages(
     else:
         start = len(context)
 
-    prompt = BOS if add_default_bos_token and not context else ""
+    prompt = ChatPrompt().ctrl(BOS if add_default_bos_token and not context else "")
     for i in range(start, len(full)):
-        prompt += render_message(i, full, thinking_mode, drop, reasoning_effort)
+        prompt.extend(_message_prompt(i, full, thinking_mode, drop, reasoning_effort))
     return prompt

@@ -15,6 +15,9 @@ text itself), EOS = pad = `<｜end▁of▁sentence｜>`.
 re-decoded windows: each token contributes its exact bytes and a UTF-8 incremental decoder emits only complete
 characters, so a delta never ends in half a character and the deltas always concatenate to `decode(all_ids)`.
 
+`encode_prompt` tokenizes a `ChatPrompt` (prompt.py) so that control tokens come only from the chat encoder, never
+from message text; `encode` on a plain string keeps every control-token string as the control token.
+
 Deliberately not here: chat templating (encoding.py), any Jinja template (the release ships none), a pure-Python BPE
 (the package's `py_tokenizer.py` disagrees with the HF library on some whitespace runs; the `tokenizers` library is the
 reference).
@@ -29,6 +32,8 @@ from functools import cached_property
 from pathlib import Path
 
 import tokenizers
+
+from .prompt import ChatPrompt
 
 V4_VOCAB_SIZE = 129280
 
@@ -153,6 +158,83 @@ class Tokenizer:
         # tokenizer splits added tokens out before BPE.
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_prompt(self, prompt: ChatPrompt | str, trust_text: bool = False) -> list[int]:
+        """Ids of a chat prompt whose control tokens come only from the encoder's own pieces (prompt.py): a
+        control-token string inside message text (`<｜User｜>`, `<｜end▁of▁sentence｜>`, `</think>`, `｜DSML｜`, ...)
+        is encoded as the plain text it spells, so a client, a web page or a tool result cannot forge turn
+        boundaries or tool calls. `trust_text=True` (or a plain str) is the old behaviour, every occurrence becoming
+        the control token: only for prompts whose every character you wrote.
+
+        A prompt without control-token strings in its text gives exactly `encode(prompt.text)`: the text between two
+        control tokens is one BPE piece either way, as the backend splits there too."""
+        if isinstance(prompt, str) or trust_text:
+            return self.encode(str(prompt))
+        ids: list[int] = []
+        between: list[str] = []  # text since the last control token, encoded as one piece
+
+        def flush() -> None:
+            if between:
+                ids.extend(self.encode_plain("".join(between)))
+                between.clear()
+
+        for text, from_encoder in prompt.pieces:
+            if not from_encoder:
+                between.append(text)
+                continue
+            pos = 0
+            for start, end, token_id in self._control_spans(text):
+                between.append(text[pos:start])
+                flush()
+                ids.append(token_id)
+                pos = end
+            between.append(text[pos:])
+        flush()
+        return ids
+
+    def _control_spans(self, text: str) -> list[tuple[int, int, int]]:
+        """(start, end, id) of each added token the backend finds in `text` (char offsets), in order."""
+        if text in self._added_ids:  # most encoder pieces are one control token
+            return [(0, len(text), self._added_ids[text])]
+        # The encoder's pieces come from a small set of template strings: remember them (bounded all the same).
+        spans = self._span_cache.get(text)
+        if spans is None:
+            enc = self.backend.encode(text, add_special_tokens=False)
+            spans = [(s, e, i) for i, (s, e) in zip(enc.ids, enc.offsets) if i in self._added]
+            if len(self._span_cache) < 4096:
+                self._span_cache[text] = spans
+        return spans
+
+    @cached_property
+    def _span_cache(self) -> dict[str, list[tuple[int, int, int]]]:
+        return {}
+
+    def encode_plain(self, text: str) -> list[int]:
+        """`text` as plain text: never a control (added) token, even where it spells one. Text without any is
+        encoded exactly as `encode` does; with some, by the same BPE without the added-token matcher."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if not any(i in self._added for i in ids):
+            return ids
+        ids = self._plain_backend.encode(text, add_special_tokens=False).ids
+        if any(i in self._added for i in ids):
+            # NOTE: only a tokenizer.json whose BPE merges build an added token could get here (the V4 file and the
+            # trained ones do not); character by character no merge can build a multi-character token.
+            ids = [i for ch in text for i in self._plain_backend.encode(ch, add_special_tokens=False).ids]
+        return ids
+
+    @cached_property
+    def _plain_backend(self) -> tokenizers.Tokenizer:
+        """The same normalizer, pre-tokenizer and BPE model (shared, not copied) without the added tokens."""
+        plain = tokenizers.Tokenizer(self.backend.model)
+        if self.backend.normalizer is not None:
+            plain.normalizer = self.backend.normalizer
+        if self.backend.pre_tokenizer is not None:
+            plain.pre_tokenizer = self.backend.pre_tokenizer
+        return plain
+
+    @cached_property
+    def _added_ids(self) -> dict[str, int]:
+        return {text: i for i, text in self._added.items()}
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

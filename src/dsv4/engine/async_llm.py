@@ -4,7 +4,8 @@ client stops iterating).
 
 Requests are validated in the caller's thread (so a bad request raises `ValueError` right away, before anything is
 queued); additions and aborts are handed to the engine thread through a queue and applied between steps, so the
-event loop never waits for a forward to finish.
+event loop never waits for a forward to finish. A request the engine fails on mid-step raises `RequestFailed` from
+its own stream; every other stream carries on.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from typing import Any
 from dsv4.engine.llm import LLM, LLMEngine, PromptType
 from dsv4.engine.request import RequestOutput
 from dsv4.engine.sampling import SamplingParams
+
+
+class RequestFailed(RuntimeError):
+    """The engine failed while working on this request (and only on it: other streams carry on)."""
+
+    def __init__(self, request_id: str, error: str) -> None:
+        super().__init__(f"request {request_id}: {error}")
+        self.request_id, self.error = request_id, error
 
 
 @dataclass
@@ -83,12 +92,13 @@ class AsyncLLM:
                 self._fail_all(err)
                 continue
             for out in outs:
+                failed = out.error is not None
                 with self._lock:
                     st = self._streams.get(out.request_id)
-                    if out.finished:
+                    if out.finished or failed:
                         self._streams.pop(out.request_id, None)
                 if st is not None:
-                    st.put(out)
+                    st.put(RequestFailed(out.request_id, out.error) if failed else out)
 
     def _drain_inbox(self) -> None:
         while True:

@@ -5,12 +5,14 @@ One engine step = schedule -> restore prefix snapshots -> one `forward_batch` ->
 and single-threaded; `AsyncLLM` (async_llm.py) drives the same engine from a background thread for the server.
 
 Requests are validated completely in `add_request` before anything is queued, so a bad request raises `ValueError`
-and leaves every other request untouched.
+and leaves every other request untouched. What still fails inside a step (a model error, a constraint or tokenizer
+that raises) ends only the requests it concerns, with `RequestOutput.error` set; the engine carries on.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import threading
 from collections.abc import Sequence as SequenceABC
@@ -30,6 +32,7 @@ from dsv4.engine.sampling import SamplingParams
 from dsv4.engine.scheduler import Scheduler, SchedulerOutput
 
 PromptType = str | list[int]
+_log = logging.getLogger("dsv4.engine")
 
 
 @dataclass
@@ -107,8 +110,8 @@ class LLMEngine:
         self._seed_rng = random.Random(c.seed)
         self.lock = threading.RLock()  # AsyncLLM adds/aborts from another thread
         # Counters since start (read by the server's /metrics without the lock; plain ints).
-        self.stats = {"steps": 0, "drafted": 0, "accepted": 0, "prompt_tokens": 0, "cached_tokens": 0,
-                      "preemptions": 0}
+        self.stats = {"steps": 0, "failed_steps": 0, "drafted": 0, "accepted": 0, "prompt_tokens": 0,
+                      "cached_tokens": 0, "preemptions": 0}
 
     # --- requests ----------------------------------------------------------------------------------------------
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -130,6 +133,7 @@ class LLMEngine:
         """Everything that can be wrong with a request, checked before it is queued."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a dsv4.SamplingParams, got {type(params).__name__}")
+        params.validate()  # again: fields may have been changed since construction
         text, ids = self._tokenize(prompt)
         n = len(ids)
         if n == 0:
@@ -197,7 +201,10 @@ class LLMEngine:
 
     # --- the step ----------------------------------------------------------------------------------------------
     def step(self, delta: bool = False) -> list[RequestOutput]:
-        """Run one forward; return an output for every request that made progress (finished ones are dropped)."""
+        """Run one forward; return an output for every request that made progress (finished ones are dropped).
+
+        An exception inside the step (the forward, the drafter, one sequence's sampling or stop logic) fails only the
+        requests it concerns, with `error` set on their outputs; the engine stays usable for everything else."""
         with self.lock:
             out = self.scheduler.schedule()
             if out.empty:
@@ -207,7 +214,11 @@ class LLMEngine:
                         "chunk; raise cache_memory_gb / num_pages or lower max_num_batched_tokens"
                     )
                 return []
-            touched = self._execute(out)
+            try:
+                touched = self._execute(out)
+            except Exception as err:  # noqa: BLE001 - whatever broke, it must not outlive this step's requests
+                touched = self._fail_step(out, err)
+            self._fail_siblings(touched)
             self.scheduler.finish_step(out)
             self.stats["steps"] += 1
             self.stats["cached_tokens"] = self.scheduler.num_cached_tokens
@@ -221,6 +232,59 @@ class LLMEngine:
                 if req.finished:
                     del self.requests[rid]
             return results
+
+    def _fail_step(self, out: SchedulerOutput, err: Exception) -> list[Sequence]:
+        """The step died part-way, so nothing it computed can be trusted: end every sequence it scheduled. Their
+        pages and slots are freed by `finish_step`; prefix-cache entries are only ever inserted from completed
+        forwards, and a freed page is rewritten before anyone reads it, so no other request sees this step's state."""
+        self.stats["failed_steps"] += 1
+        _log.error("engine step failed; aborting its %d sequence(s)", len(out.items), exc_info=err)
+        msg = f"the engine step failed ({type(err).__name__}: {err}); this request was aborted"
+        for it in out.items:
+            it.seq.fail(msg)
+        return [it.seq for it in out.items]
+
+    def _fail_seq(self, seq: Sequence, what: str, err: Exception) -> None:
+        _log.warning("request %s failed while %s", seq.request_id, what, exc_info=err)
+        seq.fail(f"{what} failed ({type(err).__name__}: {err}); this request was aborted")
+
+    def _fail_siblings(self, touched: list[Sequence]) -> None:
+        """A request fails as a whole: end the unfinished siblings of a failed sequence (n > 1)."""
+        for rid in dict.fromkeys(s.request_id for s in touched if s.error is not None):
+            req = self.requests.get(rid)
+            for s in req.seqs if req is not None else []:
+                if not s.is_finished:
+                    self.scheduler.abort(s)
+                    s.fail(f"sequence {next(x.index for x in req.seqs if x.error)} of this request failed")
+
+    def _take_token(self, seq: Sequence, draft: int | None, start: int, tok: int, lp: Any, rollback: dict) -> bool:
+        """Append a sampled token (accepting or rejecting a draft); True when an accepted draft earns a second one."""
+        if tok < 0:  # the sampler could not give this sequence a token: end it, alone
+            seq.draft_token = None
+            if seq.error is not None:
+                seq.fail(seq.error)
+            else:
+                seq.finish_reason, seq.stop_reason = "abort", seq.constraint_error
+                seq.status = SeqStatus.FINISHED
+            return False
+        more = False
+        if draft is not None:
+            self.stats["drafted"] += 1
+            if tok == draft:
+                self.stats["accepted"] += 1
+                seq.append_token(tok, lp)
+                seq.num_computed += 1  # the draft's KV is valid: it is the token we sampled
+                more = not seq.is_finished
+            else:
+                # Rejected: restore the pre-verify state and recompute [last, corrected] next step. The window
+                # ring and the compressor tails were written for the draft, so they cannot simply be kept.
+                self.cache.restore_rows(rollback[seq.seq_id])
+                seq.num_computed = start
+                seq.append_token(tok, lp)
+        else:
+            seq.append_token(tok, lp)
+        seq.draft_token = None
+        return more
 
     def _execute(self, out: SchedulerOutput) -> list[Sequence]:
         for slot, snap in out.restores:
@@ -243,36 +307,20 @@ class LLMEngine:
         firsts = self.sampler(rows_t, seqs) if sampling else []
         second: list[tuple[int, Any]] = []
         for (k, it), (tok, lp) in zip(sampling, firsts):
-            seq = it.seq
-            if tok < 0:  # the request's constraint failed: end it, alone
-                seq.draft_token = None
-                seq.finish_reason, seq.stop_reason = "abort", seq.constraint_error
-                seq.status = SeqStatus.FINISHED
-                touched.append(seq)
-                continue
-            if it.draft is not None:
-                self.stats["drafted"] += 1
-                if tok == it.draft:
-                    self.stats["accepted"] += 1
-                    seq.append_token(tok, lp)
-                    seq.num_computed += 1  # the draft's KV is valid: it is the token we sampled
-                    if not seq.is_finished:
-                        second.append((k, it))
-                else:
-                    # Rejected: restore the pre-verify state and recompute [last, corrected] next step. The window
-                    # ring and the compressor tails were written for the draft, so they cannot simply be kept.
-                    self.cache.restore_rows(rollback[seq.seq_id])
-                    seq.num_computed = it.start
-                    seq.append_token(tok, lp)
-            else:
-                seq.append_token(tok, lp)
-            seq.draft_token = None
-            touched.append(seq)
+            try:
+                if self._take_token(it.seq, it.draft, it.start, tok, lp, rollback):
+                    second.append((k, it))
+            except Exception as err:  # noqa: BLE001 - e.g. a constraint's accept() or the detokenizer raised
+                self._fail_seq(it.seq, "taking the sampled token", err)
+            touched.append(it.seq)
         # 3. accepted drafts: their own logits give one more token
         if second:
             rows = [res.rows[k][1] for k, _ in second]
             for (k, it), (tok, lp) in zip(second, self.sampler(res.logits[rows], [it.seq for _, it in second])):
-                it.seq.append_token(tok, lp)
+                try:
+                    self._take_token(it.seq, None, it.start, tok, lp, rollback)
+                except Exception as err:  # noqa: BLE001
+                    self._fail_seq(it.seq, "taking the sampled token", err)
         # 4. MTP over every position computed this step (keeps its window complete); drafts for the next decodes
         if spec is not None:
             spec.draft(out, res, self.stats)

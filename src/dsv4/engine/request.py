@@ -36,6 +36,9 @@ class CompletionOutput:
     # Streaming convenience: what is new since the previous output of this stream.
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    # Set (with finish_reason "abort") when the engine failed while working on this sequence: an exception in its
+    # step, its sampling or its stop logic. The engine itself carries on with every other request.
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -62,6 +65,11 @@ class RequestOutput:
     @property
     def cached_tokens(self) -> int:
         return self.num_cached_tokens
+
+    @property
+    def error(self) -> str | None:
+        """Why the engine failed this request (the first failed sequence's reason), or None."""
+        return next((o.error for o in self.outputs if o.error is not None), None)
 
 
 class Detokenizer:
@@ -135,6 +143,7 @@ class Sequence:
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.num_preemptions = 0
         self.constraint_error: str | None = None  # why the constraint ended this sequence (finish_reason "abort")
+        self.error: str | None = None  # an engine failure that ended this sequence (see CompletionOutput.error)
         self.eos_token_id = eos_token_id
         self.max_model_len = max_model_len
         # Speculative decoding: the token drafted by MTP for the next step (not yet part of `tokens`).
@@ -223,6 +232,12 @@ class Sequence:
     def abort(self) -> None:
         self._finish("abort")
 
+    def fail(self, error: str) -> None:
+        """End this sequence because the engine failed on it; `error` says what happened."""
+        self.error = self.error or error
+        self.draft_token = None
+        self._finish("abort")
+
     # --- reporting ---------------------------------------------------------------------------------------------
     def visible_text(self) -> str:
         """Text safe to show now: while running, hold back a tail that could still become a stop string, so a
@@ -241,6 +256,7 @@ class Sequence:
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
             logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            error=self.error,
         )
         if delta:
             co.delta_text = text[self.sent_text_len :]

@@ -89,6 +89,25 @@ def top_logprobs(logprobs_row: torch.Tensor, n: int, token: int) -> dict[int, fl
 
 
 class Sampler:
+    @staticmethod
+    def _one(row: torch.Tensor, s: Sequence, edit: bool) -> int:
+        """One row's token, or -1 when this request's constraint or sampling failed (reason on the sequence): one
+        request's grammar or parameters must not fail the batch."""
+        stage = "sampling"
+        try:
+            if edit:
+                apply_penalties(row, s)
+                stage = "constraint"
+                apply_constraints(row, s)
+                stage = "sampling"
+            return sample_row(row, s)
+        except Exception as err:  # noqa: BLE001
+            if stage == "constraint":
+                s.constraint_error = str(err)
+            else:
+                s.error = f"sampling failed ({type(err).__name__}: {err}); this request was aborted"
+            return -1
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, dict[int, float] | None]]:
         """`logits [M, V]` fp32, one row per sequence -> (token, logprobs or None) per row."""
         assert logits.shape[0] == len(seqs), (logits.shape, len(seqs))
@@ -112,16 +131,7 @@ class Sampler:
         else:
             tokens = []
             for i, s in enumerate(seqs):
-                row = logits[i]
-                if needs_edit[i]:
-                    apply_penalties(row, s)
-                    try:
-                        apply_constraints(row, s)
-                    except Exception as err:  # noqa: BLE001 - one request's grammar must not fail the batch
-                        s.constraint_error = str(err)
-                        tokens.append(-1)  # the engine ends this sequence instead of appending
-                        continue
-                tokens.append(sample_row(row, s))
+                tokens.append(self._one(logits[i], s, needs_edit[i]))
         results: list[tuple[int, dict[int, float] | None]] = []
         for i, (s, tok) in enumerate(zip(seqs, tokens)):
             ok = tok >= 0

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dsv4.serve import anthropic as anthropic_api
 from dsv4.serve import openai as openai_api
 from dsv4.serve.core import ServeError, ServingCore, Step, Usage, new_id
+from dsv4.serve.guard import HostAllowList, allowed_hosts_for
 from dsv4.serve.metrics import CONTENT_TYPE
 from dsv4.serve.protocol import (
     ChatCompletionRequest,
@@ -88,6 +89,10 @@ class _APIKey:
         await self.app(scope, receive, send)
 
 
+async def _reject_host(scope: Any, receive: Any, send: Any, message: str) -> None:
+    await _error_response(Request(scope, receive), ServeError("invalid_request", message))(scope, receive, send)
+
+
 class _BodyLimit:
     """Refuse request bodies over `limit` bytes with 413 before reading them, so one huge upload cannot exhaust the
     server's memory. Bodies sent without Content-Length (chunked) are counted as they arrive."""
@@ -123,7 +128,7 @@ class _BodyLimit:
 
 def create_app(core: ServingCore, api_key: str | None = None,
                lifespan: Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]] | None = None,
-               max_body_bytes: int = 64 << 20) -> FastAPI:
+               max_body_bytes: int = 64 << 20, allowed_hosts: list[str] | None = None) -> FastAPI:
     app = FastAPI(title="dsv4", version="0.1.0", lifespan=lifespan,
                   description="DeepSeek-V4 with the OpenAI and Anthropic HTTP APIs")
     app.state.core = core
@@ -155,6 +160,8 @@ def create_app(core: ServingCore, api_key: str | None = None,
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     if api_key is not None:
         app.add_middleware(_APIKey, key=api_key)
+    if allowed_hosts is not None:  # first of all: a rebinding page's requests get no further (guard.py)
+        app.add_middleware(HostAllowList, allowed=allowed_hosts, reject=_reject_host)
 
     # ---- plain endpoints -------------------------------------------------------------------------------------------
     @app.get("/health")
@@ -360,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer / x-api-key)")
+    p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                   help="Host header values to accept besides the loopback names (when bound to loopback, only "
+                        "those are accepted, against DNS rebinding); '*' accepts any")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients use (default: the model directory's name)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
@@ -431,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("dsv4 serve: shutting down")
             await core.stop()
 
-    app = create_app(core, api_key=args.api_key, lifespan=lifespan)
+    app = create_app(core, api_key=args.api_key, lifespan=lifespan,
+                     allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts))
     _Server = _uvicorn_server_class()
     # uvicorn installs the SIGINT/SIGTERM handlers: it stops accepting, lets open requests finish for up to
     # timeout_graceful_shutdown seconds, then runs the lifespan shutdown (which stops the engine loop).

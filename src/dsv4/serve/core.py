@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from dsv4.serve.budget import ThinkingBudget
+from dsv4.serve.guard import scrub_paths
 from dsv4.serve.metrics import ServerMetrics
 
 
@@ -33,6 +34,7 @@ class ServeError(Exception):
               "internal": 500}
 
     def __init__(self, kind: str, message: str, param: str | None = None, retry_after: int | None = None) -> None:
+        message = scrub_paths(message)  # library messages carry source paths; clients get none (guard.py)
         super().__init__(message)
         self.kind = kind
         self.message = message
@@ -180,10 +182,10 @@ class ServingCore:
         return max_tokens
 
     # ---- preparing ------------------------------------------------------------------------------------------------
-    def render_chat(self, job: ChatJob) -> tuple[str, str, bool]:
-        """(prompt, prefill, output starts inside the reasoning). A trailing assistant message is a prefill
-        (DeepSeek's prefix completion, Anthropic's prefill): the model continues it, and only the continuation is
-        returned. In thinking mode a prefill with content closes the reasoning (`reasoning_content` + `</think>` +
+    def render_chat(self, job: ChatJob) -> tuple[Any, str, bool]:
+        """(prompt as a dsv4.chat.ChatPrompt, prefill, output starts inside the reasoning). A trailing assistant
+        message is a prefill (DeepSeek's prefix completion, Anthropic's prefill): the model continues it, and only the
+        continuation is returned. In thinking mode a prefill with content closes the reasoning (`reasoning_content` + `</think>` +
         content); one with only `reasoning_content` continues the reasoning."""
         messages, prefill, in_reasoning = job.messages, "", job.thinking
         if messages and messages[-1].get("role") == "assistant":
@@ -194,14 +196,18 @@ class ServingCore:
             content, reasoning = last.get("content") or "", last.get("reasoning_content") or ""
             if job.thinking and (content or not reasoning):
                 prefill, in_reasoning = f"{reasoning}</think>{content}", False
+                tail = self.chat.ChatPrompt().data(reasoning).ctrl("</think>").data(content)
             else:
                 prefill = reasoning if job.thinking else content
-        return self._encode_messages(job, messages) + prefill, prefill, in_reasoning
+                tail = self.chat.ChatPrompt().data(prefill)
+            return self._encode_messages(job, messages) + tail, prefill, in_reasoning
+        return self._encode_messages(job, messages), prefill, in_reasoning
 
-    def _encode_messages(self, job: ChatJob, messages: list[dict[str, Any]]) -> str:
+    def _encode_messages(self, job: ChatJob, messages: list[dict[str, Any]]) -> Any:
         try:
             fmt = job.response_format
-            return self.chat.encode_messages(
+            # a ChatPrompt: control-token strings in the clients' text stay text (dsv4/chat/prompt.py)
+            return self.chat.encode_chat_prompt(
                 messages, thinking_mode="thinking" if job.thinking else "chat",
                 reasoning_effort=job.reasoning_effort,
                 # with tool_choice "none" the tools stay out of the prompt, so the model is not invited to call them
@@ -213,8 +219,10 @@ class ServingCore:
             raise ServeError("invalid_request", f"The messages cannot be rendered in the V4 chat format: {e}",
                              param="messages") from e
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
+    def encode(self, text: Any) -> list[int]:
+        if isinstance(text, str):
+            return list(self.tokenizer.encode(text))
+        return list(self.tokenizer.encode_prompt(text))
 
     def prepare_chat(self, job: ChatJob, max_tokens_field: str = "max_tokens") -> Prepared:
         prompt, prefill, in_reasoning = self.render_chat(job)

@@ -1,9 +1,12 @@
 """Training checkpoints (exact resume) and export in the published DeepSeek-V4 layout.
 
-A training checkpoint is one directory `step_{N}/` holding `state.pt`: model + optimizer state dicts (full, unsharded,
-so a run can resume on a different number of ranks), the data loader position, every RNG state and the step. It is
-written to a temporary directory and renamed into place, and `latest` is replaced atomically afterwards, so a crash
-mid-save never leaves a checkpoint that looks complete but is not.
+A training checkpoint is one directory `step_{N}/`: model + optimizer state dicts (full, unsharded, so a run can
+resume on a different number of ranks), the data loader position, every RNG state and the step, stored as
+safetensors + JSON with a manifest of sizes and SHA-256s (safe_state.py; nothing in it is unpickled, so a crafted run
+directory cannot run code). It is written to a temporary directory, fsynced and renamed into place, and `latest` is
+replaced atomically afterwards, so a crash mid-save never leaves a checkpoint that looks complete but is not. Resume
+verifies the checkpoint `latest` names and falls back, with a warning, to the newest intact one; pruning never
+deletes the checkpoint `latest` names or the one just written.
 
 Export writes what `dsv4.load_model` and transformers' `DeepseekV4ForCausalLM` read, through the loader's writer
 (`model/checkpoint_io.save_checkpoint`): safetensors shards with the official tensor names, `config.json` (published HF
@@ -18,14 +21,38 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from dsv4.train.safe_state import (
+    MANIFEST,
+    TENSORS,
+    CheckpointError,
+    fsync_dir,
+    read_state,
+    write_durable,
+    write_state,
+)
+
+try:  # numpy >= 2
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+
 LATEST = "latest"
+LEGACY_STATE = "state.pt"
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def print_warning(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
 
 
 def rng_state() -> dict:
@@ -144,35 +171,130 @@ def save_training_state(
     tmp = root / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = {"step": step, "model": model_sd, **optim_fields, "rng": rng_state(), **extra}
-    torch.save(state, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    link_tmp = root / f".{LATEST}.tmp"
-    link_tmp.write_text(final.name)
-    os.replace(link_tmp, root / LATEST)
-    # keep the newest `keep` checkpoints
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+    write_state(tmp, {"step": step, "model": model_sd, **optim_fields, "rng": rng_state(), **extra})
+    if final.exists():  # a rename cannot replace a non-empty directory: move the old one aside first
+        old = root / f".old_step_{step:08d}"
         shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(root)
+    link_tmp = root / f".{LATEST}.tmp"
+    write_durable(link_tmp, final.name.encode())
+    os.replace(link_tmp, root / LATEST)
+    fsync_dir(root)
+    prune_checkpoints(root, keep, protect={final.name})
     return final
 
 
+def _step_of(p: Path) -> int | None:
+    m = _STEP_DIR.fullmatch(p.name)
+    return int(m.group(1)) if m and p.is_dir() else None
+
+
+def step_checkpoints(root: Path) -> list[Path]:
+    """`step_N` directories under `root`, newest step first (temp and moved-aside directories excluded)."""
+    found = [(s, p) for p in root.glob("step_*") if (s := _step_of(p)) is not None] if root.is_dir() else []
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def prune_checkpoints(root: Path, keep: int, protect: set[str] = frozenset()) -> None:
+    """Keep the `keep` newest steps plus the one `latest` names and `protect`: after a run restarted at a lower step
+    (e.g. with --resume false in an old --out), "newest by step" alone would delete the checkpoint just written."""
+    named, _ = _read_latest(root)
+    keep_names = set(protect) | ({named.name} if named is not None else set())
+    for old in step_checkpoints(root)[max(1, keep):]:
+        if old.name not in keep_names:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_latest(root: Path) -> tuple[Path | None, str | None]:
+    """(the checkpoint dir `latest` names, None) or (None, what is wrong with the marker); (None, None) if absent."""
+    marker = root / LATEST
+    if not marker.exists():
+        return None, None
+    try:
+        name = marker.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{marker} is unreadable ({type(e).__name__})"
+    # Only a sibling step_N directory: the marker is data from disk, never a path to follow anywhere else.
+    if not _STEP_DIR.fullmatch(name):
+        return None, f"{marker} does not name a step_N checkpoint (it holds {name[:60]!r})"
+    if not (root / name).is_dir():
+        return None, f"{marker} names {name}, which does not exist"
+    return root / name, None
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    marker = Path(out_dir) / "checkpoints" / LATEST
-    if not marker.is_file():
+    """The checkpoint directory `checkpoints/latest` names, if the marker is sound (not verified; see resume_point)."""
+    return _read_latest(Path(out_dir) / "checkpoints")[0]
+
+
+def resume_point(out_dir: str | Path, warn: Callable[[str], None] = print_warning) -> tuple[Path, dict] | None:
+    """The verified checkpoint to resume from and its state, or None when `out_dir` holds no checkpoint at all.
+
+    `latest` is tried first; if it is missing or broken, or its checkpoint fails verification, the newest intact
+    checkpoint is used and `warn` says which and why. A directory that holds checkpoints but no intact one raises
+    CheckpointError (listing each refusal) rather than quietly starting at step 0 over an old run."""
+    root = Path(out_dir) / "checkpoints"
+    named, problem = _read_latest(root)
+    candidates = step_checkpoints(root)
+    if named is not None:
+        candidates = [named] + [p for p in candidates if p != named]
+    elif problem is None and candidates:
+        problem = f"{root / LATEST} is missing"
+    if problem is None and not candidates:
         return None
-    path = marker.parent / marker.read_text().strip()
-    return path if (path / "state.pt").is_file() else None
+    refused = []
+    for path in candidates:
+        try:
+            state = load_training_state(path)
+        except CheckpointError as e:
+            refused.append(str(e))
+            warn(f"refusing checkpoint {path.name}: {e}")
+            continue
+        if path != named:
+            warn(f"{problem or f'{root / LATEST} names a damaged checkpoint'}; resuming from the newest intact "
+                 f"checkpoint {path}")
+        return path, state
+    reasons = "; ".join(refused) if refused else problem
+    raise CheckpointError(
+        f"no intact checkpoint to resume from in {root} ({reasons}). Restore the damaged files, or start over in a "
+        "new --out (or with --resume false)"
+    )
 
 
 def load_training_state(path: str | Path) -> dict:
+    """A checkpoint's state, verified against its manifest; never unpickles anything that could run code."""
     path = Path(path)
-    f = path / "state.pt" if path.is_dir() else path
-    if not f.is_file():
-        raise FileNotFoundError(f"no training checkpoint at {f}; pass a checkpoints/step_N directory")
-    # weights_only=False: the state holds numpy / python RNG states, written by this trainer.
-    return torch.load(f, map_location="cpu", weights_only=False)
+    d = path if path.is_dir() else path.parent
+    if (d / MANIFEST).exists() or (d / TENSORS).exists():
+        return read_state(d)
+    legacy = d / LEGACY_STATE
+    if legacy.is_file():
+        return _load_legacy(legacy)
+    raise CheckpointError(f"no training checkpoint in {d} ({MANIFEST} is missing); pass a checkpoints/step_N "
+                          "directory")
+
+
+def _load_legacy(f: Path) -> dict:
+    """`state.pt` from before the safetensors format: restricted unpickling, the allow-list being exactly the numpy
+    types an RNG state holds, so a crafted file fails instead of running code. It has no checksums to verify."""
+    allowed = [np.ndarray, np.dtype, np.dtypes.UInt32DType, _np_reconstruct]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{f} is not a loadable training state ({type(e).__name__}: {first[:300]}); it is "
+                              "either damaged or holds objects other than tensors and RNG states") from e
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{f} does not hold a training state")
+    print_warning(f"{f} is in the old pickle format without checksums (loaded with weights_only); the next save "
+                  "writes the verified format")
+    return state
 
 
 def export_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -51,7 +51,16 @@ def load_documents(paths: list[str | Path], split: str = "file", text_key: str =
     docs: list[str] = []
     for f in iter_files(paths):
         if f.suffix in JSON_SUFFIXES:
-            for lineno, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            # Split the bytes, not the decoded text: a bad byte is then reported with its line, and str.splitlines'
+            # extra breaks (U+2028, \x1c, ...) cannot cut a JSON record in two.
+            for lineno, raw in enumerate(f.read_bytes().splitlines(), 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(
+                        f"{f}:{lineno} is not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                        "re-encode the file as UTF-8 or drop that line"
+                    ) from e
                 if not line.strip():
                     continue
                 try:

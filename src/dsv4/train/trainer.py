@@ -33,11 +33,12 @@ from dsv4.train import parallel
 from dsv4.train.checkpoint import (
     export_model,
     full_model_state,
-    latest_checkpoint,
     load_full_state,
-    load_training_state,
+    print_warning,
+    resume_point,
     save_training_state,
     set_rng_state,
+    step_checkpoints,
 )
 from dsv4.train.config import TrainConfig, config_to_dict, parse_args
 from dsv4.train.data import (
@@ -187,12 +188,16 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "train_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-        ckpt = latest_checkpoint(self.out) if cfg.resume else None
-        if ckpt is not None:
-            self._resume(ckpt)
+        warn = print_warning if self.rank == 0 else (lambda msg: None)
+        found = resume_point(self.out, warn) if cfg.resume else None
+        old = step_checkpoints(self.out / "checkpoints")
+        if not cfg.resume and old:
+            warn(f"--resume false in {self.out}, which holds checkpoints up to {old[0].name} of an earlier run; this "
+                 "run's saves replace those of the same step (use a new --out to keep them all)")
+        if found is not None:
+            self._resume(*found)
 
-    def _resume(self, path: Path) -> None:
-        state = load_training_state(path)
+    def _resume(self, path: Path, state: dict) -> None:
         load_full_state(self.model, self.opts, state, self.ep)
         self.loader.load_state_dict(state["data"])
         set_rng_state(state["rng"])
