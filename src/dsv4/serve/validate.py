@@ -13,6 +13,8 @@ valid schema is one the grammar compiler supports (chat/constraint.py; its error
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -78,24 +80,33 @@ def _clip(text: str) -> str:
 def check_json_schema(schema: Any, where: str, *, object_root: bool) -> None:
     """`schema` must be a valid JSON Schema (checked against its draft's metaschema; 2020-12 when it names none).
     With `object_root` (tool parameters) the root must describe an object, as both APIs require."""
-    import jsonschema
-
     if not isinstance(schema, dict):
         raise ServeError("invalid_request", f"{where}: a JSON Schema must be an object, got {type(schema).__name__}.",
                          param=where)
     if object_root and schema.get("type", "object") != "object":
         raise ServeError("invalid_request", f"{where}.type: tool parameters must be a JSON Schema of type \"object\", "
                          f"got {schema.get('type')!r}; wrap the value in an object property.", param=f"{where}.type")
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    # The most specific error: the one deepest in the schema (best_match prefers shallow ones for instances).
-    errors = sorted(cls(cls.META_SCHEMA).iter_errors(schema), key=lambda e: -len(e.absolute_path))
-    if errors:
-        e = errors[0]
+    # Agents send the same tools on every turn: the metaschema check runs once per distinct schema.
+    found = _first_error(json.dumps(schema, sort_keys=True, ensure_ascii=False))
+    if found is not None:
+        path, message = found
         at = where
-        for key in e.absolute_path:
+        for key in path:
             at = _join(at, key)
-        raise ServeError("invalid_request", f"{at}: invalid JSON Schema: {_clip(e.message)}. Fix this part of the "
+        raise ServeError("invalid_request", f"{at}: invalid JSON Schema: {_clip(message)}. Fix this part of the "
                          "schema (see https://json-schema.org/draft/2020-12).", param=at)
+
+
+@functools.lru_cache(maxsize=256)
+def _first_error(schema_json: str) -> tuple[tuple[Any, ...], str] | None:
+    """(path in the schema, message) of the most specific metaschema violation, or None for a valid schema."""
+    import jsonschema
+
+    schema = json.loads(schema_json)
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    # the deepest error names the part to fix (best_match prefers shallow ones, which say "not valid under anyOf")
+    errors = sorted(cls(cls.META_SCHEMA).iter_errors(schema), key=lambda e: -len(e.absolute_path))
+    return (tuple(errors[0].absolute_path), errors[0].message) if errors else None
 
 
 def check_tool_order(messages: Iterable[tuple[str, str, Any]]) -> None:
