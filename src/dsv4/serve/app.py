@@ -389,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the engine's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together (engine option)")
     p.add_argument("--cache-memory-gb", type=float, default=None, help="KV-cache budget in GiB (engine option)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one engine step (engine option, default 512)")
+    p.add_argument("--admission-reserve", type=int, default=None,
+                   help="tokens of each step a running prefill leaves to waiting requests (engine option, default a "
+                        "quarter of the step budget; 0 = a long prefill holds new requests back until it is done)")
     p.add_argument("--max-concurrency", type=int, default=256,
                    help="requests in flight before new ones get 503 + Retry-After")
     p.add_argument("--max-body-mb", type=float, default=None,
@@ -429,7 +434,7 @@ def build_core(args: argparse.Namespace) -> ServingCore:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     options: dict[str, Any] = {}
-    for name in ("max_model_len", "max_num_seqs", "cache_memory_gb"):
+    for name in ("max_model_len", "max_num_seqs", "cache_memory_gb", "max_num_batched_tokens", "admission_reserve"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     log.info("dsv4 serve: loading %s on %s (%s)", args.model, device, dtype)
