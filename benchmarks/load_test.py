@@ -292,12 +292,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = tempfile.TemporaryDirectory(prefix="dsv4-load-")
     try:
         model = args.model or build_model(Path(tmp.name) / "tiny", args.max_len)
-        server = Server(Path(model), args.max_len, args.port, log=Path(tmp.name) / "server.log")
+        extra = args.server_args.split()
+        server = Server(Path(model), args.max_len, args.port, extra=extra, log=Path(tmp.name) / "server.log")
         try:
             server.wait_ready()
             load = Load(server)
             report: dict[str, Any] = {"bench": "load", "model": str(args.model or "tiny random (real V4 vocab)"),
-                                      "max_model_len": args.max_len, "cpus": os.cpu_count()}
+                                      "max_model_len": args.max_len, "server_args": extra, "cpus": os.cpu_count()}
             report["idle"] = asyncio.run(load.baseline(args.baseline))
             report["streams"] = asyncio.run(load.streams(args.streams, args.stream_tokens))
             report["long_prefill"] = asyncio.run(load.long_prefill(args.long_tokens, args.gap))
@@ -307,7 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             server.stop()
         if not args.no_peer:
-            peer = Server(Path(model), args.max_len, 0, extra=["--admission-reserve", "0"],
+            peer = Server(Path(model), args.max_len, 0, extra=[*extra, "--admission-reserve", "0"],
                           log=Path(tmp.name) / "peer.log")
             try:
                 peer.wait_ready()
@@ -361,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gap", type=float, default=0.1, help="seconds between probes")
     p.add_argument("--soak-s", type=float, default=30)
     p.add_argument("--soak-clients", type=int, default=4)
+    p.add_argument("--server-args", default="", help="more `dsv4 serve` options, e.g. '--max-num-batched-tokens 128'")
     p.add_argument("--no-peer", action="store_true", help="skip the --admission-reserve 0 server")
     p.add_argument("--report", type=Path, default=None, help="also write the summary as markdown here")
     args = p.parse_args(argv)
@@ -368,10 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     lines = summary(r)
     print("\n".join(lines))
     if args.report is not None:
-        args.report.write_text(
+        # several runs (e.g. two step budgets) append to one dated report
+        old = args.report.read_text() + "\n" if args.report.exists() else ""
+        args.report.write_text(old + 
             f"# Load test {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
             f"`python benchmarks/load_test.py {' '.join(argv if argv is not None else sys.argv[1:])}` on "
-            f"{os.cpu_count()} CPU cores, model: {r['model']}, max_model_len {r['max_model_len']}.\n\n"
+            f"{os.cpu_count()} CPU cores (shared), model: {r['model']}, max_model_len {r['max_model_len']}.\n\n"
             + "\n".join(f"- {x}" for x in lines) + "\n\n```json\n" + json.dumps(r, indent=1) + "\n```\n")
     print(json.dumps(r))
     return 0 if r["server_errors_5xx"] == 0 and r["end"]["pages_used"] == 0 else 1

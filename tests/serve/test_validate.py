@@ -277,3 +277,14 @@ def test_malformed_unicode_schemas_and_orders_never_5xx(req: tuple[str, dict[str
     assert r.status_code < 500, (path, body, r.text[:500])
     r.json()  # always a JSON error body in the API's format (never a dropped connection)
     assert ENGINE.live == set()
+
+
+def test_browsers_on_other_origins_cannot_drive_generation() -> None:
+    """No CORS headers, preflight refused, and the bodies a page may send without preflight are not JSON objects."""
+    hdr = {"origin": "http://elsewhere.example"}
+    body = json.dumps({"model": MODEL, "messages": USER})
+    r = CLIENT.options("/v1/chat/completions", headers={**hdr, "access-control-request-method": "POST"})
+    assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
+    for kind in ("text/plain", "application/x-www-form-urlencoded"):
+        r = CLIENT.post("/v1/chat/completions", content=body, headers={**hdr, "content-type": kind})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers

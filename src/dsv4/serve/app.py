@@ -117,7 +117,7 @@ class _BodyLimit:
             return
         request = Request(scope, receive)
         err = ServeError("too_large", f"The request body is over the server's limit of {self.limit} bytes; send a "
-                         "smaller request.")
+                         "smaller request (the limit follows the context length; `dsv4 serve --max-body-mb` sets it).")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             await _error_response(request, err)(scope, receive, send)
