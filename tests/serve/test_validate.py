@@ -108,6 +108,20 @@ def test_invalid_response_format_schema_names_the_part() -> None:
     openai_400(post("/v1/chat/completions", {"model": MODEL, "messages": USER, "response_format": fmt}),
                "response_format.json_schema.schema.properties.items.items.type", "invalid JSON Schema")
 
+    def schema_400(schema: dict[str, Any], param: str, *words: str) -> None:
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        r = post("/v1/chat/completions", {"model": MODEL, "messages": USER, "response_format": fmt})
+        openai_400(r, "response_format.json_schema.schema." + param, *words)
+
+    schema_400({"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}},
+               "properties.a.pattern", "regex")
+    schema_400({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "properties.a.$ref",
+               "points to nothing")
+    schema_400({"properties": {"a": {"$ref": "https://example.com/s.json"}}}, "properties.a.$ref", "not a local")
+    ok = {"$defs": {"c": {"type": "string"}}, "type": "object", "properties": {"a": {"$ref": "#/$defs/c"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": ok}}
+    assert post("/v1/chat/completions", {"model": MODEL, "messages": USER, "response_format": fmt}).status_code == 200
+
 
 # ---- message order ---------------------------------------------------------------------------------------------
 CALL = {"role": "assistant", "content": None,

@@ -104,9 +104,39 @@ def _first_error(schema_json: str) -> tuple[tuple[Any, ...], str] | None:
 
     schema = json.loads(schema_json)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    # the deepest error names the part to fix (best_match prefers shallow ones, which say "not valid under anyOf")
-    errors = sorted(cls(cls.META_SCHEMA).iter_errors(schema), key=lambda e: -len(e.absolute_path))
-    return (tuple(errors[0].absolute_path), errors[0].message) if errors else None
+    # the deepest error names the part to fix (best_match prefers shallow ones, which say "not valid under anyOf");
+    # the format checker makes a `pattern` that is not a regular expression an error too
+    meta = cls(cls.META_SCHEMA, format_checker=cls.FORMAT_CHECKER)
+    errors = sorted(meta.iter_errors(schema), key=lambda e: -len(e.absolute_path))
+    if errors:
+        return tuple(errors[0].absolute_path), errors[0].message
+    return _unresolved_ref(schema)
+
+
+def _unresolved_ref(schema: dict[str, Any]) -> tuple[tuple[Any, ...], str] | None:
+    """The first `$ref` that does not point inside the schema itself (the grammar compiler fetches nothing)."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), schema)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                if not ref.startswith("#"):
+                    return path + ("$ref",), f"{ref!r} is not a local reference; only '#/...' references are " \
+                        "supported: inline the referenced schema under $defs"
+                target: Any = schema
+                for part in filter(None, ref[1:].split("/")):
+                    part = part.replace("~1", "/").replace("~0", "~")
+                    if isinstance(target, dict) and part in target:
+                        target = target[part]
+                    elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                        target = target[int(part)]
+                    else:
+                        return path + ("$ref",), f"{ref!r} points to nothing in this schema"
+            stack.extend((path + (k,), v) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((path + (i,), v) for i, v in enumerate(node))
+    return None
 
 
 def check_tool_order(messages: Iterable[tuple[str, str, Any]]) -> None:
