@@ -9,7 +9,8 @@ loopback (127.0.0.1, a free port), bounded in requests and seconds. One run repo
    a probe waits for the whole prefill (skip with `--no-peer`);
 4. huge bodies: a 10 MB and a 60 MB chat body (the server runs with --max-body-mb 64 so they are parsed and refused
    by their length rather than by Content-Length): the status, how long the refusal took, the server's peak RSS
-   growth (VmHWM, reset before each), and probe latency meanwhile;
+   growth (VmHWM, reset before each), and probe latency meanwhile; the same against the peer, which keeps the default
+   body limit (it follows the context: 25 MB for 32K tokens);
 5. soak: `--soak-s` seconds of small requests at `--soak-clients` concurrency: RSS before / after, statuses;
 6. the end: pages in use once idle (must be 0) and every status seen (no 5xx allowed).
 
@@ -78,7 +79,7 @@ def build_model(path: Path, max_len: int) -> Path:
 
 class Server:
     def __init__(self, model_dir: Path, max_len: int, port: int = 0, extra: list[str] | None = None,
-                 log: Path | None = None) -> None:
+                 log: Path | None = None, body_mb: int | None = 64) -> None:
         if port == 0:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
@@ -86,8 +87,8 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "dsv4.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
                "--port", str(port), "--served-model-name", "load", "--dtype", "float32", "--device", "cpu",
-               "--max-model-len", str(max_len), "--max-num-seqs", "80", "--max-body-mb", "64",
-               "--log-level", "warning", *(extra or [])]
+               "--max-model-len", str(max_len), "--max-num-seqs", "80", "--log-level", "warning",
+               *(["--max-body-mb", str(body_mb)] if body_mb else []), *(extra or [])]
         self._log = open(log, "w") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -308,12 +309,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             server.stop()
         if not args.no_peer:
+            # the peer also keeps the default body limit (it follows the context), to show where a huge body ends
+            # without --max-body-mb 64: a 413 before it is read
             peer = Server(Path(model), args.max_len, 0, extra=[*extra, "--admission-reserve", "0"],
-                          log=Path(tmp.name) / "peer.log")
+                          log=Path(tmp.name) / "peer.log", body_mb=None)
             try:
                 peer.wait_ready()
                 load.server = peer
                 report["peer_long_prefill_no_reserve"] = asyncio.run(load.long_prefill(args.long_tokens, args.gap))
+                report["default_body_limit"] = [asyncio.run(load.huge_body(mb, args.gap)) for mb in args.body_mb]
             finally:
                 peer.stop()
         report["statuses"] = dict(sorted(load.statuses.items()))
@@ -337,8 +341,9 @@ def summary(r: dict[str, Any]) -> list[str]:
         pe = r["peer_long_prefill_no_reserve"]
         out.append(f"peer, --admission-reserve 0 (no fair share): long prefill {pe['long_request_s']:.1f} s, "
                    f"{pe['probe_ms']['n']} probes p50 {pe['probe_ms']['p50']:.0f} ms p99 {pe['probe_ms']['p99']:.0f} ms")
-    for h in r["huge_bodies"]:
-        out.append(f"{h['body_mb']:.0f} MB body: {h['status']} in {h['refused_in_s'] * 1000:.0f} ms, peak RSS "
+    for h in r["huge_bodies"] + r.get("default_body_limit", []):
+        where = "--max-body-mb 64" if h in r["huge_bodies"] else "default body limit"
+        out.append(f"{h['body_mb']:.0f} MB body ({where}): {h['status']} in {h['refused_in_s'] * 1000:.0f} ms, peak RSS "
                    f"+{h['rss_peak_growth_mb']:.0f} MB (from {h['rss_before_mb']:.0f} MB), {h['probe_ms']['n']} "
                    f"probes meanwhile max {h['probe_ms']['max']:.0f} ms, /health max {h['health_ms']['max']:.1f} ms")
     s = r["soak"]

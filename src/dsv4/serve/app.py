@@ -120,7 +120,10 @@ class _BodyLimit:
                          "smaller request (the limit follows the context length; `dsv4 serve --max-body-mb` sets it).")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            await _error_response(request, err)(scope, receive, send)
+            response = _error_response(request, err)
+            # close the connection rather than read (and discard) the rest of an upload we refused
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send)
             return
         seen = 0
 
@@ -458,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await core.start()
         log.info("dsv4 serve: listening on http://%s:%d (model %s)", args.host, args.port, ", ".join(core.model_names))
+        log.info("dsv4 serve: request bodies up to %d bytes (--max-body-mb), context %d tokens",
+                 app.state.max_body_bytes, core.max_model_len)
         try:
             yield
         finally:
