@@ -113,8 +113,7 @@ def test_invalid_response_format_schema_names_the_part() -> None:
         r = post("/v1/chat/completions", {"model": MODEL, "messages": USER, "response_format": fmt})
         openai_400(r, "response_format.json_schema.schema." + param, *words)
 
-    schema_400({"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}},
-               "properties.a.pattern", "regex")
+    schema_400({"$schema": 5, "type": "object"}, "$schema", "not a metaschema URI")
     schema_400({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "properties.a.$ref",
                "points to nothing")
     schema_400({"properties": {"a": {"$ref": "https://example.com/s.json"}}}, "properties.a.$ref", "not a local")
@@ -238,7 +237,8 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow
                      lambda kids: st.lists(kids, max_size=3) | st.dictionaries(_text, kids, max_size=3),
                      max_leaves=8)
 _schema = st.dictionaries(st.sampled_from(["type", "properties", "required", "items", "enum", "minimum", "$ref",
-                                           "additionalProperties", "anyOf"]), _json, max_size=4) | _json
+                                           "additionalProperties", "anyOf", "$schema", "$defs", "pattern", "format"]),
+                          _json, max_size=4) | _json
 _call = st.fixed_dictionaries({"id": st.sampled_from(["c1", "c2"]), "type": st.just("function"),
                                "function": st.fixed_dictionaries({"name": st.just("f"), "arguments": _text})})
 _oai_msg = st.one_of(

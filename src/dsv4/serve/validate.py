@@ -103,11 +103,13 @@ def _first_error(schema_json: str) -> tuple[tuple[Any, ...], str] | None:
     import jsonschema
 
     schema = json.loads(schema_json)
+    if not isinstance(schema.get("$schema", ""), str):
+        return ("$schema",), f"{schema['$schema']!r} is not a metaschema URI (a string)"
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    # the deepest error names the part to fix (best_match prefers shallow ones, which say "not valid under anyOf");
-    # the format checker makes a `pattern` that is not a regular expression an error too
-    meta = cls(cls.META_SCHEMA, format_checker=cls.FORMAT_CHECKER)
-    errors = sorted(meta.iter_errors(schema), key=lambda e: -len(e.absolute_path))
+    # The deepest error names the part to fix (best_match prefers shallow ones, which say "not valid under anyOf").
+    # NOTE: no format checker: it would test `pattern` with Python's `re`, not JSON Schema's ECMA-262 dialect, and
+    # refuse valid patterns such as \p{L}; the grammar compiler reports the patterns it cannot use.
+    errors = sorted(cls(cls.META_SCHEMA).iter_errors(schema), key=lambda e: -len(e.absolute_path))
     if errors:
         return tuple(errors[0].absolute_path), errors[0].message
     return _unresolved_ref(schema)
