@@ -302,3 +302,26 @@ def test_browsers_on_other_origins_cannot_drive_generation() -> None:
     for kind in ("text/plain", "application/x-www-form-urlencoded"):
         r = CLIENT.post("/v1/chat/completions", content=body, headers={**hdr, "content-type": kind})
         assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+
+
+_GRAMMAR_ENGINE = FakeEngine(TOK, lambda ids, params: "ok")
+_GRAMMAR_CLIENT = TestClient(create_app(ServingCore(_GRAMMAR_ENGINE, TOK, model_names=[MODEL], max_model_len=4096)),
+                             raise_server_exceptions=False)
+
+
+@given(_schema, st.booleans())
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_any_schema_through_the_real_grammar_compiler_never_5xx(schema: Any, as_tool: bool) -> None:
+    """The same schemas as a forced tool's parameters or a json_schema answer, compiled by the real xgrammar."""
+    body: dict[str, Any] = {"model": MODEL, "messages": USER, "max_tokens": 4}
+    if as_tool:
+        body.update(tool_choice="required", tools=[{"type": "function", "function": {"name": "f",
+                                                                                      "parameters": schema}}])
+    else:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
+    r = _GRAMMAR_CLIENT.post("/v1/chat/completions", content=json.dumps(body).encode(),
+                             headers={"content-type": "application/json"})
+    assert r.status_code < 500, (schema, r.text[:500])
+    if r.status_code == 400:
+        assert r.json()["error"]["param"], r.text  # the error names where the schema went wrong
+    assert _GRAMMAR_ENGINE.live == set()

@@ -157,7 +157,10 @@ def create_app(core: ServingCore, api_key: str | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(request, ServeError("invalid_request", _validation_message(exc)))
+        # param: the first field pydantic refused (its loc without the leading "body"), as OpenAI's errors name it
+        first = next((e.get("loc", ()) for e in exc.errors() if e.get("type") != "json_invalid"), ())
+        param = ".".join(str(x) for x in first if x != "body") or None
+        return _error_response(request, ServeError("invalid_request", _validation_message(exc), param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
