@@ -31,7 +31,6 @@ import os
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -340,10 +339,12 @@ def summary(r: dict[str, Any]) -> list[str]:
     if "peer_long_prefill_no_reserve" in r:
         pe = r["peer_long_prefill_no_reserve"]
         out.append(f"peer, --admission-reserve 0 (no fair share): long prefill {pe['long_request_s']:.1f} s, "
-                   f"{pe['probe_ms']['n']} probes p50 {pe['probe_ms']['p50']:.0f} ms p99 {pe['probe_ms']['p99']:.0f} ms")
+                   f"{pe['probe_ms']['n']} probes p50 {pe['probe_ms']['p50']:.0f} ms "
+                   f"p99 {pe['probe_ms']['p99']:.0f} ms")
     for h in r["huge_bodies"] + r.get("default_body_limit", []):
         where = "--max-body-mb 64" if h in r["huge_bodies"] else "default body limit"
-        out.append(f"{h['body_mb']:.0f} MB body ({where}): {h['status']} in {h['refused_in_s'] * 1000:.0f} ms, peak RSS "
+        out.append(f"{h['body_mb']:.0f} MB body ({where}): {h['status']} in {h['refused_in_s'] * 1000:.0f} ms, "
+                   f"peak RSS "
                    f"+{h['rss_peak_growth_mb']:.0f} MB (from {h['rss_before_mb']:.0f} MB), {h['probe_ms']['n']} "
                    f"probes meanwhile max {h['probe_ms']['max']:.0f} ms, /health max {h['health_ms']['max']:.1f} ms")
     s = r["soak"]

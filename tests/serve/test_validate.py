@@ -243,7 +243,8 @@ _call = st.fixed_dictionaries({"id": st.sampled_from(["c1", "c2"]), "type": st.j
                                "function": st.fixed_dictionaries({"name": st.just("f"), "arguments": _text})})
 _oai_msg = st.one_of(
     st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]), "content": _text}),
-    st.fixed_dictionaries({"role": st.just("assistant"), "content": st.none(), "tool_calls": st.lists(_call, min_size=1, max_size=2)}),
+    st.fixed_dictionaries({"role": st.just("assistant"), "content": st.none(),
+                           "tool_calls": st.lists(_call, min_size=1, max_size=2)}),
     st.fixed_dictionaries({"role": st.just("tool"), "tool_call_id": st.sampled_from(["c1", "c2", "x"]),
                            "content": _text}),
 )

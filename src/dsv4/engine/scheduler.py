@@ -5,9 +5,11 @@ it carries an MTP draft), then prefilling sequences get chunks of what is left, 
 waits they leave `admission_reserve` tokens of the budget to it; then waiting sequences are admitted while the budget,
 the state slots and the pages last. A long prompt is therefore split across steps and never holds back the decodes
 of others nor the first chunk of a request that arrives during its prefill: a short request's first token comes
-within about two steps, however long the prompt being prefilled. When a running sequence needs a page and none is free, the
-most recently admitted sequence is preempted *by recompute*: it drops its pages and slot and goes back to the front of
-the waiting queue with its generated tokens, to be prefilled again later (the prefix cache may shorten that).
+within about two steps, however long the prompt being prefilled.
+
+When a running sequence needs a page and none is free, the most recently admitted sequence not yet given a chunk
+this step is preempted *by recompute*: it drops its pages and slot and goes back to the front of the waiting queue
+with its generated tokens, to be prefilled again later (the prefix cache may shorten that).
 
 Plain deterministic Python over `Sequence` objects; it never touches tensors. It does not run the model, sample or
 detokenize (`LLMEngine` does), and it does not know about speculative decoding beyond "this decode carries a draft".
