@@ -73,6 +73,14 @@ def test_lone_surrogates_are_400_naming_the_field() -> None:
     assert ENGINE.live == set()
 
 
+def test_deeply_nested_body_is_a_400_that_says_so() -> None:
+    deep = '{"model": "tiny", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    openai_400(post("/v1/chat/completions", deep), "body", "too deeply")
+    # nesting the parser accepts is walked without recursion by the text check
+    nested = {"model": MODEL, "messages": USER, "x": json.loads('{"a":' * 800 + '"\\ud800"' + "}" * 800)}
+    openai_400(post("/v1/chat/completions", nested), "x" + ".a" * 800, "surrogate")
+
+
 def test_error_naming_an_unknown_model_with_odd_text_still_answers() -> None:
     r = CLIENT.get("/v1/models/%ED%A0%80")  # invalid UTF-8 in the path
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -166,6 +166,9 @@ def create_app(core: ServingCore, api_key: str | None = None,
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc.__cause__, ServeError):  # FastAPI wraps errors raised while reading the body (size limit)
             return _error_response(request, exc.__cause__)
+        if isinstance(exc.__cause__, RecursionError):  # JSON nested past the parser's depth limit (about 1000)
+            return _error_response(request, ServeError("invalid_request", "The request body nests JSON arrays / "
+                                                       "objects too deeply to parse; flatten it.", param="body"))
         kind = "not_found" if exc.status_code == 404 else "invalid_request"
         err = ServeError(kind, f"{request.method} {request.url.path}: {exc.detail}")
         return _error_response(request, err, exc.status_code)
