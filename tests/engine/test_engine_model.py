@@ -96,6 +96,25 @@ def test_concurrent_requests_with_chunked_prefill(model):
     assert bm.num_free_pages == bm.num_pages and bm.num_free_slots == bm.num_slots
 
 
+def test_requests_arriving_mid_prefill_share_its_steps(model):
+    """A long prompt prefilling under a small budget; short requests arrive during it and are admitted through the
+    admission reserve, decoding between its chunks (scheduler.py): every output still equals plain decoding."""
+    (long,) = prompts(1, 200, 200, seed=7)
+    shorts = prompts(3, 3, 9, seed=8)
+    llm = engine(model, max_num_batched_tokens=24, admission_reserve=8)
+    eng = llm.engine
+    ids = [eng.add_request(long, greedy(5))]
+    final = {}
+    for s in shorts:
+        for _ in range(2):
+            final.update({o.request_id: o for o in eng.step() if o.finished})
+        ids.append(eng.add_request(s, greedy(4)))
+    # the short ones joined while the long prompt was still being prefilled, and the first one is already done
+    assert eng.requests[ids[0]].seqs[0].num_computed < len(long) and ids[1] in final
+    final.update(eng.run_to_completion([i for i in ids if i not in final]))
+    assert [final[i].outputs[0].token_ids for i in ids] == plain_greedy(model, [long, *shorts], [5, 4, 4, 4])
+
+
 def test_preemption_with_tiny_page_budget(model):
     ps = prompts(5, 30, 45, seed=3)
     llm = engine(model, num_pages=9, max_num_batched_tokens=64, enable_prefix_caching=False)

@@ -202,3 +202,67 @@ def test_sibling_waits_for_its_leaders_prompt_only_with_prefix_caching(cached):
         assert lead.num_computed == 16 and sib in sched.waiting
         out = run_step(sched)
         assert 1 in [it.seq.seq_id for it in out.items]
+
+
+# ---- fairness: a long prefill shares each step with decodes and with new short requests ------------------------
+def test_decodes_go_before_an_earlier_prefill():
+    """A long prompt that arrived first no longer takes the whole budget from a sequence decoding after it: the short
+    request is admitted through the reserve, then decodes one token every step until it is done."""
+    bm = BlockManager(num_pages=64, num_slots=4, page_size=P)
+    sched = Scheduler(bm, max_num_batched_tokens=10, admission_reserve=2)
+    long, short = make_seq(0, 200), make_seq(1, 2, max_tokens=5)
+    sched.add(long)
+    run_step(sched)  # long: 10 tokens of its prompt
+    sched.add(short)
+    steps = 0
+    while not short.is_finished:
+        out = run_step(sched)
+        steps += 1
+        assert out.num_tokens == 10  # the rest of every step still goes to the long prefill
+    assert steps == 5 and long.num_computed < 200  # one step to prefill + first token, then 4 decodes
+
+
+def test_prefill_leaves_the_reserve_to_a_request_that_arrives_mid_prefill():
+    bm = BlockManager(num_pages=64, num_slots=4, page_size=P)
+    sched = Scheduler(bm, max_num_batched_tokens=16, admission_reserve=4)
+    long = make_seq(0, 300)
+    sched.add(long)
+    out = run_step(sched)
+    assert [(it.seq.seq_id, it.num_new) for it in out.items] == [(0, 16)]  # nothing waits: the whole budget
+    short = make_seq(1, 3, max_tokens=2)
+    sched.add(short)
+    out = run_step(sched)
+    # the prefill yields 4 tokens: the short prompt is computed whole and samples its first token this very step
+    assert [(it.seq.seq_id, it.num_new, it.samples) for it in out.items] == [(0, 12, False), (1, 3, True)]
+    out = run_step(sched)
+    assert [(it.seq.seq_id, it.num_new) for it in out.items] == [(1, 1), (0, 15)]  # decode first, no reserve
+    assert short.is_finished
+
+
+def test_short_requests_ttft_stays_bounded_while_a_30k_prompt_prefills():
+    """The engine's default budget (512, reserve 128) with a 30K-token prompt: a short request arriving every few
+    steps gets its first token in the step it is admitted, never after the long prefill; the long prompt still
+    progresses at >= 3/4 of the budget."""
+    bm = BlockManager(num_pages=400, num_slots=8, page_size=128)
+    sched = Scheduler(bm, max_num_batched_tokens=512)
+    long = make_seq(0, 30_000, max_tokens=1)
+    sched.add(long)
+    arrivals: dict[int, int] = {}
+    first_token: dict[int, int] = {}
+    shorts: list[Sequence] = []
+    step = 0
+    while not long.is_finished:
+        if step % 5 == 1:
+            shorts.append(make_seq(len(shorts) + 1, 40, max_tokens=3))
+            arrivals[shorts[-1].seq_id] = step
+            sched.add(shorts[-1])
+        run_step(sched)
+        for s in shorts:
+            if s.num_output_tokens and s.seq_id not in first_token:
+                first_token[s.seq_id] = step
+        step += 1
+        assert step < 200
+    waits = [first_token[i] - arrivals[i] for i in first_token]
+    assert len(waits) >= 10 and max(waits) == 0, waits  # first token in the step of arrival
+    assert step <= -(-30_000 // 384) + 2  # 30K prompt at >= 384 tokens per step
+    bm.check_invariants(live(sched))

@@ -71,7 +71,8 @@ def real_schema(fuzz_server: Server) -> schemathesis.schemas.BaseSchema:
     server = fuzz_server
     models = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
     assert [(m["id"], m["max_model_len"]) for m in models["data"]] == [(MODEL, FUZZ_MAX_LEN)], models
-    loaded = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=10)
+    loaded = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=10,
+                                           headers={"Authorization": f"Bearer {KEY}"})
     loaded.config.phases.coverage.enabled = False
     loaded.config.seed = SEED
     return loaded

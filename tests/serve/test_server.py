@@ -269,7 +269,9 @@ def test_64_concurrent_streams_complete_and_release_pages(server: Server) -> Non
 
 
 def _metric(server: Server, name: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+    # /metrics needs the key like the API (docs/security.md; --public-metrics opens it)
+    assert httpx.get(f"{server.url}/metrics").status_code == 401
+    for line in httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} missing from /metrics")

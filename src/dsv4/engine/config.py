@@ -15,6 +15,9 @@ class EngineConfig:
     page_size: int = 128  # tokens per page: a multiple of every compression ratio (V4: lcm(4, 128) = 128)
     max_num_seqs: int = 32  # state slots = most sequences running at once
     max_num_batched_tokens: int = 512  # token budget of one forward (chunked prefill splits longer prompts)
+    # tokens of each step that running prefills leave to waiting requests (None: a quarter of the budget), so a short
+    # request starts within a step or two while a long prompt prefills (scheduler.py)
+    admission_reserve: int | None = None
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the cache capacity
     enable_prefix_caching: bool = True
     max_prefix_snapshots: int = 16  # bound on prefix-cache entries (each holds a snapshot of one slot's state)
@@ -41,6 +44,8 @@ class EngineConfig:
             raise bad("max_num_seqs", "it must be >= 1")
         if self.max_num_batched_tokens < 2:
             raise bad("max_num_batched_tokens", "it must be >= 2 (a decode with a speculative draft needs 2)")
+        if self.admission_reserve is not None and not 0 <= self.admission_reserve < self.max_num_batched_tokens:
+            raise bad("admission_reserve", "it must be in [0, max_num_batched_tokens)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise bad("max_model_len", "it must be >= 2")
         if self.max_prefix_snapshots < 1:

@@ -92,7 +92,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_pages, c.max_num_seqs, c.page_size)
         self.prefix_cache = PrefixCache(self.block_manager, c.max_prefix_snapshots) if c.enable_prefix_caching else None
         self.scheduler = Scheduler(
-            self.block_manager, c.max_num_batched_tokens, self.prefix_cache, c.prefix_snapshot_interval
+            self.block_manager, c.max_num_batched_tokens, self.prefix_cache, c.prefix_snapshot_interval,
+            c.admission_reserve,
         )
         self.runner = ModelRunner(model, self.cache, self.device)
         self.sampler = Sampler()

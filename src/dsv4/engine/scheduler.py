@@ -1,11 +1,15 @@
 """Scheduler: continuous batching over a per-step token budget, with chunked prefill, preemption and abort.
 
-One call to `schedule()` decides the next forward: every running sequence gets its next chunk (1 token when
-decoding, 2 when it carries an MTP draft, up to the remaining budget while prefilling), in arrival order; then waiting
-sequences are admitted while the budget, the state slots and the pages last. A long prompt is therefore split across
-steps and interleaved with the decodes of other sequences. When a running sequence needs a page and none is free, the
-most recently admitted sequence is preempted *by recompute*: it drops its pages and slot and goes back to the front of
-the waiting queue with its generated tokens, to be prefilled again later (the prefix cache may shorten that).
+One call to `schedule()` decides the next forward, fairly: first every decoding sequence gets its next token (2 when
+it carries an MTP draft), then prefilling sequences get chunks of what is left, in arrival order, but while new work
+waits they leave `admission_reserve` tokens of the budget to it; then waiting sequences are admitted while the budget,
+the state slots and the pages last. A long prompt is therefore split across steps and never holds back the decodes
+of others nor the first chunk of a request that arrives during its prefill: a short request's first token comes
+within about two steps, however long the prompt being prefilled.
+
+When a running sequence needs a page and none is free, the most recently admitted sequence not yet given a chunk
+this step is preempted *by recompute*: it drops its pages and slot and goes back to the front of the waiting queue
+with its generated tokens, to be prefilled again later (the prefix cache may shorten that).
 
 Plain deterministic Python over `Sequence` objects; it never touches tensors. It does not run the model, sample or
 detokenize (`LLMEngine` does), and it does not know about speculative decoding beyond "this decode carries a draft".
@@ -68,9 +72,16 @@ class Scheduler:
         max_num_batched_tokens: int,
         prefix_cache: PrefixCache | None = None,
         snapshot_interval: int = 4,
+        admission_reserve: int | None = None,
     ) -> None:
         if max_num_batched_tokens < 2:
             raise ValueError(f"max_num_batched_tokens must be >= 2, got {max_num_batched_tokens}")
+        # Tokens of each step that running prefills leave to waiting requests (None: a quarter of the budget). The
+        # cost is small: only while something waits, and a long prefill still gets the other three quarters.
+        reserve = max_num_batched_tokens // 4 if admission_reserve is None else admission_reserve
+        if not 0 <= reserve < max_num_batched_tokens:
+            raise ValueError(f"admission_reserve must be in [0, {max_num_batched_tokens}), got {reserve}")
+        self.admission_reserve = reserve
         self.bm = block_manager
         self.P = block_manager.page_size
         self.max_tokens = max_num_batched_tokens
@@ -137,15 +148,27 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n, snap = self._chunk(seq, budget)
-            draft = seq.draft_token if (n == 1 and seq.num_tokens - seq.num_computed == 1 and budget >= 2) else None
+        # Decodes first, then prefills (stable sort: arrival order within each).
+        order = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1)
+        reserve = self.admission_reserve if self._can_admit() else 0
+        scheduled: set[int] = set()  # seq ids given a chunk this step: never preempted to make room for another
+        for seq in order:
+            if budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted above to make room
+                continue
+            decoding = seq.num_tokens - seq.num_computed == 1
+            cap = budget if decoding else budget - reserve
+            if cap <= 0:
+                continue  # this prefill yields the rest of the step to waiting work
+            n, snap = self._chunk(seq, cap)
+            draft = seq.draft_token if (decoding and n == 1 and budget >= 2) else None
             total = n + (draft is not None)
             preempted_self = False
             while not self.bm.grow(seq, seq.num_computed + total):
-                victim = self.running.pop()
+                # the most recently admitted sequence without a chunk yet (seq itself at the latest)
+                victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)
+                self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -154,8 +177,8 @@ class Scheduler:
             if preempted_self:
                 break
             out.items.append(ScheduledSeq(seq, seq.num_computed, n, draft, snap))
+            scheduled.add(seq.seq_id)
             budget -= total
-            i += 1
         # Admit new work only when nothing had to be preempted: memory is the bottleneck right now. In arrival order;
         # the first sequence that does not fit stops admission (no overtaking), a sibling waiting for its leader's
         # prompt is passed over.
@@ -169,6 +192,9 @@ class Scheduler:
                     break
                 budget -= out.items[-1].num_tokens
         return out
+
+    def _can_admit(self) -> bool:
+        return self.bm.num_free_slots > 0 and any(not self._awaits_leader(s) for s in self.waiting)
 
     def _awaits_leader(self, seq: Sequence) -> bool:
         """A sibling of an n > 1 request waits until its leader has computed the prompt up to its last page

@@ -9,11 +9,13 @@ small local models are served here too.
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime, timezone
 from collections.abc import AsyncIterator
 from typing import Any
 
+from dsv4.serve import validate
 from dsv4.serve.core import ChatJob, ServeError, Step, Usage, dumps, new_id
 from dsv4.serve.openai import thinking_of
 from dsv4.serve.protocol import AnthropicBlock, CountTokensRequest, MessagesRequest
@@ -135,7 +137,8 @@ def chat_job(req: MessagesRequest | CountTokensRequest) -> ChatJob:
     thinking, effort = thinking_of(req.thinking, effort)
     tools, choice, parallel = _tools(req)
     job = ChatJob(messages=_messages(req), thinking=thinking, reasoning_effort=effort, tools=tools,
-                  tool_choice=choice, parallel_tool_calls=parallel)
+                  tool_choice=choice, parallel_tool_calls=parallel,
+                  checks=functools.partial(validate.check_anthropic_messages, req))
     if isinstance(req, MessagesRequest):
         budget = req.thinking.budget_tokens if req.thinking else None
         if thinking and budget is not None and budget >= req.max_tokens:

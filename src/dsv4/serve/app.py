@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv4.serve import anthropic as anthropic_api
+from dsv4.serve import limits
 from dsv4.serve import openai as openai_api
 from dsv4.serve.core import ServeError, ServingCore, Step, Usage, new_id
 from dsv4.serve.guard import HostAllowList, allowed_hosts_for
@@ -53,7 +55,15 @@ def _error_response(request: Request, err: ServeError, status: int | None = None
     status = status or err.status
     core: ServingCore = request.app.state.core
     core.metrics.requests.labels(_ENDPOINTS.get(request.url.path, "other"), str(status)).inc()
-    return JSONResponse(body, status_code=status, headers=headers)
+    return _ErrorJSON(body, status_code=status, headers=headers)
+
+
+class _ErrorJSON(JSONResponse):
+    """Error bodies in ASCII JSON: a message may quote what the client sent (a model name, a field), and text that
+    is not valid Unicode (a lone surrogate) must still leave as a response instead of breaking the connection."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -66,17 +76,22 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "Invalid request: " + "; ".join(parts)
 
 
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
 class _APIKey:
     """The key check as ASGI middleware, so it runs before the body is even read: a client without the key gets 401,
-    whatever it sent (a dependency would answer malformed JSON with 400 first). /health and /metrics stay open for
-    probes and scrapers."""
+    whatever it sent (a dependency would answer malformed JSON with 400 first). Every path needs the key except
+    `public`: /health always (a liveness probe carries no key and learns only load figures), /metrics and the API
+    docs only when the server is started with --public-metrics / --public-docs (docs/security.md)."""
 
-    def __init__(self, app: Any, key: str) -> None:
+    def __init__(self, app: Any, key: str, public: tuple[str, ...] = ("/health",)) -> None:
         self.app = app
         self.key = key.encode()
+        self.public = frozenset(public)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"] not in self.public:
             request = Request(scope, receive)
             bearer = request.headers.get("authorization", "")
             given = request.headers.get("x-api-key") or (bearer[7:] if bearer.lower().startswith("bearer ") else None)
@@ -107,10 +122,13 @@ class _BodyLimit:
             return
         request = Request(scope, receive)
         err = ServeError("too_large", f"The request body is over the server's limit of {self.limit} bytes; send a "
-                         "smaller request.")
+                         "smaller request (the limit follows the context length; `dsv4 serve --max-body-mb` sets it).")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            await _error_response(request, err)(scope, receive, send)
+            response = _error_response(request, err)
+            # close the connection rather than read (and discard) the rest of an upload we refused
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send)
             return
         seen = 0
 
@@ -128,7 +146,12 @@ class _BodyLimit:
 
 def create_app(core: ServingCore, api_key: str | None = None,
                lifespan: Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]] | None = None,
-               max_body_bytes: int = 64 << 20, allowed_hosts: list[str] | None = None) -> FastAPI:
+               max_body_bytes: int | None = None, public_metrics: bool = False, public_docs: bool = False,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
+    """`max_body_bytes=None`: the limit follows the context length (limits.default_body_limit). `public_*`: with an
+    `api_key`, serve /metrics or the OpenAPI docs without it. `allowed_hosts`: the Host allow-list (guard.py)."""
+    if max_body_bytes is None:
+        max_body_bytes = limits.default_body_limit(core.max_model_len, core.token_bytes)
     app = FastAPI(title="dsv4", version="0.1.0", lifespan=lifespan,
                   description="DeepSeek-V4 with the OpenAI and Anthropic HTTP APIs")
     app.state.core = core
@@ -140,12 +163,18 @@ def create_app(core: ServingCore, api_key: str | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(request, ServeError("invalid_request", _validation_message(exc)))
+        # param: the first field pydantic refused (its loc without the leading "body"), as OpenAI's errors name it
+        first = next((e.get("loc", ()) for e in exc.errors() if e.get("type") != "json_invalid"), ())
+        param = ".".join(str(x) for x in first if x != "body") or None
+        return _error_response(request, ServeError("invalid_request", _validation_message(exc), param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc.__cause__, ServeError):  # FastAPI wraps errors raised while reading the body (size limit)
             return _error_response(request, exc.__cause__)
+        if isinstance(exc.__cause__, RecursionError):  # JSON nested past the parser's depth limit (about 1000)
+            return _error_response(request, ServeError("invalid_request", "The request body nests JSON arrays / "
+                                                       "objects too deeply to parse; flatten it.", param="body"))
         kind = "not_found" if exc.status_code == 404 else "invalid_request"
         err = ServeError(kind, f"{request.method} {request.url.path}: {exc.detail}")
         return _error_response(request, err, exc.status_code)
@@ -158,8 +187,10 @@ def create_app(core: ServingCore, api_key: str | None = None,
 
     # (added last = runs first) the key check, then the body size
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.state.max_body_bytes = max_body_bytes
     if api_key is not None:
-        app.add_middleware(_APIKey, key=api_key)
+        public = ("/health",) + (("/metrics",) if public_metrics else ()) + (DOCS_PATHS if public_docs else ())
+        app.add_middleware(_APIKey, key=api_key, public=public)
     if allowed_hosts is not None:  # first of all: a rebinding page's requests get no further (guard.py)
         app.add_middleware(HostAllowList, allowed=allowed_hosts, reject=_reject_host)
 
@@ -249,8 +280,8 @@ def create_app(core: ServingCore, api_key: str | None = None,
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest) -> CountTokensResponse:
         core.check_model(body.model)
-        prompt, _, _ = core.render_chat(anthropic_api.chat_job(body))
-        return CountTokensResponse(input_tokens=len(await core.off_loop(core.encode, prompt)))
+        return CountTokensResponse(input_tokens=await core.off_loop(core.count_chat_tokens,
+                                                                    anthropic_api.chat_job(body)))
 
     def openapi() -> dict[str, Any]:
         # Advertise the served names as the `model` enum: clients and fuzzers then see which names are valid.
@@ -378,8 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the engine's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together (engine option)")
     p.add_argument("--cache-memory-gb", type=float, default=None, help="KV-cache budget in GiB (engine option)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one engine step (engine option, default 512)")
+    p.add_argument("--admission-reserve", type=int, default=None,
+                   help="tokens of each step a running prefill leaves to waiting requests (engine option, default a "
+                        "quarter of the step budget; 0 = a long prefill holds new requests back until it is done)")
     p.add_argument("--max-concurrency", type=int, default=256,
                    help="requests in flight before new ones get 503 + Retry-After")
+    p.add_argument("--max-body-mb", type=float, default=None,
+                   help="largest request body in MiB; larger ones get 413 before they are read (default: what the "
+                        "context length can use, at most 64; docs/security.md)")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="with --api-key, serve /metrics without the key (for a scraper on a trusted network)")
+    p.add_argument("--public-docs", action="store_true",
+                   help="with --api-key, serve /docs, /redoc and /openapi.json without the key")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -411,7 +454,7 @@ def build_core(args: argparse.Namespace) -> ServingCore:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     options: dict[str, Any] = {}
-    for name in ("max_model_len", "max_num_seqs", "cache_memory_gb"):
+    for name in ("max_model_len", "max_num_seqs", "cache_memory_gb", "max_num_batched_tokens", "admission_reserve"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     log.info("dsv4 serve: loading %s on %s (%s)", args.model, device, dtype)
@@ -435,13 +478,17 @@ def main(argv: list[str] | None = None) -> int:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await core.start()
         log.info("dsv4 serve: listening on http://%s:%d (model %s)", args.host, args.port, ", ".join(core.model_names))
+        log.info("dsv4 serve: request bodies up to %d bytes (--max-body-mb), context %d tokens",
+                 app.state.max_body_bytes, core.max_model_len)
         try:
             yield
         finally:
             log.info("dsv4 serve: shutting down")
             await core.stop()
 
-    app = create_app(core, api_key=args.api_key, lifespan=lifespan,
+    body_limit = None if args.max_body_mb is None else int(args.max_body_mb * (1 << 20))
+    app = create_app(core, api_key=args.api_key, lifespan=lifespan, max_body_bytes=body_limit,
+                     public_metrics=args.public_metrics, public_docs=args.public_docs,
                      allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts))
     _Server = _uvicorn_server_class()
     # uvicorn installs the SIGINT/SIGTERM handlers: it stops accepting, lets open requests finish for up to

@@ -10,12 +10,11 @@ Deliberately not here: HTTP (app.py), request/response field names (protocol.py 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -62,6 +61,8 @@ class ChatJob:
     stop: list[str] = field(default_factory=list)
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, top_k, seed, n, penalties, logprobs
     thinking_budget: int | None = None  # Anthropic's thinking.budget_tokens: most reasoning tokens before </think>
+    # the API's own checks of the request (serve/validate.py), run off the event loop before the prompt is rendered
+    checks: Callable[[], None] | None = None
 
 
 @dataclass
@@ -133,7 +134,13 @@ class ServingCore:
         self.max_model_len = max_model_len
         self.max_concurrency = max_concurrency
         self.in_flight = 0
-        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsv4-prepare")
+        from dsv4.serve.limits import PrepareLanes, max_token_bytes  # (limits.py imports ServeError from here)
+
+        self._lanes = PrepareLanes()
+        # NOTE: preparation runs on several threads; the grammar compiler's caches are not meant for concurrent use,
+        # so building a constraint takes this lock.
+        self._grammar_lock = threading.Lock()
+        self.token_bytes = max_token_bytes(tokenizer)  # most characters one token spans (cheap length bound)
         self.created = int(time.time())
         self.metrics = ServerMetrics(self.engine_stats)
 
@@ -143,13 +150,15 @@ class ServingCore:
 
     async def stop(self) -> None:
         await _maybe_await(getattr(self.engine, "shutdown", None))
-        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+        self._lanes.shutdown()
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run request preparation (tokenizing a long prompt, compiling a grammar: milliseconds to seconds) on one
-        worker thread, so the event loop keeps streaming other requests meanwhile. One thread, because the grammar
-        compiler's caches are not meant for concurrent use; preparation is short next to generation anyway."""
-        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, functools.partial(fn, *args))
+        """Run request preparation (rendering, tokenizing, compiling a grammar: milliseconds to seconds) on a worker
+        thread, so the event loop keeps streaming other requests meanwhile. The lane follows the size of the text in
+        `args` (limits.PrepareLanes): a small request never waits behind a large one being parsed."""
+        from dsv4.serve.limits import arg_chars
+
+        return await self._lanes.run(sum(arg_chars(a) for a in args), fn, *args)
 
     # ---- request checks -------------------------------------------------------------------------------------------
     def check_model(self, model: str) -> None:
@@ -203,6 +212,20 @@ class ServingCore:
             return self._encode_messages(job, messages) + tail, prefill, in_reasoning
         return self._encode_messages(job, messages), prefill, in_reasoning
 
+    def _checked(self, job: ChatJob) -> None:
+        """What is refused before any rendering: the API's own checks, then text that cannot fit the context."""
+        from dsv4.serve import limits
+
+        if job.checks is not None:
+            job.checks()
+        limits.check_chars(limits.prompt_chars(job), self.max_model_len, self.token_bytes, "messages", "messages")
+
+    def count_chat_tokens(self, job: ChatJob) -> int:
+        """Prompt tokens of `job` (Anthropic count_tokens), under the same bounds as a generation request."""
+        self._checked(job)
+        prompt, _, _ = self.render_chat(job)
+        return len(self.encode(prompt, "messages"))
+
     def _encode_messages(self, job: ChatJob, messages: list[dict[str, Any]]) -> Any:
         try:
             fmt = job.response_format
@@ -219,14 +242,25 @@ class ServingCore:
             raise ServeError("invalid_request", f"The messages cannot be rendered in the V4 chat format: {e}",
                              param="messages") from e
 
-    def encode(self, text: Any) -> list[int]:
-        if isinstance(text, str):
-            return list(self.tokenizer.encode(text))
-        return list(self.tokenizer.encode_prompt(text))
+    def encode(self, text: Any, field: str = "prompt") -> list[int]:
+        """Token ids of `text` (a str, or a chat prompt whose message text stays text: chat/prompt.py), or a 400
+        naming `field` as soon as it is certain not to fit the context: the cost is bounded by the context length,
+        not by the text (limits.py)."""
+        from dsv4.serve import limits
+
+        what = "messages" if field == "messages" else "prompt"
+        plain = text if isinstance(text, str) else text.text
+        limits.check_chars(len(plain), self.max_model_len, self.token_bytes, what, field)
+        # The slices are counted on the plain text (a control-token string counts as one token there, never more
+        # than as text), so the early refusal stays a lower bound; the ids returned are the prompt's own.
+        full = None if isinstance(text, str) else (lambda: self.tokenizer.encode_prompt(text))
+        return list(limits.encode_within(self.tokenizer.encode, plain, self.max_model_len - 1, what, field,
+                                         self.max_model_len, full=full))
 
     def prepare_chat(self, job: ChatJob, max_tokens_field: str = "max_tokens") -> Prepared:
+        self._checked(job)
         prompt, prefill, in_reasoning = self.render_chat(job)
-        prompt_ids = self.encode(prompt)
+        prompt_ids = self.encode(prompt, "messages")
         max_tokens = self._check_length(len(prompt_ids), job.max_tokens, max_tokens_field)
         constraint = None
         if (job.tools and job.tool_choice != "auto" and job.tool_choice != "none") or job.response_format:
@@ -260,11 +294,12 @@ class ServingCore:
         if fmt is not None and fmt["type"] == "json_schema":
             fmt = {"type": "json_schema", "json_schema": {"name": fmt.get("name"), "schema": fmt["schema"]}}
         try:
-            return self.build_constraint(
-                self.tokenizer, tools=job.tools if choice != "none" else None, tool_choice=choice,
-                response_format=fmt, thinking_mode="thinking" if job.thinking else "chat",
-                parallel_tool_calls=job.parallel_tool_calls,
-            )
+            with self._grammar_lock:
+                return self.build_constraint(
+                    self.tokenizer, tools=job.tools if choice != "none" else None, tool_choice=choice,
+                    response_format=fmt, thinking_mode="thinking" if job.thinking else "chat",
+                    parallel_tool_calls=job.parallel_tool_calls,
+                )
         except ValueError as e:
             raise ServeError("invalid_request", f"Cannot build the constrained-decoding grammar: {e}",
                              param="response_format" if job.response_format else "tools") from e

@@ -6,10 +6,12 @@ Thinking follows DeepSeek's API: thinking is on unless `thinking: {"type": "disa
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from dsv4.serve import validate
 from dsv4.serve.core import ChatJob, ServeError, Step, Usage, dumps
 from dsv4.serve.protocol import ChatCompletionRequest, CompletionRequest, OpenAIMessage
 
@@ -111,6 +113,7 @@ def chat_job(req: ChatCompletionRequest) -> ChatJob:
         parallel_tool_calls=req.parallel_tool_calls is not False, response_format=fmt,
         max_tokens=req.max_completion_tokens or req.max_tokens, stop=stop,
         sampling=_sampling(req, logprobs=(req.top_logprobs or 0) if req.logprobs else None),
+        checks=functools.partial(validate.check_openai_chat, req),
     )
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dsv4.serve.validate import check_text
 
 # NOTE: strict=True makes "1" an error for an int field (as the real APIs do); ints are still accepted for floats.
 _LENIENT = ConfigDict(extra="allow", strict=True)
@@ -21,6 +23,18 @@ _LENIENT = ConfigDict(extra="allow", strict=True)
 
 class _Body(BaseModel):
     model_config = _LENIENT
+
+
+class _Request(_Body):
+    """A whole request body. Before any field is read, every string in it must be valid Unicode: a lone surrogate
+    (`\\ud800`) is a 400 naming its field (validate.check_text raises the server's own error, which pydantic lets
+    through), never a tokenizer crash or an error response that cannot be encoded."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        check_text(data)
+        return data
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,7 +118,7 @@ class ThinkingToggle(_Body):
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
-class ChatCompletionRequest(_Body):
+class ChatCompletionRequest(_Request):
     model: str
     messages: list[OpenAIMessage] = Field(min_length=1)
     stream: bool | None = False
@@ -131,7 +145,7 @@ class ChatCompletionRequest(_Body):
     user: str | None = None
 
 
-class CompletionRequest(_Body):
+class CompletionRequest(_Request):
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
     stream: bool | None = False
@@ -212,7 +226,7 @@ class AnthropicOutputConfig(_Body):
     effort: ReasoningEffort | None = None
 
 
-class MessagesRequest(_Body):
+class MessagesRequest(_Request):
     model: str
     messages: list[AnthropicMessage] = Field(min_length=1)
     max_tokens: int = Field(ge=1)
@@ -229,7 +243,7 @@ class MessagesRequest(_Body):
     metadata: dict[str, Any] | None = None
 
 
-class CountTokensRequest(_Body):
+class CountTokensRequest(_Request):
     model: str
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[AnthropicBlock] | None = None
