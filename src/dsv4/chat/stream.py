@@ -146,6 +146,7 @@ class StreamParser:
         self._in_invoke = False
         self._args_open = False  # "{" written
         self._args_done = False  # a JSON body wrote the whole object
+        self._body_ok = False  # a JSON body may still come (nothing but the header read in this invoke)
         self._params = 0
         self._keys: set[str] = set()
         self._key = ""
@@ -395,9 +396,13 @@ class StreamParser:
         return rest[len(tag):]
 
     def _skip_junk(self, rest: str) -> str:
-        # drop up to the next "<" (a tag or EOS may start there), at least one character
+        # drop up to the next "<" (a tag or EOS may start there), at least one character; the whitespace before it
+        # stays, so the separator check sees the same text however the junk arrived
         cut = rest.find("<", 1)
-        return "" if cut == -1 else rest[cut:]
+        cut = len(rest) if cut == -1 else cut
+        while cut > 1 and rest[cut - 1].isspace():
+            cut -= 1
+        return rest[cut:]
 
     def _step_after(self) -> bool:
         """After a closed block: EOS, or more (another block, or text, which is content)."""
@@ -442,6 +447,7 @@ class StreamParser:
 
     def _open_call(self, name: str | None, header: str) -> None:
         self._in_invoke, self._args_open, self._args_done, self._params, self._keys = True, False, False, 0, set()
+        self._body_ok = True
         self._call = None
         if name is None:
             self._problem("unreadable_call", f"tool call without a readable name ({header[:100]!r}) dropped")
@@ -470,12 +476,13 @@ class StreamParser:
         space = buf[: len(buf) - len(rest)]
         if not rest:
             return False
-        if rest[0] == "{" and self._params == 0 and not self._args_done:
+        if rest[0] == "{" and self._body_ok:
             self._state, self._buf = JSON_BODY, rest
             return True
         tag, partial = _starts(rest, (PARAM_START, INVOKE_END, *BLOCK_ENDS, INVOKE_START, EOS))
         if partial:
             return False
+        self._body_ok = False  # a JSON body is the first thing after the header, or none
         if tag is None:
             self._problem("malformed_markup", "unexpected text inside a tool call dropped")
             self._buf = self._skip_junk(rest)
@@ -493,6 +500,8 @@ class StreamParser:
             self._close_call()
             self._state, self._buf = BLOCK, after
             return True
+        if tag in BLOCK_ENDS and len(rest) == len(tag):
+            return False  # its ">" may still come; nothing is changed before that is known
         self._unclosed()
         self._close_call()
         if tag == EOS:
@@ -593,8 +602,10 @@ class StreamParser:
             self._close_call()
             self._end(buf[start + len(EOS):])
             return False
-        # the text before the tag is certain, but for a newline that a repaired end would drop
-        settled = start - 1 if buf[:start].endswith("\n") else start
+        # the text before the tag is certain, but for a newline that a repaired end would drop (one right before a
+        # "<": the only newline still held back, see _VALUE_MARKERS)
+        drop_newline = buf[:start].endswith("\n") and buf.startswith("<", start)
+        settled = start - 1 if drop_newline else start
         name = _TAG_NAME.match(buf, name_at).group()
         if name_at + len(name) == len(buf) and len(name) < 20:  # the name may still grow
             self._pass_value(buf[:settled])
@@ -616,7 +627,7 @@ class StreamParser:
         value = buf[:start]
         self._problem("unclosed_parameter", f"parameter {self._key!r} was not closed by </｜DSML｜parameter>; closed "
                       "it at the next tag")
-        self._finish_param(value[:-1] if value.endswith("\n") else value)
+        self._finish_param(value[:-1] if drop_newline else value)
         self._state, self._buf = INVOKE_BODY, buf[start:]
         return True
 
