@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,7 @@ from dsv4.serve.metrics import ServerMetrics
 
 
 T = TypeVar("T")
+log = logging.getLogger("dsv4.serve")
 
 
 class ServeError(Exception):
@@ -356,12 +358,15 @@ class ServingCore:
             if finished:
                 for d in parser.finish():
                     self._apply_delta(step, d, tool_counts, co.index)
+                self._report_problems(parser, co.index)
         if co.logprobs is not None and co.delta_token_ids:
             step.logprobs = self._logprobs(co.delta_token_ids, co.logprobs[-len(co.delta_token_ids):])
         if finished:
+            # a call the output cut off is not a call to run: the finish reason says why it stopped instead
+            cut_call = parser is not None and bool(getattr(parser, "truncated", ()))
             if co.finish_reason == "length":
                 step.finish_reason = "length"
-            elif tool_counts[co.index]:
+            elif tool_counts[co.index] and not cut_call:
                 step.finish_reason = "tool_calls"
             elif isinstance(co.stop_reason, str):
                 step.finish_reason, step.stop_sequence = "stop_sequence", co.stop_reason
@@ -370,6 +375,12 @@ class ServingCore:
         if not (step.reasoning or step.content or step.tool_calls or step.finish_reason or step.logprobs):
             return None
         return step
+
+    def _report_problems(self, parser: Any, index: int) -> None:
+        """Repairs and losses in the model's output are the operator's to see: a log line and a metric each."""
+        for kind, message in getattr(parser, "problems", ()):
+            self.metrics.output_problems.labels(kind).inc()
+            log.warning("choice %d: model output: %s (%s)", index, message, kind)
 
     @staticmethod
     def _apply_delta(step: Step, d: Any, tool_counts: list[int], index: int) -> None:
