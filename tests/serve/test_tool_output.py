@@ -110,3 +110,19 @@ def test_unknown_reasoning_effort_is_accepted_at_the_default(effort: str, caplog
     assert any("unknown reasoning effort" in rec.getMessage() for rec in caplog.records) == (effort == "ultra")
     r = messages(client, output_config={"effort": effort})
     assert r.status_code == 200, r.text
+
+
+def test_auto_tool_choice_is_constrained_once_its_grammar_is_compiled() -> None:
+    from dsv4.chat.constraint import wait_for_background_compiles
+
+    seen: list[Any] = []
+    client, _, _ = make(lambda ids, p: seen.append(p.constraint) or "Paris.", real_chat=True)
+    tools = [{"type": "function", "function": {"name": "auto_probe", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    first = chat(client, tools=tools, **NO_THINK)
+    assert first.status_code == 200  # the grammar is still compiling: this turn runs unconstrained, without waiting
+    wait_for_background_compiles(120)
+    second = chat(client, tools=tools, **NO_THINK)
+    assert second.json()["choices"][0]["message"]["content"] == "Paris."
+    assert seen[0] is None and seen[1] is not None
+    assert seen[1].is_finished()  # the engine walked "Paris." + EOS through the grammar

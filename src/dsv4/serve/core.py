@@ -223,7 +223,9 @@ class ServingCore:
         prompt_ids = self.encode(prompt)
         max_tokens = self._check_length(len(prompt_ids), job.max_tokens, max_tokens_field)
         constraint = None
-        if (job.tools and job.tool_choice != "auto" and job.tool_choice != "none") or job.response_format:
+        if job.tools and job.tool_choice == "auto" and not job.response_format:
+            constraint = self._auto_constraint(job, prefill)
+        elif (job.tools and job.tool_choice != "none") or job.response_format:
             constraint = self._constraint(job)
             # the grammar starts at the generation prompt: walk it through the prefill the client wrote
             if constraint is not None and prefill and not constraint.accept_text(prefill):
@@ -243,10 +245,27 @@ class ServingCore:
         params = self._params(sampling, stop, max_tokens, None, skip_special_tokens=True)
         return Prepared(prompt_ids, params, False, None, params.n, raw_text=True)
 
+    def _auto_constraint(self, job: ChatJob, prefill: str) -> Any:
+        """tool_choice "auto": content and string values stay free; once the model opens a tool-call block, the DSML
+        and the arguments' JSON schemas are enforced. Best effort: a tool set whose grammar is still compiling (the
+        first request with it), or cannot be compiled, or a prefill the grammar does not take, runs unconstrained
+        (the parser recovers what the model writes), so "auto" never fails or waits on the grammar."""
+        try:
+            constraint = self.build_constraint(
+                self.tokenizer, tools=job.tools, tool_choice="auto", thinking_mode="thinking" if job.thinking else "chat",
+                parallel_tool_calls=job.parallel_tool_calls, background=True,
+            )
+        except ValueError as e:
+            log.warning("tool_choice auto runs unconstrained: %s", e)
+            return None
+        if constraint is not None and prefill and not constraint.accept_text(prefill):
+            log.warning("tool_choice auto runs unconstrained: the prefill does not fit the tool-call grammar")
+            return None
+        return constraint
+
     def _constraint(self, job: ChatJob) -> Any:
         """The grammar that makes a forced tool call (tool_choice required / named) or a JSON answer well-formed and
-        schema-valid. tool_choice "auto" stays unconstrained: a capable model writes DSML correctly, and the
-        parser recovers from the rest without a per-token mask on every chat turn."""
+        schema-valid (tool_choice "auto": `_auto_constraint`)."""
         choice: Any = job.tool_choice
         if isinstance(choice, dict):
             choice = {"type": "function", "function": {"name": choice["name"]}}
