@@ -39,7 +39,6 @@ constraint in constraint.py makes the model produce valid ones; the server may v
 from __future__ import annotations
 
 import functools
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
