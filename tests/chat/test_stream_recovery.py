@@ -310,3 +310,24 @@ def test_think_end_and_block_in_one_chunk() -> None:
     text = "Think." + "</think>" + block(WEATHER) + EOS
     parser, _ = run(text, "thinking", pieces=["Think.", text[len("Think."):]])
     assert calls(parser) == [("get_weather", {"location": "Paris", "days": 3})] and parser.errors == []
+
+
+def test_sglang_v4_cases() -> None:
+    # sglang test_deepseekv4_detector streaming tests: prose before a bare invoke, two tool_calls sections without
+    # a blank line, a JSON body between newlines, a partial non-string value that still names the call
+    weather = lambda city: block(invoke("get_weather", ("city", city, "true")), opener="")  # noqa: E731
+    parser = parse_every_way("Checking.\n" + invoke("get_weather", ("city", "SF", "true")))
+    # no EOS, but the invoke is closed: a complete call
+    assert parser.message()["content"] == "Checking." and calls(parser) == [("get_weather", {"city": "SF"})]
+    parser = parse_every_way(weather("SF") + "\n" + weather("NY") + EOS)
+    assert calls(parser) == [("get_weather", {"city": "SF"}), ("get_weather", {"city": "NY"})]
+    body = block(f'<{DS}invoke name="search">\n{{"command": "ls"}}\n</{DS}invoke>') + EOS
+    assert calls(parse_every_way(body)) == [("search", {"command": "ls"})]
+    cut = f'<{DS}tool_calls>\n<{DS}invoke name="get_weather">\n<{DS}parameter name="city" string="false">{{"a"'
+    parser = parse_every_way(cut)
+    assert parser.message()["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": {"a"'}
+    assert parser.truncated == [0]
+    # SGLang unwraps a spurious {"arguments": {...}} wrapper by the tool schema. The official decoder returns the
+    # parameters the model wrote, and so does dsv4 (guessing by schema could drop a real parameter).
+    wrapped = block(invoke("search", ("arguments", '{"path": "/x"}', "false"))) + EOS
+    assert calls(parse_every_way(wrapped)) == [("search", {"arguments": {"path": "/x"}})]
