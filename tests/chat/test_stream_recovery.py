@@ -154,6 +154,14 @@ def test_parameter_without_string_attribute_is_inferred() -> None:
     assert [k for k, _ in parser.problems].count("missing_string_attr") == 3
 
 
+def test_missing_string_attribute_follows_a_string_schema() -> None:
+    tools = [{"type": "function", "function": {"name": "mail", "parameters": {"type": "object", "properties": {
+        "zip": {"type": "string"}, "code": {"type": "string"}, "count": {"type": "integer"}}}}}]
+    text = block(invoke("mail", ("zip", "02134", None), ("code", "123", None), ("count", "4", None))) + EOS
+    parser = parse_every_way(text, tools=tools)
+    assert calls(parser) == [("mail", {"zip": "02134", "code": "123", "count": 4})]
+
+
 # -- class 4: a second block -----------------------------------------------------------------------------------------
 
 

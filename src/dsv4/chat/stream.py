@@ -21,8 +21,9 @@ split, and `errors == []`. On malformed output the parser never raises; it recov
   a declared tool (any name when `tools` is not given), the text after it continues as before;
 * any other DSML tag in content or reasoning (a damaged opener, a stray closer): the whole tag is dropped;
 * a second tool-call block, or text after the block: its calls are parsed too, the text is content;
-* a parameter without `string=`: JSON if its value parses as JSON, else a string; `string="false"` with a value that
-  is not JSON (NaN and Infinity included): passed on as a JSON string, so `arguments` is always JSON;
+* a parameter without `string=`: a string if the tool's schema declares it one, else JSON if its value parses as
+  JSON, else a string; `string="false"` with a value that is not JSON (NaN and Infinity included): passed on as a
+  JSON string, so `arguments` is always JSON;
 * a parameter, invoke or block that is not closed before the next tag: closed there;
 * an invoke with a JSON-object body (the V3.2 form) or a self-closing `<｜DSML｜invoke name="f"/>`: read;
 * a call to a tool that was not offered (`tools=` given): dropped; a repeated parameter: the repeat is dropped;
@@ -126,6 +127,14 @@ class StreamParser:
             raise ValueError(f"thinking_mode must be 'chat' or 'thinking', got {thinking_mode!r}")
         self.thinking_mode = thinking_mode
         self.tool_names = None if tools is None else {(t.get("function") or t).get("name") for t in tools}
+        # per tool, the parameters its schema declares as strings: what a value without string= is read as
+        self._string_params: dict[str, set[str]] = {}
+        for tool in tools or []:
+            function = tool.get("function") or tool
+            props = (function.get("parameters") or {}).get("properties") or {}
+            self._string_params[function.get("name")] = {
+                k for k, v in props.items() if isinstance(v, dict) and v.get("type") == "string"
+            }
         self.expect_eos = expect_eos
         self.problems: list[tuple[str, str]] = []  # (kind, plain-language message), in order
         # text pieces, joined on demand: repeated `str +=` on an attribute copies the whole text every time
@@ -572,6 +581,8 @@ class StreamParser:
             else:
                 self._problem("malformed_markup", f"malformed <｜DSML｜parameter> header {body[:100]!r}")
         flag = (flag or "").lower()
+        if flag not in ("true", "false") and self._key in self._string_params.get(name, ()):
+            flag = "true"  # the schema says string: "02134" must not become a number
         self._kind = "string" if flag == "true" else "json" if flag == "false" else "infer"
         self._skip_param = self._key in self._keys or self._call is None
         if self._key in self._keys and self._call is not None:
