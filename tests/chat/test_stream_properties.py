@@ -84,8 +84,8 @@ def feed(text_pieces: list[str], mode: str) -> tuple[StreamParser, list]:
 
 def residue(text: str) -> str:
     """The input without its DSML tags and special tokens: only what is here may show in content or reasoning."""
-    for token in FORBIDDEN_IN_TEXT:
-        text = text.replace(token, "") if token != DS else text
+    for token in FORBIDDEN_IN_TEXT:  # (a placeholder, so that no token forms where one was cut out)
+        text = text.replace(token, "\x00") if token != DS else text
     return re.sub(rf"(\n*</?|/)?{DS}[^<>｜]*>?", "", text)
 
 

@@ -194,6 +194,16 @@ def test_unclosed_string_value_ends_at_the_next_parameter() -> None:
     assert calls(parse_every_way(text)) == [("get_weather", {"location": "Paris", "days": 3})]
 
 
+def test_closer_without_its_dsml_token_closes_the_value() -> None:
+    # a text-mode proxy's test: the model wrote </parameter> without the DSML token, then the next tag
+    text = (f'<{DS}tool_calls>\n<{DS}invoke name="exec">\n<{DS}parameter name="path">/tmp/a.txt</parameter>\n'
+            f'<{DS}parameter name="content">line 1\nline 2</parameter>\n</{DS}invoke>\n</{DS}tool_calls>{EOS}')
+    assert calls(parse_every_way(text)) == [("exec", {"path": "/tmp/a.txt", "content": "line 1\nline 2"})]
+    # without a DSML tag after it, "</parameter>" is text of the value (XML in a file being written)
+    value = "<a><parameter>x</parameter></a>"
+    assert calls(parse_every_way(block(invoke("exec", ("content", value, "true"))) + EOS)) == [("exec", {"content": value})]
+
+
 def test_string_value_with_markup_like_text_streams_whole() -> None:
     value = 'if a < b and c </ d: print("<x>")\n'
     parser = parse_every_way(block(invoke("exec", ("command", value, "true"))) + EOS)
@@ -305,12 +315,14 @@ def test_vllm_v32_cases_that_follow_the_official_decoder() -> None:
     assert calls(parser) == [("search", {"label": "hello"})] and parser.errors
 
 
-def test_llamacpp_and_cline_single_pipe_bare_invokes() -> None:
-    # a llama.cpp-style text-mode test: bare invokes, parameters without string=, no block
+def test_text_mode_proxy_bare_invokes() -> None:
+    # cases from agent proxies' parser tests: bare invokes, parameters without string=, no newlines, no block
     text = (f'<{DS}invoke name="exec">\n<{DS}parameter name="command">grep foo .</{DS}parameter>\n</{DS}invoke>'
             f"{EOS}")
     parser = parse_every_way(text)
     assert calls(parser) == [("exec", {"command": "grep foo ."})] and parser.message()["content"] == ""
+    text = f'<{DS}invoke name="search"><{DS}parameter name="sql">SELECT 1;</{DS}parameter></{DS}invoke>{EOS}'
+    assert calls(parse_every_way(text)) == [("search", {"sql": "SELECT 1;"})]
 
 
 def test_think_end_and_block_in_one_chunk() -> None:

@@ -64,8 +64,13 @@ _TEXT_MARKERS = {
     REASONING: (THINK_END, EOS, *_SPECIAL, *_DSML_MARKERS),
     CONTENT: (EOS, *_SPECIAL, *_DSML_MARKERS),
 }
-# Inside a string value: what could still turn into the DSML tag that ends it (a repaired end drops one "\n").
-_VALUE_MARKERS = (f"\n</{DSML}", f"\n<{DSML}", f"</{DSML}", f"<{DSML}", f"/{DSML}", DSML, EOS)
+# Inside a value: what could still turn into the DSML tag that ends it (a repaired end drops one "\n", and a
+# closer whose DSML token the model left out, `</parameter>`, when a DSML tag follows it).
+PLAIN_CLOSER = "</parameter>"
+_VALUE_MARKERS = (
+    f"\n</{DSML}", f"\n<{DSML}", f"</{DSML}", f"<{DSML}", f"/{DSML}", DSML, EOS,
+    *(PLAIN_CLOSER + sep + tag for sep in ("", "\n") for tag in (f"<{DSML}", f"</{DSML}")),
+)
 # A tag's attributes: no "<", ">" or "｜" (every special token has one); bounded so junk cannot stall the stream.
 _TAG_LIMIT = 300
 _TAG_BODY = re.compile(r"[^<>｜]*")
@@ -616,6 +621,8 @@ class StreamParser:
         # "<": the only newline still held back, see _VALUE_MARKERS)
         drop_newline = buf[:start].endswith("\n") and buf.startswith("<", start)
         settled = start - 1 if drop_newline else start
+        plain_closer = buf.startswith("<", start) and buf[:settled].endswith(PLAIN_CLOSER)
+        settled -= len(PLAIN_CLOSER) if plain_closer else 0
         name = _TAG_NAME.match(buf, name_at).group()
         if name_at + len(name) == len(buf) and len(name) < 20:  # the name may still grow
             self._pass_value(buf[:settled])
@@ -633,11 +640,14 @@ class StreamParser:
             self._finish_param(buf[:start])
             self._state, self._buf = INVOKE_BODY, after
             return True
-        # any other tag ends the value too: the model left out </｜DSML｜parameter> (its newline is markup)
-        value = buf[:start]
-        self._problem("unclosed_parameter", f"parameter {self._key!r} was not closed by </｜DSML｜parameter>; closed "
-                      "it at the next tag")
-        self._finish_param(value[:-1] if drop_newline else value)
+        # any other tag ends the value too: the model left out </｜DSML｜parameter> (its newline is markup), or
+        # wrote it without the DSML token
+        if plain_closer:
+            self._problem("stray_dsml", f"parameter {self._key!r} closed by {PLAIN_CLOSER!r} without the DSML token")
+        else:
+            self._problem("unclosed_parameter", f"parameter {self._key!r} was not closed by </｜DSML｜parameter>; "
+                          "closed it at the next tag")
+        self._finish_param(buf[:settled])
         self._state, self._buf = INVOKE_BODY, buf[start:]
         return True
 
