@@ -88,6 +88,11 @@ def test_auto_keeps_dsml_out_of_the_content(tok) -> None:
     for bad in ['Sure.<｜DSML｜invoke name="ping">', "Sure.<｜DSML｜tool_calls>\n", 'Sure.\n<｜DSML｜invoke name="ping">']:
         c = build_constraint(tok, tools=TOOLS, tool_choice="auto")
         assert not _accepts(tok, c, bad), bad
+    # prose keeps the fullwidth bar; a special token spelled out of ordinary tokens is refused
+    c = build_constraint(tok, tools=TOOLS, tool_choice="auto")
+    assert _accepts(tok, c, "a ｜ b, 表｜格")
+    spelled = tok.encode("<") + tok.encode("｜User｜>")
+    assert tok.token_id("<｜User｜>") not in spelled and not all(c.accept(t) for t in spelled)
 
 
 def test_required_allows_only_the_block_and_named_only_that_tool(tok) -> None:

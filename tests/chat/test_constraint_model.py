@@ -159,7 +159,7 @@ def test_auto_leaves_content_free_and_constrains_an_opened_block(model, tok) -> 
     opened = "Let me check.\n\n<｜DSML｜tool_calls>\n"
     for seed in range(RUNS // 2):
         constraint = build_constraint(tok, tools=TOOLS, tool_choice="auto", parallel_tool_calls=False)
-        assert constraint.allowed_mask().float().mean() > 0.98  # free text: only "｜" and special tokens are out
+        assert constraint.allowed_mask().float().mean() > 0.98  # free text: special tokens and DSML are out
         assert constraint.accept_text(opened)
         text = opened + _generate(model, tok, constraint, prompt + opened, 2000 + seed)
         message = parse_completion(text, "chat")  # strict

@@ -29,8 +29,8 @@ grammar); with tools and "auto", JSON or a tool-call block.
 Deliberately not covered (the arguments are still well-formed DSML, and their values still JSON where non-string):
 `minLength` and `format` of string parameters (`pattern`, `enum`, `const` and `maxLength` are enforced),
 `additionalProperties` beyond the declared properties, and `patternProperties`. Free text (content, reasoning, string
-values) cannot contain the character "｜" (U+FF5C), which every special token but <think>/</think> contains; JSON
-strings are held to the same rule unless the schema has length bounds (then only the token-level ban applies).
+values) cannot contain "<｜" or "｜DSML｜" (so no special token or DSML tag is spelled out) nor `<think>`/`</think>`;
+JSON strings are held to the same rule unless the schema has length bounds (then only the token-level ban applies).
 """
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ from .tokenizer import DSML, THINK_END, THINK_START, Tokenizer
 TOOL_CALLS_BEGIN = f"\n\n<{DSML}tool_calls>\n"
 TOOL_CALLS_END = f"\n</{DSML}tool_calls>"
 PARAM_END = f"</{DSML}parameter>"
-# Never inside free text (content, reasoning, string values): the special tokens and DSML tags. Every one of them
-# but <think>/</think> contains the fullwidth bar "｜", so excluding that one character covers them all; it also
-# keeps grammar compilation fast (each excluded string adds matcher states that are checked against all 129280
-# tokens: the eight spelled-out tokens took ~0.4 s per free-text region, these three ~0.05 s).
-# NOTE: content and string values therefore cannot contain "｜" (U+FF5C) while a constraint is active.
-TEXT_EXCLUDES = ["｜", THINK_START, THINK_END]
+# Never inside free text (content, reasoning, string values): the special tokens and DSML tags. Every special token
+# but <think>/</think> starts with "<｜", and every DSML tag holds "｜DSML｜", so these two strings cover them all and
+# keep grammar compilation fast (each excluded string adds matcher states that are checked against all 129280
+# tokens: the eight spelled-out tokens took ~0.4 s per free-text region). A lone fullwidth bar "｜" stays allowed:
+# tool_choice "auto" constrains every turn that offers tools, and prose may use the character.
+TEXT_EXCLUDES = ["<｜", DSML, THINK_START, THINK_END]
 
 # Bounded whitespace inside JSON values: free whitespace lets a weak model loop on spaces forever.
 JSON_WHITESPACE = 1
@@ -148,7 +148,7 @@ def _string_value(schema: dict[str, Any]) -> dict[str, Any]:
         return {"type": "or", "elements": [{"type": "const_string", "value": v} for v in strings]}
     if isinstance(schema.get("pattern"), str):
         return {"type": "regex", "pattern": schema["pattern"]}
-    text: dict[str, Any] = {"type": "any_text", "excludes": list(TEXT_EXCLUDES)}  # "｜" also stops PARAM_END
+    text: dict[str, Any] = {"type": "any_text", "excludes": list(TEXT_EXCLUDES)}  # DSML also stops PARAM_END
     if isinstance(schema.get("maxLength"), int):
         # NOTE: a length bound costs ~1-2 s of grammar compilation (once per distinct tool set; xgrammar caches)
         text["max_chars"] = schema["maxLength"]
