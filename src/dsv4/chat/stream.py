@@ -24,7 +24,8 @@ split, and `errors == []`. On malformed output the parser never raises; it recov
 * a parameter without `string=`: a string if the tool's schema declares it one, else JSON if its value parses as
   JSON, else a string; `string="false"` with a value that is not JSON (NaN and Infinity included): passed on as a
   JSON string, so `arguments` is always JSON;
-* a parameter, invoke or block that is not closed before the next tag: closed there;
+* a parameter, invoke or block that is not closed before the next tag: closed there (also a parameter closed by
+  `</parameter>` without its DSML token, when a DSML tag follows);
 * an invoke with a JSON-object body (the V3.2 form) or a self-closing `<｜DSML｜invoke name="f"/>`: read;
 * a call to a tool that was not offered (`tools=` given): dropped; a repeated parameter: the repeat is dropped;
 * special tokens inside content or reasoning: dropped; text after the end of the message: ignored.
@@ -156,7 +157,6 @@ class StreamParser:
         self._closing = False  # the DSML tag being read is a closer ("</")
         self._implicit = False  # the open block had no opener: the first text after an invoke ends it
         self._call: dict[str, Any] | None = None  # the open call (None: none open, or the open one is skipped)
-        self._in_invoke = False
         self._args_open = False  # "{" written
         self._args_done = False  # a JSON body wrote the whole object
         self._body_ok = False  # a JSON body may still come (nothing but the header read in this invoke)
@@ -459,7 +459,7 @@ class StreamParser:
         return True
 
     def _open_call(self, name: str | None, header: str) -> None:
-        self._in_invoke, self._args_open, self._args_done, self._params, self._keys = True, False, False, 0, set()
+        self._args_open, self._args_done, self._params, self._keys = False, False, 0, set()
         self._body_ok = True
         self._call = None
         if name is None:
@@ -476,7 +476,7 @@ class StreamParser:
     def _close_call(self) -> None:
         if not self._args_done:
             self._args("}" if self._args_open else "{}")
-        self._in_invoke, self._call = False, None
+        self._call = None
 
     def _unclosed(self) -> None:
         name = self._call["name"] if self._call else "?"
@@ -694,4 +694,4 @@ class StreamParser:
         self.truncated.append(len(self.calls) - 1)
         self._problem("truncated_call", f"tool call {self._call['name']!r} was cut off before it was complete; its "
                       "arguments are the partial text the model wrote, not valid JSON")
-        self._in_invoke, self._call = False, None
+        self._call = None
