@@ -377,7 +377,7 @@ class ServingCore:
             if finished:
                 for d in parser.finish():
                     self._apply_delta(step, d, tool_counts, co.index)
-                self._report_problems(parser, co.index)
+                self._report_problems(parser, co.index, co.finish_reason)
         if co.logprobs is not None and co.delta_token_ids:
             step.logprobs = self._logprobs(co.delta_token_ids, co.logprobs[-len(co.delta_token_ids):])
         if finished:
@@ -395,9 +395,13 @@ class ServingCore:
             return None
         return step
 
-    def _report_problems(self, parser: Any, index: int) -> None:
-        """Repairs and losses in the model's output are the operator's to see: a log line and a metric each."""
+    def _report_problems(self, parser: Any, index: int, finish_reason: str | None) -> None:
+        """Repairs and losses in the model's output are the operator's to see: a log line and a metric each. (Not
+        an output that lacks EOS, or is cut inside the reasoning, by max_tokens or a stop string: the finish reason
+        says so already, and that is the client's limit, not a fault of the output.)"""
         for kind, message in getattr(parser, "problems", ()):
+            if kind == "no_eos" or (kind == "no_think_end" and finish_reason == "length"):
+                continue
             self.metrics.output_problems.labels(kind).inc()
             log.warning("choice %d: model output: %s (%s)", index, message, kind)
 
