@@ -74,9 +74,25 @@ def test_official_renderings_are_accepted(tok, mode: str, tool_choice: str, call
         ([("get_time", {})], "unknown tool"),
     ],
 )
-def test_schema_violations_are_refused(tok, calls, why: str) -> None:
-    c = build_constraint(tok, tools=TOOLS, tool_choice="required")
-    assert not (_accepts(tok, c, _completion("chat", calls)) and c.is_finished()), why
+@pytest.mark.parametrize("tool_choice", ["required", "auto"])
+def test_schema_violations_are_refused(tok, calls, why: str, tool_choice: str) -> None:
+    # "auto" holds an opened block to the same schemas as "required"
+    c = build_constraint(tok, tools=TOOLS, tool_choice=tool_choice)
+    text = _completion("chat", calls, content="Checking." if tool_choice == "auto" else "")
+    assert not (_accepts(tok, c, text) and c.is_finished()), why
+
+
+def test_auto_keeps_dsml_out_of_the_content(tok) -> None:
+    # The malformed forms the parser has to recover (a bare invoke, an opener without the blank line) cannot be
+    # written under the "auto" grammar: DSML starts only with the official opener.
+    for bad in ['Sure.<｜DSML｜invoke name="ping">', "Sure.<｜DSML｜tool_calls>\n", 'Sure.\n<｜DSML｜invoke name="ping">']:
+        c = build_constraint(tok, tools=TOOLS, tool_choice="auto")
+        assert not _accepts(tok, c, bad), bad
+    # prose keeps the fullwidth bar; a special token spelled out of ordinary tokens is refused
+    c = build_constraint(tok, tools=TOOLS, tool_choice="auto")
+    assert _accepts(tok, c, "a ｜ b, 表｜格")
+    spelled = tok.encode("<") + tok.encode("｜User｜>")
+    assert tok.token_id("<｜User｜>") not in spelled and not all(c.accept(t) for t in spelled)
 
 
 def test_required_allows_only_the_block_and_named_only_that_tool(tok) -> None:
@@ -195,3 +211,17 @@ def test_added_tokens_other_than_the_format_never_come_out(tok) -> None:
     assert {i for i in added if mask[i]} == {tok.token_id("</think>")}  # reasoning may close, nothing else
     assert c.accept(tok.token_id("</think>")) and _accepts(tok, c, "\n\n<")
     assert {i for i in added if c.allowed_mask()[i]} == {tok.token_id("｜DSML｜")}
+
+
+def test_background_compile_returns_none_until_the_grammar_is_ready(tok) -> None:
+    from dsv4.chat.constraint import wait_for_background_compiles
+
+    # a tool set no other test compiled, so the first call finds nothing ready
+    tools = [{"type": "function", "function": {"name": f"bg_{id(tok)}", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string"}, "n": {"type": "integer"}}, "required": ["q"]}}}]
+    first = build_constraint(tok, tools=tools, tool_choice="auto", background=True)
+    wait_for_background_compiles(120)
+    ready = build_constraint(tok, tools=tools, tool_choice="auto", background=True)
+    assert first is None and ready is not None
+    assert ready.accept_text(f'ok\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="bg_{id(tok)}">\n')
+    assert not ready.accept_text('<｜DSML｜parameter name="n" string="false">')  # "q" is required first

@@ -149,3 +149,20 @@ def test_engine_applies_the_constraint_end_to_end(model, tok) -> None:
     (call,) = parse_completion(out.text, "chat")["tool_calls"]
     assert call["function"]["name"] == "set_alarm"
     jsonschema.validate(json.loads(call["function"]["arguments"]), ALARM["function"]["parameters"])
+
+
+def test_auto_leaves_content_free_and_constrains_an_opened_block(model, tok) -> None:
+    # tool_choice "auto": the content is the model's (nearly every token allowed); once the block is opened, the
+    # random model can only finish it as a well-formed, schema-valid call.
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    prompt = encode_messages([{"role": "user", "content": "Weather in Oslo?"}], "chat")
+    opened = "Let me check.\n\n<｜DSML｜tool_calls>\n"
+    for seed in range(RUNS // 2):
+        constraint = build_constraint(tok, tools=TOOLS, tool_choice="auto", parallel_tool_calls=False)
+        assert constraint.allowed_mask().float().mean() > 0.98  # free text: special tokens and DSML are out
+        assert constraint.accept_text(opened)
+        text = opened + _generate(model, tok, constraint, prompt + opened, 2000 + seed)
+        message = parse_completion(text, "chat")  # strict
+        assert message["content"] == "Let me check." and len(message["tool_calls"]) == 1, text
+        call = message["tool_calls"][0]["function"]
+        jsonschema.validate(json.loads(call["arguments"]), schemas[call["name"]])

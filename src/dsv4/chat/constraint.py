@@ -22,21 +22,23 @@ the strict parser reads every constrained output):
               | <｜DSML｜parameter name="k" string="false">JSON</｜DSML｜parameter>        (everything else)
 
 Parameters follow the declared property order; required ones must appear, optional ones may be left out. tool_choice
-"auto": free content, and a tool-call block may follow; "required": only a tool-call block; a named function: only
-that function. response_format json_object / json_schema: the content is JSON (validated by xgrammar's JSON-schema
+"auto": free content (and free reasoning), and a tool-call block may follow, whose DSML and argument schemas are then
+enforced exactly as for "required"; "required": only a tool-call block; a named function: only that function. response_format json_object / json_schema: the content is JSON (validated by xgrammar's JSON-schema
 grammar); with tools and "auto", JSON or a tool-call block.
 
 Deliberately not covered (the arguments are still well-formed DSML, and their values still JSON where non-string):
 `minLength` and `format` of string parameters (`pattern`, `enum`, `const` and `maxLength` are enforced),
 `additionalProperties` beyond the declared properties, and `patternProperties`. Free text (content, reasoning, string
-values) cannot contain the character "｜" (U+FF5C), which every special token but <think>/</think> contains; JSON
-strings are held to the same rule unless the schema has length bounds (then only the token-level ban applies).
+values) cannot contain "<｜" or "｜DSML｜" (so no special token or DSML tag is spelled out) nor `<think>`/`</think>`;
+JSON strings are held to the same rule unless the schema has length bounds (then only the token-level ban applies).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,12 +51,12 @@ from .tokenizer import DSML, THINK_END, THINK_START, Tokenizer
 TOOL_CALLS_BEGIN = f"\n\n<{DSML}tool_calls>\n"
 TOOL_CALLS_END = f"\n</{DSML}tool_calls>"
 PARAM_END = f"</{DSML}parameter>"
-# Never inside free text (content, reasoning, string values): the special tokens and DSML tags. Every one of them
-# but <think>/</think> contains the fullwidth bar "｜", so excluding that one character covers them all; it also
-# keeps grammar compilation fast (each excluded string adds matcher states that are checked against all 129280
-# tokens: the eight spelled-out tokens took ~0.4 s per free-text region, these three ~0.05 s).
-# NOTE: content and string values therefore cannot contain "｜" (U+FF5C) while a constraint is active.
-TEXT_EXCLUDES = ["｜", THINK_START, THINK_END]
+# Never inside free text (content, reasoning, string values): the special tokens and DSML tags. Every special token
+# but <think>/</think> starts with "<｜", and every DSML tag holds "｜DSML｜", so these two strings cover them all and
+# keep grammar compilation fast (each excluded string adds matcher states that are checked against all 129280
+# tokens: the eight spelled-out tokens took ~0.4 s per free-text region). A lone fullwidth bar "｜" stays allowed:
+# tool_choice "auto" constrains every turn that offers tools, and prose may use the character.
+TEXT_EXCLUDES = ["<｜", DSML, THINK_START, THINK_END]
 
 # Bounded whitespace inside JSON values: free whitespace lets a weak model loop on spaces forever.
 JSON_WHITESPACE = 1
@@ -65,6 +67,17 @@ JSON_WHITESPACE = 1
 # maxLength/minLength from strings it filters).
 
 _INFO_CACHE: dict[int, tuple[Tokenizer, Any, np.ndarray]] = {}
+
+# Background compilation (`build_constraint(..., background=True)`, what the server uses for tool_choice "auto"):
+# the grammar of a large tool set takes seconds to compile the first time (Claude Code's 24 tools: ~20 s on 2 busy
+# cores), which must not delay a chat turn that the parser can recover anyway. One worker, and one lock around every
+# compilation, because xgrammar's compiler caches are not meant for concurrent use.
+_COMPILE_LOCK = threading.Lock()
+_PENDING_LOCK = threading.Lock()
+_SETUP_LOCK = threading.Lock()
+_BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsv4-grammar")
+# (tokenizer id, structural tag JSON) -> the compiled grammar; one entry per distinct tool set, like xgrammar's cache
+_COMPILED: dict[tuple[int, str], Future] = {}
 
 
 def _xgr():
@@ -81,6 +94,11 @@ def _setup(tokenizer: Tokenizer) -> tuple[Tokenizer, Any, np.ndarray]:
     keep: bool [32 * ceil(V/32)], False for every added token but EOS (see the token-level ban above).
     """
     key = id(tokenizer)
+    with _SETUP_LOCK:
+        return _setup_locked(tokenizer, key)
+
+
+def _setup_locked(tokenizer: Tokenizer, key: int) -> tuple[Tokenizer, Any, np.ndarray]:
     if key not in _INFO_CACHE:
         xgr = _xgr()
         vocab = [""] * tokenizer.vocab_size
@@ -130,7 +148,7 @@ def _string_value(schema: dict[str, Any]) -> dict[str, Any]:
         return {"type": "or", "elements": [{"type": "const_string", "value": v} for v in strings]}
     if isinstance(schema.get("pattern"), str):
         return {"type": "regex", "pattern": schema["pattern"]}
-    text: dict[str, Any] = {"type": "any_text", "excludes": list(TEXT_EXCLUDES)}  # "｜" also stops PARAM_END
+    text: dict[str, Any] = {"type": "any_text", "excludes": list(TEXT_EXCLUDES)}  # DSML also stops PARAM_END
     if isinstance(schema.get("maxLength"), int):
         # NOTE: a length bound costs ~1-2 s of grammar compilation (once per distinct tool set; xgrammar caches)
         text["max_chars"] = schema["maxLength"]
@@ -376,8 +394,12 @@ def build_constraint(
     response_format: dict[str, Any] | None = None,
     thinking_mode: str = "chat",
     parallel_tool_calls: bool = True,
+    background: bool = False,
 ) -> Constraint | None:
     """The constraint for one request, or None when nothing constrains the output (no tools, free-text format).
+
+    `background=True`: a grammar not compiled yet is compiled on a worker thread and None is returned meanwhile
+    (the request runs unconstrained); later requests with the same tools get the constraint at once.
 
     `tools` and `tool_choice` are OpenAI-shaped (`tool_choice` None means "auto" with tools); `response_format` is
     OpenAI's `{"type": "json_object"}` / `{"type": "json_schema", "json_schema": {"schema": ...}}`. Generation starts
@@ -387,6 +409,16 @@ def build_constraint(
     if tag is None:
         return None
     xgr = _xgr()
+    tag_json = json.dumps(tag)  # key order kept: xgrammar's JSON grammar follows the schema's property order
+    future = None
+    if background:
+        with _PENDING_LOCK:
+            key = (id(tokenizer), tag_json)
+            future = _COMPILED.get(key)
+            if future is None:  # (a failed compile stays failed: the same tools fail the same way)
+                future = _COMPILED[key] = _BACKGROUND.submit(_compile_for, tokenizer, tag_json)
+        if not future.done():
+            return None
     _, compiler, keep = _setup(tokenizer)
     keep = keep.copy()
     if _functions(tools, tool_choice)[1] != "none":
@@ -395,7 +427,22 @@ def build_constraint(
         keep[tokenizer.token_id(THINK_END)] = True
     keep_bits = np.packbits(keep, bitorder="little").view(np.int32)  # [ceil(V/32)], xgrammar's bitmask layout
     try:
-        compiled = compiler.compile_structural_tag(json.dumps(tag))
+        compiled = future.result() if future is not None else _compile(compiler, tag_json)
     except Exception as err:
         raise ValueError(f"could not build a grammar from these tools / response_format: {err}") from err
     return Constraint(xgr.GrammarMatcher(compiled), tokenizer.vocab_size, tokenizer.eos_id, keep_bits)
+
+
+def _compile(compiler: Any, tag_json: str) -> Any:
+    with _COMPILE_LOCK:
+        return compiler.compile_structural_tag(tag_json)
+
+
+def _compile_for(tokenizer: Tokenizer, tag_json: str) -> Any:
+    # the tokenizer info (a walk over all 129280 tokens, seconds) is built here too the first time, off the caller
+    return _compile(_setup(tokenizer)[1], tag_json)
+
+
+def wait_for_background_compiles(timeout: float | None = None) -> None:
+    """Block until every grammar submitted with `background=True` so far is compiled (tests, warm-up)."""
+    _BACKGROUND.submit(lambda: None).result(timeout)

@@ -11,12 +11,13 @@ re-implements its rules (section numbers refer to that spec):
 * `reasoning_effort="max"` prepends the official effort prompt in thinking mode; `"high"` and None render nothing;
 * quick-instruction tasks (`task` on a message) append their task token (section 6).
 
-Extensions over the official encoder, none of which changes the text of an input the official encoder accepts:
-`tools=` / `response_format=` keyword arguments attach to the first system message (one is inserted when there is
-none); OpenAI content-part lists (`[{"type": "text", "text": ...}]`) are accepted for text content; tool-call
-arguments given as a dict (rather than OpenAI's JSON string) render as the parameters they hold, and a JSON string
-that is not an object as one "arguments" parameter (the official encoder would wrap the dict in one parameter and
-crash on the non-object); malformed input raises `ValueError` saying what to fix instead of `AssertionError`.
+Extensions over the official encoder: `tools=` / `response_format=` keyword arguments attach to the first system
+message (one is inserted when there is none); OpenAI content-part lists (`[{"type": "text", "text": ...}]`) are
+accepted for text content; tool-call arguments given as a dict (rather than OpenAI's JSON string) render as the
+parameters they hold, and a JSON string that is not an object as one "arguments" parameter (the official encoder
+would crash on the non-object); malformed input raises `ValueError` saying what to fix instead of `AssertionError`.
+All but one leave the text of an input the official encoder accepts unchanged; the exception is dict arguments,
+which the official encoder accepts but wraps in one parameter: here they render as the call the model would write.
 
 `encode_chat_prompt` renders the same text as a `ChatPrompt` (prompt.py) that tells the encoder's own text from the
 messages' text, so that `Tokenizer.encode_prompt` makes control tokens only where the encoder wrote them.

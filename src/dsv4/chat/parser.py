@@ -11,14 +11,16 @@ excluded, final `<｜end▁of▁sentence｜>` included) the way `parse_message_f
 Tool-call arguments come back as a JSON object string: `string="true"` values JSON-quoted, others inserted as
 written. Malformed output raises `ValueError` naming the problem. Differences from the official parser, all on
 output it would either reject or turn into something a client cannot use: a non-string parameter whose value is not
-JSON raises (the official parser returns invalid JSON arguments), a tool-call block or invoke that is not closed
+JSON raises (the official parser returns invalid JSON arguments; NaN and Infinity count as not JSON, although
+Python's `json.loads` takes them), a tool-call block or invoke that is not closed
 raises (the official parser returns the cut-off call as if complete), and the role tokens `<｜User｜>`,
 `<｜Assistant｜>`, `<｜latest_reminder｜>` are rejected in content and reasoning like the other special tokens.
 
 `parse_completion(text, thinking_mode, strict=False, tools=...)` never raises: it runs the streaming parser
 (stream.py) over the whole text and returns what it recovered plus `"errors"`, a list of plain-language problems
-(missing `</think>`, a cut-off tool-call block, bad JSON in a non-string parameter, an unknown tool name, ...). On
-well-formed output both modes return the same message and `errors == []`.
+(missing `</think>`, a cut-off tool call, bad JSON in a non-string parameter, an unknown tool name, DSML outside a
+block, ...). On well-formed output both modes return the same message and `errors == []`. A call the output cut off
+(no EOS) keeps the partial arguments the model wrote, which are not valid JSON: it must not be run.
 """
 
 from __future__ import annotations
@@ -43,6 +45,16 @@ FORBIDDEN_IN_TEXT = (BOS, EOS, THINK_START, THINK_END, DSML, USER, ASSISTANT, LA
 # its header as ` name="f">\n\n`); the optional "\n" keeps that with fullmatch.
 INVOKE_HEADER = re.compile(r'\s*name="(.*?)">\n\n?', re.DOTALL)
 PARAM_BODY = re.compile(r' name="(.*?)" string="(true|false)">(.*?)<\n?', re.DOTALL)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads_strict(text: str) -> Any:
+    """`json.loads` that refuses NaN, Infinity and -Infinity: Python accepts them, no JSON parser of a client does.
+    (An overflowing number such as 1e999 is valid JSON syntax and passes.)"""
+    return json.loads(text, parse_constant=_no_constant)
 
 
 def _read_until(text: str, index: int, stops: list[str]) -> tuple[int, str, str | None]:
@@ -89,7 +101,7 @@ def _parse_tool_calls(text: str, index: int) -> tuple[int, str | None, list[dict
                 raise ValueError(f"tool call {name!r} repeats parameter {key!r}")
             if flag == "false":
                 try:
-                    json.loads(value)
+                    loads_strict(value)
                 except ValueError as err:
                     raise ValueError(
                         f"tool call {name!r}: parameter {key!r} is marked string=\"false\" but {value[:200]!r} is not "

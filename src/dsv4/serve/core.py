@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import threading
 import time
@@ -24,6 +25,7 @@ from dsv4.serve.metrics import ServerMetrics
 
 
 T = TypeVar("T")
+log = logging.getLogger("dsv4.serve")
 
 
 class ServeError(Exception):
@@ -263,7 +265,9 @@ class ServingCore:
         prompt_ids = self.encode(prompt, "messages")
         max_tokens = self._check_length(len(prompt_ids), job.max_tokens, max_tokens_field)
         constraint = None
-        if (job.tools and job.tool_choice != "auto" and job.tool_choice != "none") or job.response_format:
+        if job.tools and job.tool_choice == "auto" and not job.response_format:
+            constraint = self._auto_constraint(job, prefill)
+        elif (job.tools and job.tool_choice != "none") or job.response_format:
             constraint = self._constraint(job)
             # the grammar starts at the generation prompt: walk it through the prefill the client wrote
             if constraint is not None and prefill and not constraint.accept_text(prefill):
@@ -283,10 +287,27 @@ class ServingCore:
         params = self._params(sampling, stop, max_tokens, None, skip_special_tokens=True)
         return Prepared(prompt_ids, params, False, None, params.n, raw_text=True)
 
+    def _auto_constraint(self, job: ChatJob, prefill: str) -> Any:
+        """tool_choice "auto": content and string values stay free; once the model opens a tool-call block, the DSML
+        and the arguments' JSON schemas are enforced. Best effort: a tool set whose grammar is still compiling (the
+        first request with it), or cannot be compiled, or a prefill the grammar does not take, runs unconstrained
+        (the parser recovers what the model writes), so "auto" never fails or waits on the grammar."""
+        try:
+            constraint = self.build_constraint(
+                self.tokenizer, tools=job.tools, tool_choice="auto", thinking_mode="thinking" if job.thinking else "chat",
+                parallel_tool_calls=job.parallel_tool_calls, background=True,
+            )
+        except ValueError as e:
+            log.warning("tool_choice auto runs unconstrained: %s", e)
+            return None
+        if constraint is not None and prefill and not constraint.accept_text(prefill):
+            log.warning("tool_choice auto runs unconstrained: the prefill does not fit the tool-call grammar")
+            return None
+        return constraint
+
     def _constraint(self, job: ChatJob) -> Any:
         """The grammar that makes a forced tool call (tool_choice required / named) or a JSON answer well-formed and
-        schema-valid. tool_choice "auto" stays unconstrained: a capable model writes DSML correctly, and the
-        parser recovers from the rest without a per-token mask on every chat turn."""
+        schema-valid (tool_choice "auto": `_auto_constraint`)."""
         choice: Any = job.tool_choice
         if isinstance(choice, dict):
             choice = {"type": "function", "function": {"name": choice["name"]}}
@@ -399,12 +420,15 @@ class ServingCore:
             if finished:
                 for d in parser.finish():
                     self._apply_delta(step, d, tool_counts, co.index)
+                self._report_problems(parser, co.index, co.finish_reason)
         if co.logprobs is not None and co.delta_token_ids:
             step.logprobs = self._logprobs(co.delta_token_ids, co.logprobs[-len(co.delta_token_ids):])
         if finished:
+            # a call the output cut off is not a call to run: the finish reason says why it stopped instead
+            cut_call = parser is not None and bool(getattr(parser, "truncated", ()))
             if co.finish_reason == "length":
                 step.finish_reason = "length"
-            elif tool_counts[co.index]:
+            elif tool_counts[co.index] and not cut_call:
                 step.finish_reason = "tool_calls"
             elif isinstance(co.stop_reason, str):
                 step.finish_reason, step.stop_sequence = "stop_sequence", co.stop_reason
@@ -413,6 +437,16 @@ class ServingCore:
         if not (step.reasoning or step.content or step.tool_calls or step.finish_reason or step.logprobs):
             return None
         return step
+
+    def _report_problems(self, parser: Any, index: int, finish_reason: str | None) -> None:
+        """Repairs and losses in the model's output are the operator's to see: a log line and a metric each. (Not
+        an output that lacks EOS, or is cut inside the reasoning, by max_tokens or a stop string: the finish reason
+        says so already, and that is the client's limit, not a fault of the output.)"""
+        for kind, message in getattr(parser, "problems", ()):
+            if kind == "no_eos" or (kind == "no_think_end" and finish_reason == "length"):
+                continue
+            self.metrics.output_problems.labels(kind).inc()
+            log.warning("choice %d: model output: %s (%s)", index, message, kind)
 
     @staticmethod
     def _apply_delta(step: Step, d: Any, tool_counts: list[int], index: int) -> None:

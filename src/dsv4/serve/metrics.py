@@ -70,6 +70,10 @@ class ServerMetrics:
         self.in_flight = Gauge("dsv4_requests_in_flight", "generation requests accepted and not yet finished",
                                registry=r)
         self.aborted = Counter("dsv4_requests_aborted", "requests aborted (client gone or error)", registry=r)
+        # kinds are dsv4.chat.StreamParser problem kinds: repairs (implicit_block, missing_string_attr, ...) and
+        # losses (truncated_call, unknown_tool, ...); one count per kind and choice
+        self.output_problems = Counter("dsv4_output_parse_problems", "model outputs the V4 parser had to repair or "
+                                       "could not fully read, by kind", ["kind"], registry=r)
         r.register(_EngineCollector(engine_stats))
 
     def observe_request(self, *, prompt_tokens: int, cached_tokens: int, output_tokens: int, ttft: float | None,

@@ -1,12 +1,14 @@
 """The OpenAI API: requests -> `ChatJob`, `Step`s -> responses and SSE chunks, errors in OpenAI's format.
 
 Thinking follows DeepSeek's API: thinking is on unless `thinking: {"type": "disabled"}` (or `reasoning_effort:
-"none"`); `reasoning_effort` minimal/low/medium map to high and xhigh to max, the two efforts V4 was trained with.
+"none"`); `reasoning_effort` minimal/low/medium map to high and xhigh to max, the two efforts V4 was trained with;
+any other value runs at the default effort (high) and is logged, so a newer SDK's value does not fail the request.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +16,8 @@ from typing import Any
 from dsv4.serve import validate
 from dsv4.serve.core import ChatJob, ServeError, Step, Usage, dumps
 from dsv4.serve.protocol import ChatCompletionRequest, CompletionRequest, OpenAIMessage
+
+log = logging.getLogger("dsv4.serve")
 
 _EFFORT = {"minimal": "high", "low": "high", "medium": "high", "high": "high", "xhigh": "max", "max": "max"}
 _ERROR_TYPE = {
@@ -63,7 +67,8 @@ def _message(i: int, m: OpenAIMessage) -> dict[str, Any]:
     if m.tool_calls:
         out["tool_calls"] = [
             {"id": tc.id or f"call_{i}_{j}", "type": "function",
-             "function": {"name": tc.function.name, "arguments": tc.function.arguments}}
+             "function": {"name": tc.function.name,
+                          "arguments": "{}" if tc.function.arguments is None else tc.function.arguments}}
             for j, tc in enumerate(m.tool_calls)
         ]
     return out
@@ -71,8 +76,13 @@ def _message(i: int, m: OpenAIMessage) -> dict[str, Any]:
 
 def thinking_of(thinking: Any, effort: str | None) -> tuple[bool, str | None]:
     enabled = True if thinking is None else thinking.type != "disabled"
+    effort = effort.strip().lower() if isinstance(effort, str) else effort
     if effort == "none":
         enabled = False
+    if effort and effort != "none" and effort not in _EFFORT:
+        # accepted (a newer SDK's value must not fail the request) and run at the default effort, visibly
+        log.warning("unknown reasoning effort %r; using the default (high). Known: none, %s", effort, ", ".join(_EFFORT))
+        effort = None
     return enabled, (_EFFORT.get(effort) if enabled and effort else None)
 
 

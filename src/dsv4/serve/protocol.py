@@ -56,7 +56,7 @@ class OpenAITool(_Body):
 
 class OpenAIToolCallFunction(_Body):
     name: str
-    arguments: str = ""
+    arguments: str | None = ""  # null (some clients send it for a call without arguments) means "{}"
 
 
 class OpenAIToolCall(_Body):
@@ -114,8 +114,9 @@ class ThinkingToggle(_Body):
 
 
 # OpenAI's documented efforts plus DeepSeek's "max"; "minimal"/"low"/"medium" map to high, "xhigh" to max, as
-# DeepSeek's API does.
-ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+# DeepSeek's API does. Any other string is accepted too and means the default effort (openai.thinking_of): an SDK
+# newer than this server may send an effort this server does not know yet, and that must not fail the request.
+ReasoningEffort = str
 
 
 class ChatCompletionRequest(_Request):
