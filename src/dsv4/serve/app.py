@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv4.serve import anthropic as anthropic_api
 from dsv4.serve import openai as openai_api
+from dsv4.serve import responses as responses_api
 from dsv4.serve.core import ServeError, ServingCore, Step, Usage, new_id
 from dsv4.serve.metrics import CONTENT_TYPE
 from dsv4.serve.protocol import (
@@ -43,7 +44,7 @@ def _is_anthropic(request: Request) -> bool:
 
 
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "messages",
-              "/v1/messages/count_tokens": "count_tokens"}
+              "/v1/messages/count_tokens": "count_tokens", "/v1/responses": "responses"}
 
 
 def _error_response(request: Request, err: ServeError, status: int | None = None) -> JSONResponse:
@@ -244,6 +245,9 @@ def create_app(core: ServingCore, api_key: str | None = None,
         core.check_model(body.model)
         prompt, _, _ = core.render_chat(anthropic_api.chat_job(body))
         return CountTokensResponse(input_tokens=len(await core.off_loop(core.encode, prompt)))
+
+    # ---- OpenAI Responses (serve/responses.py) ----------------------------------------------------------------------
+    responses_api.register(app, core, _stream, _unary)
 
     def openapi() -> dict[str, Any]:
         # Advertise the served names as the `model` enum: clients and fuzzers then see which names are valid.
