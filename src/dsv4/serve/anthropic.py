@@ -2,7 +2,10 @@
 Anthropic's format.
 
 As in DeepSeek's Anthropic-compatible API, thinking is on unless `thinking: {"type": "disabled"}`, and
-`output_config.effort` picks the reasoning effort. `budget_tokens` must be below max_tokens (as Anthropic requires) and
+`output_config.effort` picks the reasoning effort (low / medium / high -> V4's "high", max -> "max").
+`thinking: {"type": "adaptive"}` (Claude Code's default) is thinking on: V4 has no mode that decides per turn whether
+to reason. `role: "system"` messages inside `messages` are V4 system text, placed at a turn boundary (turns.py);
+`output_config.format` (json_schema) goes through the same grammar as OpenAI's `response_format`. `budget_tokens` must be below max_tokens (as Anthropic requires) and
 is enforced as a hard cap on reasoning tokens (serve/budget.py); Anthropic's minimum of 1024 is not imposed, since
 small local models are served here too.
 """
@@ -17,6 +20,7 @@ from typing import Any
 from dsv4.serve.core import ChatJob, ServeError, Step, Usage, dumps, new_id
 from dsv4.serve.openai import thinking_of
 from dsv4.serve.protocol import AnthropicBlock, CountTokensRequest, MessagesRequest
+from dsv4.serve.turns import place_system_messages
 
 _ERROR_TYPE = {
     "invalid_request": "invalid_request_error",
@@ -35,7 +39,13 @@ def model_card(name: str, created: int) -> dict[str, Any]:
 
 
 def error_body(err: ServeError) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": _ERROR_TYPE[err.kind], "message": err.message}}
+    message = err.message
+    if err.lengths is not None:  # Anthropic's own wording, which Claude Code parses to retry with less max_tokens
+        prompt, max_tokens, limit = err.lengths
+        message = (f"prompt is too long: {prompt} tokens > {limit - 1} maximum" if max_tokens is None else
+                   f"input length and `max_tokens` exceed context limit: {prompt} + {max_tokens} > {limit}, "
+                   "decrease input length or `max_tokens` and try again")
+    return {"type": "error", "error": {"type": _ERROR_TYPE[err.kind], "message": message}}
 
 
 def _block_text(content: str | list[AnthropicBlock] | None, where: str) -> str:
@@ -57,6 +67,9 @@ def _messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]]
     for i, m in enumerate(req.messages):
         where = f"messages.{i}"
         blocks = [AnthropicBlock(type="text", text=m.content)] if isinstance(m.content, str) else m.content
+        if m.role == "system":
+            out.append({"role": "system", "content": _block_text(m.content, where)})
+            continue
         if m.role == "user":
             texts = []
             for j, b in enumerate(blocks):
@@ -98,7 +111,8 @@ def _messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]]
         if calls:
             msg["tool_calls"] = calls
         out.append(msg)
-    return out  # a final assistant message is a prefill: ServingCore.render_chat continues it
+    # a final assistant message is a prefill: ServingCore.render_chat continues it
+    return place_system_messages(out)
 
 
 def _tools(req: MessagesRequest | CountTokensRequest) -> tuple[list[dict[str, Any]] | None, Any, bool]:
@@ -134,8 +148,10 @@ def chat_job(req: MessagesRequest | CountTokensRequest) -> ChatJob:
     effort = req.output_config.effort if req.output_config else None
     thinking, effort = thinking_of(req.thinking, effort)
     tools, choice, parallel = _tools(req)
+    fmt = req.output_config.format if req.output_config else None
     job = ChatJob(messages=_messages(req), thinking=thinking, reasoning_effort=effort, tools=tools,
-                  tool_choice=choice, parallel_tool_calls=parallel)
+                  tool_choice=choice, parallel_tool_calls=parallel,
+                  response_format={"type": "json_schema", "name": None, "schema": fmt.schema_} if fmt else None)
     if isinstance(req, MessagesRequest):
         budget = req.thinking.budget_tokens if req.thinking else None
         if thinking and budget is not None and budget >= req.max_tokens:

@@ -38,6 +38,9 @@ class ServeError(Exception):
         self.message = message
         self.param = param
         self.retry_after = retry_after
+        # (prompt tokens, requested max tokens or None, context length) of a length error: the Anthropic API words
+        # these its own way, and Claude Code parses that wording to retry with a smaller max_tokens
+        self.lengths: tuple[int, int | None, int] | None = None
 
     @property
     def status(self) -> int:
@@ -161,22 +164,26 @@ class ServingCore:
 
     def _check_length(self, prompt_len: int, max_tokens: int | None, field_name: str) -> int:
         if prompt_len >= self.max_model_len:
-            raise ServeError(
+            err = ServeError(
                 "invalid_request",
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt is "
                 f"{prompt_len} tokens, which leaves no room for output. Please shorten the messages.",
                 param="messages",
             )
+            err.lengths = (prompt_len, None, self.max_model_len)
+            raise err
         if max_tokens is None:
             return self.max_model_len - prompt_len
         if prompt_len + max_tokens > self.max_model_len:
-            raise ServeError(
+            err = ServeError(
                 "invalid_request",
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "
                 f"Please reduce the length of the messages or the {field_name}.",
                 param=field_name,
             )
+            err.lengths = (prompt_len, max_tokens, self.max_model_len)
+            raise err
         return max_tokens
 
     # ---- preparing ------------------------------------------------------------------------------------------------

@@ -191,7 +191,8 @@ class AnthropicBlock(_Body):
 
 
 class AnthropicMessage(_Body):
-    role: Literal["user", "assistant"]
+    # "system" in the middle of `messages` is what Claude Code sends (system reminders); anthropic.py places it
+    role: Literal["user", "assistant", "system"]
     content: str | list[AnthropicBlock]
 
 
@@ -208,8 +209,14 @@ class AnthropicToolChoice(_Body):
     disable_parallel_tool_use: bool | None = None
 
 
+class AnthropicOutputFormat(_Body):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
 class AnthropicOutputConfig(_Body):
     effort: ReasoningEffort | None = None
+    format: AnthropicOutputFormat | None = None  # structured output (LangChain's ChatAnthropic sends it)
 
 
 class MessagesRequest(_Body):
