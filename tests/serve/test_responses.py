@@ -238,3 +238,32 @@ def test_codex_cli_request_body_replays() -> None:
 def test_opaque_reasoning_round_trips_any_text() -> None:
     for text in ["", "plain", "ünïcødé 🚀\n</think>", "x" * 10000]:
         assert open_reasoning(seal_reasoning(text), "w") == text
+
+
+@pytest.mark.parametrize("path, body, opening, ping", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, b'"role":"assistant"',
+     b": keep-alive\n\n"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}, b"event: message_start",
+     b'event: ping\ndata: {"type": "ping"}\n\n'),
+    ("/v1/responses", {"input": "hi"}, b"event: response.created", b": keep-alive\n\n"),
+])
+def test_streams_start_at_admission_and_ping_while_prefilling(path: str, body: dict[str, Any], opening: bytes,
+                                                               ping: bytes) -> None:
+    from dsv4.serve.app import create_app
+    from dsv4.serve.core import ServingCore
+
+    from .fakes import FakeChat, FakeEngine
+
+    engine = FakeEngine(TOK, lambda ids, p: "Because.</think>Paris.", first_delay=1.0)  # a slow "prefill"
+    core = ServingCore(engine, TOK, model_names=[MODEL], max_model_len=4096, chat=FakeChat())
+    core.ping_interval = 0.2
+    from fastapi.testclient import TestClient
+
+    client = TestClient(create_app(core))
+    r = client.post(path, json={"model": MODEL, "stream": True, **body})
+    assert r.status_code == 200
+    # pings come only after 0.2 s of silence: the opening event, then at least two pings, then the first token
+    # means the opening went out at least 0.4 s before the first token
+    head = r.content.split(b"Because", 1)[0]
+    assert head.index(opening) < head.index(ping) and head.count(ping) >= 2, head
+    assert engine.live == set() and engine.aborted == []

@@ -30,6 +30,7 @@ _ERROR_TYPE = {
     "overloaded": "overloaded_error",
     "internal": "api_error",
 }
+PING = b'event: ping\ndata: {"type": "ping"}\n\n'  # what Anthropic's API sends to keep a stream alive
 _STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "stop_sequence": "stop_sequence"}
 
 

@@ -317,26 +317,30 @@ async def _watch_disconnect(request: Request, task: asyncio.Future[Any], gone: a
 async def _stream(core: ServingCore, endpoint: str, request: Request, events: AsyncIterator[Step | Usage],
                   render: Callable[[AsyncIterator[Step | Usage]], AsyncIterator[bytes]],
                   on_error: Callable[[ServeError], bytes]) -> Response:
-    # The first event is awaited before the headers go out, so a request the engine rejects still gets a proper
-    # status code instead of a 200 stream carrying an error; a client that leaves while queued is noticed here.
-    try:
-        first = await _unless_disconnected(request, events.__anext__())
-    except _ClientGone:
+    # The stream starts at admission, not at the first token: a long prompt's prefill can take minutes, and clients
+    # give up on a silent connection (Claude Code re-sends after 300 s). Admission and the engine's request checks
+    # run synchronously in the first step of `events`, so one loop turn tells a refused request (still a proper
+    # status code) from an accepted one (headers, the API's opening event, then pings until tokens arrive).
+    first = asyncio.ensure_future(events.__anext__())
+    await asyncio.sleep(0)
+    if first.done() and first.exception() is not None and not isinstance(first.exception(), StopAsyncIteration):
         await events.aclose()
-        return _gone_response(core, endpoint)
-    except BaseException:
-        await events.aclose()
-        raise
+        raise first.exception()  # type: ignore[misc]
+    ping = anthropic_api.PING if endpoint == "messages" else openai_api.PING
 
     async def chained() -> AsyncIterator[Step | Usage]:
-        yield first
+        try:
+            ev = await first
+        except StopAsyncIteration:
+            return
+        yield ev
         async for ev in events:
             yield ev
 
     async def body() -> AsyncIterator[bytes]:
         status = "200"
         try:
-            async for chunk in render(chained()):
+            async for chunk in _with_pings(render(chained()), ping, core.ping_interval):
                 yield chunk
         except ServeError as e:
             status = str(e.status)
@@ -350,11 +354,39 @@ async def _stream(core: ServingCore, endpoint: str, request: Request, events: As
             raise
         finally:
             core.metrics.requests.labels(endpoint, status).inc()
+            if not first.done():
+                first.cancel()
             # closing the core's iterator aborts the request in the engine if it has not finished
             await events.aclose()
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _with_pings(chunks: AsyncIterator[bytes], ping: bytes, interval: float) -> AsyncIterator[bytes]:
+    """`chunks`, plus `ping` whenever nothing came for `interval` seconds (while the prompt is prefilled, or the
+    request waits for a batch slot). The pending chunk is awaited in a task that a ping does not cancel."""
+    it = chunks.__aiter__()
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield ping
+                continue
+            try:
+                chunk = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield chunk
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
 
 
 # ---- `dsv4 serve` ------------------------------------------------------------------------------------------------

@@ -134,6 +134,7 @@ class ServingCore:
         self.max_model_len = max_model_len
         self.max_concurrency = max_concurrency
         self.in_flight = 0
+        self.ping_interval = 10.0  # seconds of silence in a stream before a keep-alive ping
         self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsv4-prepare")
         self.created = int(time.time())
         self.metrics = ServerMetrics(self.engine_stats)

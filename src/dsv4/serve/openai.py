@@ -22,6 +22,7 @@ _ERROR_TYPE = {
     "overloaded": "server_overloaded",
     "internal": "server_error",
 }
+PING = b": keep-alive\n\n"  # an SSE comment: every OpenAI client skips it
 _ERROR_CODE = {"authentication": "invalid_api_key", "not_found": "model_not_found"}
 
 
