@@ -31,6 +31,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (the sampled token is always included)
+    # top-n logprobs per prompt token, as vLLM's prompt_logprobs (the prompt token itself is always included; the
+    # first token has none). The prompt is then computed in full: the prefix cache is not read for this request.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # Per-request logits constraint (e.g. a JSON-schema / tool-call grammar from `dsv4.chat.constraint`): an object
     # with `.allowed_mask(vocab) -> bool tensor [vocab]` and `.accept(token_id)`. Not compared or copied.
@@ -78,6 +81,9 @@ class SamplingParams:
             raise bad("stop_token_ids", "token ids must be >= 0")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "it must be an integer in [0, 20], or None")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            raise bad("prompt_logprobs", "it must be an integer in [0, 20], or None")
 
     @property
     def greedy(self) -> bool:

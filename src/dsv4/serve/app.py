@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dsv4.serve import anthropic as anthropic_api
 from dsv4.serve import openai as openai_api
 from dsv4.serve import responses as responses_api
+from dsv4.serve import tokens as tokens_api
 from dsv4.serve.core import ServeError, ServingCore, Step, Usage, new_id
 from dsv4.serve.metrics import CONTENT_TYPE
 from dsv4.serve.protocol import (
@@ -66,6 +67,9 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "Invalid request: " + "; ".join(parts)
 
 
+_KEYED = ("/tokenize", "/detokenize")  # outside /v1/ but still work for the model: behind the key too
+
+
 class _APIKey:
     """The key check as ASGI middleware, so it runs before the body is even read: a client without the key gets 401,
     whatever it sent (a dependency would answer malformed JSON with 400 first). /health and /metrics stay open for
@@ -76,7 +80,7 @@ class _APIKey:
         self.key = key.encode()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] in _KEYED):
             request = Request(scope, receive)
             bearer = request.headers.get("authorization", "")
             given = request.headers.get("x-api-key") or (bearer[7:] if bearer.lower().startswith("bearer ") else None)
@@ -143,7 +147,11 @@ def create_app(core: ServingCore, api_key: str | None = None,
         if isinstance(exc.__cause__, ServeError):  # FastAPI wraps errors raised while reading the body (size limit)
             return _error_response(request, exc.__cause__)
         kind = "not_found" if exc.status_code == 404 else "invalid_request"
-        err = ServeError(kind, f"{request.method} {request.url.path}: {exc.detail}")
+        detail = exc.detail
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = ("no such endpoint on this server (it serves /v1/chat/completions, /v1/completions, "
+                      "/v1/responses, /v1/messages, /v1/models, /tokenize, /detokenize; see /docs)")
+        err = ServeError(kind, f"{request.method} {request.url.path}: {detail}")
         return _error_response(request, err, exc.status_code)
 
     @app.exception_handler(Exception)
@@ -225,7 +233,8 @@ def create_app(core: ServingCore, api_key: str | None = None,
             finally:  # one prompt failed or the client left: stop the others too (aborting them in the engine)
                 for t in tasks:
                     t.cancel()
-            return openai_api.completion_response(list(results), rid, body.model, preps[0].n, echo, want_lp)
+            return openai_api.completion_response(list(results), rid, body.model, preps[0].n, echo, want_lp,
+                                                  prompts, body.prompt_logprobs is not None)
 
         return await _unary(core, "completions", request, collect_all())
 
@@ -248,6 +257,8 @@ def create_app(core: ServingCore, api_key: str | None = None,
 
     # ---- OpenAI Responses (serve/responses.py) ----------------------------------------------------------------------
     responses_api.register(app, core, _stream, _unary)
+    # ---- vLLM's /tokenize, /detokenize, /version (serve/tokens.py) ----------------------------------------------------
+    tokens_api.register(app, core)
 
     def openapi() -> dict[str, Any]:
         # Advertise the served names as the `model` enum: clients and fuzzers then see which names are valid.

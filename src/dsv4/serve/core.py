@@ -76,8 +76,9 @@ class ToolCallDelta:
 @dataclass
 class TokenLogprob:
     token: str
-    logprob: float
+    logprob: float | None  # None: the first prompt token (nothing predicts it)
     top: list[tuple[str, float]]
+    top_ids: list[int] = field(default_factory=list)  # the token ids of `top`
 
 
 @dataclass
@@ -91,6 +92,9 @@ class Step:
     finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "stop_sequence"
     stop_sequence: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # SamplingParams.prompt_logprobs: one entry per prompt token (None for the first), on a step of its own that comes
+    # before the choice's first generated text
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -112,6 +116,8 @@ class Prepared:
     tools: list[dict[str, Any]] | None
     n: int
     raw_text: bool  # /v1/completions: plain text, no chat parsing
+    # max_tokens 0 (scoring a prompt): the engine generates one token, which nobody sees or is billed for
+    discard_output: bool = False
 
 
 def new_id(prefix: str) -> str:
@@ -245,9 +251,10 @@ class ServingCore:
 
     def prepare_completion(self, prompt_ids: list[int], sampling: dict[str, Any], stop: list[str],
                            max_tokens: int | None) -> Prepared:
-        max_tokens = self._check_length(len(prompt_ids), max_tokens, "max_tokens")
+        discard = max_tokens == 0
+        max_tokens = self._check_length(len(prompt_ids), 1 if discard else max_tokens, "max_tokens")
         params = self._params(sampling, stop, max_tokens, None, skip_special_tokens=True)
-        return Prepared(prompt_ids, params, False, None, params.n, raw_text=True)
+        return Prepared(prompt_ids, params, False, None, params.n, raw_text=True, discard_output=discard)
 
     def _constraint(self, job: ChatJob) -> Any:
         """The grammar that makes a forced tool call (tool_choice required / named) or a JSON answer well-formed and
@@ -306,6 +313,7 @@ class ServingCore:
         done = [False] * prep.n
         last = None
         status = "error"
+        want_prompt_lps = getattr(prep.params, "prompt_logprobs", None) is not None
         try:
             stream = self.engine.stream(prep.prompt_ids, prep.params, request_id=request_id)
             while True:
@@ -319,6 +327,10 @@ class ServingCore:
                         raise ServeError("invalid_request", str(e)) from e
                     raise
                 last = out
+                plp = getattr(out, "prompt_logprobs", None)
+                if want_prompt_lps and plp is not None and len(plp) == len(prep.prompt_ids):
+                    want_prompt_lps = False
+                    yield Step(index=0, prompt_logprobs=self._prompt_logprobs(prep.prompt_ids, plp))
                 for co in out.outputs:
                     if done[co.index]:
                         continue
@@ -328,13 +340,16 @@ class ServingCore:
                         first_token = time.perf_counter()
                     step = self._step(co, parsers[co.index], tool_counts, prep)
                     done[co.index] = co.finish_reason is not None
+                    if prep.discard_output:
+                        step = Step(index=co.index, finish_reason="length") if done[co.index] else None
                     if step is not None:
                         yield step
             if not all(done):
                 raise ServeError("internal", f"request {request_id} ended before all its choices finished; retry.")
             assert last is not None
             # the engine sums cached tokens over the n sequences; the prompt is counted once, so clamp to it
-            usage = Usage(len(prep.prompt_ids), sum(len(c.token_ids) for c in last.outputs),
+            usage = Usage(len(prep.prompt_ids),
+                          0 if prep.discard_output else sum(len(c.token_ids) for c in last.outputs),
                           min(getattr(last, "num_cached_tokens", 0), len(prep.prompt_ids)))
             status = "ok"
             self.metrics.observe_request(
@@ -395,6 +410,10 @@ class ServingCore:
             else:
                 step.tool_calls.append(ToolCallDelta(d.index, None, None, d.text))
 
+    def _prompt_logprobs(self, ids: list[int], dists: list[dict[int, float] | None]) -> list[TokenLogprob]:
+        first = TokenLogprob(self.tokenizer.decode(ids[:1], skip_special_tokens=False), None, [])
+        return [first] + self._logprobs(ids[1:], dists[1:])  # type: ignore[arg-type]
+
     def _logprobs(self, ids: list[int], dists: list[dict[int, float]]) -> list[TokenLogprob]:
         def text(token_id: int) -> str:
             return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -403,7 +422,7 @@ class ServingCore:
         for tid, dist in zip(ids, dists):
             top = sorted(dist.items(), key=lambda kv: -kv[1])
             out.append(TokenLogprob(text(tid), float(dist.get(tid, float("-inf"))),
-                                    [(text(t), float(lp)) for t, lp in top]))
+                                    [(text(t), float(lp)) for t, lp in top], [t for t, _ in top]))
         return out
 
     # ---- engine state ---------------------------------------------------------------------------------------------

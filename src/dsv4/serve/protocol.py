@@ -136,8 +136,8 @@ class CompletionRequest(_Body):
     prompt: str | list[str] | list[int] | list[list[int]]
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    # OpenAI's legacy endpoint defaults to 16 tokens
-    max_tokens: int | None = Field(default=16, ge=1)
+    # OpenAI's legacy endpoint defaults to 16 tokens; 0 with echo scores a prompt (lm-eval's loglikelihood)
+    max_tokens: int | None = Field(default=16, ge=0)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)
@@ -148,6 +148,7 @@ class CompletionRequest(_Body):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool | None = False
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's extension
     best_of: int | None = Field(default=None, ge=1, le=16)
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
