@@ -99,3 +99,34 @@ def test_unknown_routes_are_404_not_found(path: str, anthropic: bool) -> None:
         assert body["error"]["code"] == "not_found" and "no such endpoint" in body["error"]["message"]
     r = client.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_server_default_thinking_and_any_model_name() -> None:
+    """`dsv4 serve --thinking disabled --accept-any-model-name`: requests that do not choose get chat mode (asking for
+    an effort or thinking still turns it on), and any model name is this model."""
+    from fastapi.testclient import TestClient
+
+    from dsv4.serve.app import build_parser, create_app
+    from dsv4.serve.core import ServingCore
+
+    from .fakes import FakeChat, FakeEngine
+    from .test_responses import recording
+
+    args = build_parser().parse_args(["--thinking", "disabled", "--accept-any-model-name"])
+    assert args.thinking == "disabled" and args.accept_any_model_name
+    fn, prompts = recording("Paris.")
+    core = ServingCore(FakeEngine(TOK, fn), TOK, model_names=[MODEL], max_model_len=4096, chat=FakeChat(),
+                       default_thinking=False, accept_any_model=True)
+    client = TestClient(create_app(core))
+    user = [{"role": "user", "content": "Q"}]
+    for path, body in [("/v1/chat/completions", {"messages": user}), ("/v1/messages", {"messages": user,
+                                                                                       "max_tokens": 9}),
+                       ("/v1/responses", {"input": "Q"})]:
+        r = client.post(path, json={"model": "gpt-5.2-codex", **body})
+        assert r.status_code == 200 and r.json()["model"] == "gpt-5.2-codex", r.text
+        assert prompts[-1].endswith("<｜Assistant｜></think>")
+    client.post("/v1/chat/completions", json={"model": MODEL, "messages": user, "reasoning_effort": "high"})
+    assert prompts[-1].endswith("<｜Assistant｜><think>")
+    client.post("/v1/messages", json={"model": MODEL, "messages": user, "max_tokens": 9,
+                                      "thinking": {"type": "adaptive"}})
+    assert prompts[-1].endswith("<｜Assistant｜><think>")

@@ -145,9 +145,9 @@ def _tools(req: MessagesRequest | CountTokensRequest) -> tuple[list[dict[str, An
     return tools, choice, parallel
 
 
-def chat_job(req: MessagesRequest | CountTokensRequest) -> ChatJob:
+def chat_job(req: MessagesRequest | CountTokensRequest, default_thinking: bool = True) -> ChatJob:
     effort = req.output_config.effort if req.output_config else None
-    thinking, effort = thinking_of(req.thinking, effort)
+    thinking, effort = thinking_of(req.thinking, effort, default_thinking)
     tools, choice, parallel = _tools(req)
     fmt = req.output_config.format if req.output_config else None
     job = ChatJob(messages=_messages(req), thinking=thinking, reasoning_effort=effort, tools=tools,

@@ -195,7 +195,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         core.check_model(body.model)
-        job = openai_api.chat_job(body)
+        job = openai_api.chat_job(body, core.default_thinking)
         prep = await core.off_loop(core.prepare_chat, job,
                                    "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         rid = new_id("chatcmpl-")
@@ -242,7 +242,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
     @app.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request) -> Response:
         core.check_model(body.model)
-        prep = await core.off_loop(core.prepare_chat, anthropic_api.chat_job(body))
+        prep = await core.off_loop(core.prepare_chat, anthropic_api.chat_job(body, core.default_thinking))
         events = core.run(prep, new_id("msg-"))
         if body.stream:
             return await _stream(core, "messages", request, events, lambda ev: anthropic_api.message_stream(
@@ -252,7 +252,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest) -> CountTokensResponse:
         core.check_model(body.model)
-        prompt, _, _ = core.render_chat(anthropic_api.chat_job(body))
+        prompt, _, _ = core.render_chat(anthropic_api.chat_job(body, core.default_thinking))
         return CountTokensResponse(input_tokens=len(await core.off_loop(core.encode, prompt)))
 
     # ---- OpenAI Responses (serve/responses.py) ----------------------------------------------------------------------
@@ -417,6 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-memory-gb", type=float, default=None, help="KV-cache budget in GiB (engine option)")
     p.add_argument("--max-concurrency", type=int, default=256,
                    help="requests in flight before new ones get 503 + Retry-After")
+    p.add_argument("--thinking", default="enabled", choices=["enabled", "disabled"],
+                   help="thinking mode of requests that do not choose one (default enabled, as DeepSeek's API); "
+                   "'disabled' suits clients that never show reasoning_content")
+    p.add_argument("--accept-any-model-name", action="store_true",
+                   help="treat any requested model name as this model (agent CLIs send their own default names)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -455,7 +460,8 @@ def build_core(args: argparse.Namespace) -> ServingCore:
     engine = AsyncLLM(LLM(str(args.model), dtype=getattr(torch, dtype), device=device, **options))
     names = args.served_model_name or [Path(args.model).resolve().name]
     return ServingCore(engine, engine.tokenizer, model_names=names, max_model_len=engine.engine.max_model_len,
-                       max_concurrency=args.max_concurrency)
+                       max_concurrency=args.max_concurrency, default_thinking=args.thinking == "enabled",
+                       accept_any_model=args.accept_any_model_name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,7 +126,8 @@ def new_id(prefix: str) -> str:
 
 class ServingCore:
     def __init__(self, engine: Any, tokenizer: Any, *, model_names: list[str], max_model_len: int,
-                 max_concurrency: int = 256, chat: Any = None) -> None:
+                 max_concurrency: int = 256, chat: Any = None, default_thinking: bool = True,
+                 accept_any_model: bool = False) -> None:
         if chat is None:
             import dsv4.chat as chat
         builder = getattr(chat, "build_constraint", None)
@@ -141,6 +142,10 @@ class ServingCore:
         self.max_concurrency = max_concurrency
         self.in_flight = 0
         self.ping_interval = 10.0  # seconds of silence in a stream before a keep-alive ping
+        # thinking mode of requests that do not choose (`dsv4 serve --thinking`): many clients never show reasoning
+        self.default_thinking = default_thinking
+        # any `model` name is this model (`--accept-any-model-name`): agent CLIs send their own default model names
+        self.accept_any_model = accept_any_model
         self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsv4-prepare")
         self.created = int(time.time())
         self.metrics = ServerMetrics(self.engine_stats)
@@ -161,11 +166,12 @@ class ServingCore:
 
     # ---- request checks -------------------------------------------------------------------------------------------
     def check_model(self, model: str) -> None:
-        if model not in self.model_names:
+        if model not in self.model_names and not self.accept_any_model:
             raise ServeError(
                 "not_found",
                 f"The model `{model}` does not exist on this server; it serves {', '.join(map(repr, self.model_names))}"
-                " (see GET /v1/models, or start the server with --served-model-name).",
+                " (see GET /v1/models, or start the server with --served-model-name, or with "
+                "--accept-any-model-name for clients that send their own model names).",
                 param="model",
             )
 

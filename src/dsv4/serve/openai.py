@@ -69,18 +69,19 @@ def _message(i: int, m: OpenAIMessage) -> dict[str, Any]:
     return out
 
 
-def thinking_of(thinking: Any, effort: str | None) -> tuple[bool, str | None]:
-    enabled = True if thinking is None else thinking.type != "disabled"
+def thinking_of(thinking: Any, effort: str | None, default: bool = True) -> tuple[bool, str | None]:
+    """(thinking on, V4 effort) from a `thinking` toggle and an effort; `default` when neither chooses."""
+    enabled = thinking.type != "disabled" if thinking is not None else (effort not in (None, "none") or default)
     if effort == "none":
         enabled = False
     return enabled, (_EFFORT.get(effort) if enabled and effort else None)
 
 
-def chat_job(req: ChatCompletionRequest) -> ChatJob:
+def chat_job(req: ChatCompletionRequest, default_thinking: bool = True) -> ChatJob:
     if req.logit_bias:
         raise ServeError("invalid_request", "logit_bias is not supported by this server; remove it.",
                          param="logit_bias")
-    thinking, effort = thinking_of(req.thinking, req.reasoning_effort)
+    thinking, effort = thinking_of(req.thinking, req.reasoning_effort, default_thinking)
     tool_choice: str | dict[str, str] = "auto" if req.tools else "none"
     if req.tool_choice is not None:
         if isinstance(req.tool_choice, str):

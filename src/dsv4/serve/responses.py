@@ -271,10 +271,7 @@ def translate(req: ResponsesRequest, store: ResponseStore, default_thinking: boo
     elif fmt is not None and fmt.type == "json_object":
         response_format = {"type": "json_object"}
 
-    effort = req.reasoning.effort if req.reasoning else None
-    thinking, effort = thinking_of(None, effort)
-    if req.reasoning is None or req.reasoning.effort is None:
-        thinking = default_thinking
+    thinking, effort = thinking_of(None, req.reasoning.effort if req.reasoning else None, default_thinking)
     include = set(req.include or [])
     want_lp = "message.output_text.logprobs" in include
     messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + history
@@ -518,7 +515,7 @@ def register(app: Any, core: Any, run_stream: Callable[..., Any], run_unary: Cal
     @app.post("/v1/responses")
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
         core.check_model(body.model)
-        tr = translate(body, store, getattr(core, "default_thinking", True))
+        tr = translate(body, store, core.default_thinking)
         prep = await core.off_loop(core.prepare_chat, tr.job, "max_output_tokens")
         rid = new_id("resp_")
 

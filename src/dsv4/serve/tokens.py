@@ -54,7 +54,7 @@ def register(app: Any, core: Any) -> None:
             req = ChatCompletionRequest(model=body.model or core.model_names[0], messages=body.messages,
                                         tools=body.tools, thinking=body.thinking,
                                         reasoning_effort=body.reasoning_effort)
-            text, _, _ = core.render_chat(openai_api.chat_job(req))
+            text, _, _ = core.render_chat(openai_api.chat_job(req, core.default_thinking))
         else:
             text = body.prompt or ""
         ids = await core.off_loop(core.encode, text)
