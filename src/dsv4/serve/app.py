@@ -36,6 +36,7 @@ from dsv4.serve.protocol import (
     ModelCard,
     ModelList,
 )
+from dsv4.serve.request_log import RequestLog, track
 
 log = logging.getLogger("dsv4.serve")
 
@@ -164,6 +165,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     if api_key is not None:
         app.add_middleware(_APIKey, key=api_key)
+    app.add_middleware(RequestLog)  # outermost: logs every request, refused ones too
 
     # ---- plain endpoints -------------------------------------------------------------------------------------------
     @app.get("/health")
@@ -199,7 +201,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
         prep = await core.off_loop(core.prepare_chat, job,
                                    "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         rid = new_id("chatcmpl-")
-        events = core.run(prep, rid)
+        events = track(request, core.run(prep, rid))
         want_lp = bool(body.logprobs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -220,14 +222,15 @@ def create_app(core: ServingCore, api_key: str | None = None,
                 raise ServeError("invalid_request", "Streaming supports one prompt per request; send the prompts in "
                                  "separate requests or set stream=false.", param="prompt")
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = core.run(preps[0], rid)
+            events = track(request, core.run(preps[0], rid))
             echo_text = core.tokenizer.decode(prompts[0]) if body.echo else ""
             return await _stream(core, "completions", request, events, lambda ev: openai_api.completion_stream(
                 ev, rid, body.model, include_usage, want_lp, preps[0].n, echo_text), openai_api.stream_error)
         echo = [core.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
 
         async def collect_all() -> dict[str, Any]:
-            tasks = [asyncio.ensure_future(_collect(core.run(p, f"{rid}-{i}"))) for i, p in enumerate(preps)]
+            tasks = [asyncio.ensure_future(_collect(track(request, core.run(p, f"{rid}-{i}"))))
+                     for i, p in enumerate(preps)]
             try:
                 results = await asyncio.gather(*tasks)
             finally:  # one prompt failed or the client left: stop the others too (aborting them in the engine)
@@ -243,7 +246,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
     async def messages(body: MessagesRequest, request: Request) -> Response:
         core.check_model(body.model)
         prep = await core.off_loop(core.prepare_chat, anthropic_api.chat_job(body, core.default_thinking))
-        events = core.run(prep, new_id("msg-"))
+        events = track(request, core.run(prep, new_id("msg-")))
         if body.stream:
             return await _stream(core, "messages", request, events, lambda ev: anthropic_api.message_stream(
                 ev, body.model, len(prep.prompt_ids)), anthropic_api.stream_error)

@@ -35,6 +35,7 @@ from fastapi import Request, Response
 
 from dsv4.serve.core import ChatJob, ServeError, Step, Usage, dumps, new_id
 from dsv4.serve.openai import thinking_of
+from dsv4.serve.request_log import track
 from dsv4.serve.responses_protocol import InputContentPart, InputItem, ResponsesRequest, ToolSpec
 from dsv4.serve.turns import place_system_messages
 
@@ -524,7 +525,7 @@ def register(app: Any, core: Any, run_stream: Callable[..., Any], run_unary: Cal
                 store.put(rid, Stored(final, tr.history + [message], tr.tools))
 
         builder = ResponseBuilder(body, rid, tr, core.tokenizer, keep)
-        events = core.run(prep, rid)
+        events = track(request, core.run(prep, rid))
         if body.stream:
             return await run_stream(core, "responses", request, events, lambda ev: stream(ev, builder),
                                     lambda err: b"".join(_sse(e) for e in builder.error(err)))
