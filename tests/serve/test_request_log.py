@@ -9,7 +9,8 @@ import pytest
 
 from .test_app import MODEL, make
 
-LINE = re.compile(r"^(\w+) (\S+) (\d{3}) prompt=(\S+) cached=(\S+) completion=(\S+) ttft=(\S+) total=([\d.]+)s$")
+LINE = re.compile(r"^(\w+) (\S+) (\d{3}) prompt=(\S+) cached=(\S+) completion=(\S+) ttft=(\S+) total=([\d.]+)s"
+                  r"(?: error=(.*))?$")
 
 
 def lines(caplog: pytest.LogCaptureFixture) -> list[re.Match]:
@@ -35,7 +36,8 @@ def test_one_info_line_per_request_with_tokens_and_times(caplog: pytest.LogCaptu
     assert chat.group(4, 5, 6) == (str(usage["prompt_tokens"]), "3", str(usage["completion_tokens"]))
     assert chat.group(7).endswith("s") and float(chat.group(7)[:-1]) <= float(chat.group(8))
     assert stream.group(2, 3) == ("/v1/messages", "200") and stream.group(6) != "-"
-    assert refused.group(3, 4, 7) == ("401", "-", "-")
+    assert refused.group(3, 4, 7) == ("401", "-", "-") and "Missing API key" in refused.group(9)
+    assert chat.group(9) is None
     assert missing.group(2, 3) == ("/v1/nowhere", "404")
 
 

@@ -36,7 +36,7 @@ from dsv4.serve.protocol import (
     ModelCard,
     ModelList,
 )
-from dsv4.serve.request_log import RequestLog, track
+from dsv4.serve.request_log import RequestLog, note_error, track
 
 log = logging.getLogger("dsv4.serve")
 
@@ -53,6 +53,7 @@ def _error_response(request: Request, err: ServeError, status: int | None = None
     body = anthropic_api.error_body(err) if _is_anthropic(request) else openai_api.error_body(err)
     headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
     status = status or err.status
+    note_error(request, err.message)
     core: ServingCore = request.app.state.core
     core.metrics.requests.labels(_ENDPOINTS.get(request.url.path, "other"), str(status)).inc()
     return JSONResponse(body, status_code=status, headers=headers)

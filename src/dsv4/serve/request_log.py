@@ -36,6 +36,7 @@ class Record:
     completion: int = 0
     runs: int = 0
     first_token: float | None = None
+    error: str | None = None  # the message of an error response (see `note_error`)
 
 
 async def track(request: Any, events: AsyncIterator[Step | Usage]) -> AsyncIterator[Step | Usage]:
@@ -55,6 +56,13 @@ async def track(request: Any, events: AsyncIterator[Step | Usage]) -> AsyncItera
     finally:
         # closing this iterator closes the core's at once, which aborts an unfinished request in the engine
         await events.aclose()  # type: ignore[attr-defined]
+
+
+def note_error(request: Any, message: str) -> None:
+    """Put an error response's message on the request's log line: a status alone does not say what went wrong."""
+    rec: Record | None = request.scope.get("state", {}).get(_KEY)
+    if rec is not None:
+        rec.error = message
 
 
 def summarize(body: bytes) -> str:
@@ -113,6 +121,8 @@ class RequestLog:
         tokens = (f"prompt={rec.prompt} cached={rec.cached} completion={rec.completion}" if rec.runs else
                   "prompt=- cached=- completion=-")
         ttft = f"{rec.first_token - rec.start:.3f}s" if rec.first_token is not None else "-"
-        log.info("%s %s %d %s ttft=%s total=%.3fs", scope["method"], scope["path"], status, tokens, ttft, total)
+        error = f" error={json.dumps(rec.error[:300], ensure_ascii=False)}" if rec.error else ""
+        log.info("%s %s %d %s ttft=%s total=%.3fs%s", scope["method"], scope["path"], status, tokens, ttft, total,
+                 error)
         if body:
             log.debug("%s %s body: %s", scope["method"], scope["path"], summarize(body))
