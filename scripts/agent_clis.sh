@@ -54,22 +54,39 @@ for _ in $(seq 1 300); do
 done
 
 mkdir -p "$WORK/project" "$WORK/home-claude" "$WORK/home-codex/.codex"
+# Codex 0.171 ignores OPENAI_BASE_URL (it goes to api.openai.com): the base URL and the key's variable are a model
+# provider in its config; no model is set, so it asks for its own default model name.
+cat >"$WORK/home-codex/.codex/config.toml" <<TOML
+model_provider = "dsv4"
 
-echo "== claude -p (Claude Code ${CLAUDE_VERSION})" >&2
-start=$(date +%s)
-(cd "$WORK/project" && HOME="$WORK/home-claude" ANTHROPIC_BASE_URL="$URL" ANTHROPIC_API_KEY="$KEY" \
-    DISABLE_TELEMETRY=1 CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 \
-    timeout "$TURN_TIMEOUT" "$BIN/claude" -p "$PROMPT" --output-format json) >"$WORK/claude.out" 2>"$WORK/claude.err"
-claude_rc=$?
-claude_s=$(( $(date +%s) - start ))
+[model_providers.dsv4]
+name = "dsv4"
+base_url = "$URL/v1"
+env_key = "DSV4_API_KEY"
+wire_api = "responses"
+TOML
+ONLY=${ONLY:-}  # "claude" or "codex" to run one of the two
+claude_rc=-1 claude_s=0 codex_rc=-1 codex_s=0
 
-echo "== codex exec (Codex CLI ${CODEX_VERSION})" >&2
-start=$(date +%s)
-(cd "$WORK/project" && HOME="$WORK/home-codex" CODEX_HOME="$WORK/home-codex/.codex" OPENAI_BASE_URL="$URL/v1" \
-    OPENAI_API_KEY="$KEY" CODEX_API_KEY="$KEY" \
-    timeout "$TURN_TIMEOUT" "$BIN/codex" exec --skip-git-repo-check "$PROMPT") >"$WORK/codex.out" 2>"$WORK/codex.err"
-codex_rc=$?
-codex_s=$(( $(date +%s) - start ))
+touch "$WORK/claude.out" "$WORK/claude.err" "$WORK/codex.out" "$WORK/codex.err"
+if [ "$ONLY" != codex ]; then
+    echo "== claude -p (Claude Code ${CLAUDE_VERSION})" >&2
+    start=$(date +%s)
+    (cd "$WORK/project" && HOME="$WORK/home-claude" ANTHROPIC_BASE_URL="$URL" ANTHROPIC_API_KEY="$KEY" \
+        DISABLE_TELEMETRY=1 CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 \
+        timeout "$TURN_TIMEOUT" "$BIN/claude" -p "$PROMPT" --output-format json) >"$WORK/claude.out" 2>"$WORK/claude.err"
+    claude_rc=$?
+    claude_s=$(( $(date +%s) - start ))
+fi
+
+if [ "$ONLY" != claude ]; then
+    echo "== codex exec (Codex CLI ${CODEX_VERSION})" >&2
+    start=$(date +%s)
+    (cd "$WORK/project" && HOME="$WORK/home-codex" CODEX_HOME="$WORK/home-codex/.codex" DSV4_API_KEY="$KEY" \
+        timeout "$TURN_TIMEOUT" "$BIN/codex" exec --skip-git-repo-check "$PROMPT") >"$WORK/codex.out" 2>"$WORK/codex.err"
+    codex_rc=$?
+    codex_s=$(( $(date +%s) - start ))
+fi
 
 echo "== server request log" >&2
 grep "dsv4.serve.requests" "$WORK/server.log" >&2

@@ -5,7 +5,6 @@ logits in test_agent_server.py)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest

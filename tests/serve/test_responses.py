@@ -151,8 +151,9 @@ def test_custom_tool_call() -> None:
     client, _, _ = make(script)
     tool = {"type": "custom", "name": "apply_patch", "description": "Edit files."}
     r = client.post("/v1/responses", json={"model": MODEL, "input": "Patch it", "tools": [tool]}).json()
-    assert r["output"][1] == {"id": r["output"][1]["id"], "type": "custom_tool_call", "call_id": r["output"][1]["call_id"],
-                              "name": "apply_patch", "input": "*** Begin Patch", "status": "completed"}
+    call = r["output"][1]
+    assert call == {"id": call["id"], "type": "custom_tool_call", "call_id": call["call_id"], "name": "apply_patch",
+                    "input": "*** Begin Patch", "status": "completed"}
     evs = events(client.post("/v1/responses", json={"model": MODEL, "input": "Patch it", "tools": [tool],
                                                     "stream": True}))
     assert [e["input"] for e in evs if e["type"] == "response.custom_tool_call_input.done"] == ["*** Begin Patch"]
@@ -267,3 +268,14 @@ def test_streams_start_at_admission_and_ping_while_prefilling(path: str, body: d
     head = r.content.split(b"Because", 1)[0]
     assert head.index(opening) < head.index(ping) and head.count(ping) >= 2, head
     assert engine.live == set() and engine.aborted == []
+
+
+def test_additional_tools_items_join_the_tools() -> None:
+    """Codex 0.171 with its own default model sends an `additional_tools` item first (seen running it)."""
+    fn, prompts = recording(DSML_CALL)
+    client, _, _ = make(fn)
+    r = client.post("/v1/responses", json={"model": MODEL, "input": [
+        {"type": "additional_tools", "role": "developer", "tools": [WEATHER]},
+        {"role": "user", "content": "Weather?"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["output"][1]["name"] == "get_weather" and '"name": "get_weather"' in prompts[-1]

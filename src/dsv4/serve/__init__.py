@@ -3,7 +3,7 @@
     protocol.py   request/response bodies (pydantic; lenient on unknown fields, strict on types)
     openai.py     OpenAI Chat Completions / Completions <-> ChatJob, SSE chunks, OpenAI error bodies
     anthropic.py  Anthropic Messages / count_tokens <-> ChatJob, the Anthropic event stream, Anthropic error bodies
-    responses.py  OpenAI Responses (+ responses_protocol.py): input items <-> ChatJob, the event stream, stored responses
+    responses.py  OpenAI Responses (+ responses_protocol.py): items <-> ChatJob, the event stream, stored responses
     turns.py      system messages in mid-conversation, placed at V4 turn boundaries (Anthropic, Responses)
     tokens.py     vLLM's /tokenize, /detokenize, /version
     request_log.py  one log line per request (tokens, TTFT, total time), body summary at debug

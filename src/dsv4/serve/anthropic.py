@@ -1,13 +1,14 @@
 """The Anthropic Messages API: requests -> `ChatJob`, `Step`s -> messages and the SSE event sequence, errors in
 Anthropic's format.
 
-As in DeepSeek's Anthropic-compatible API, thinking is on unless `thinking: {"type": "disabled"}`, and
-`output_config.effort` picks the reasoning effort (low / medium / high -> V4's "high", max -> "max").
-`thinking: {"type": "adaptive"}` (Claude Code's default) is thinking on: V4 has no mode that decides per turn whether
-to reason. `role: "system"` messages inside `messages` are V4 system text, placed at a turn boundary (turns.py);
-`output_config.format` (json_schema) goes through the same grammar as OpenAI's `response_format`. `budget_tokens` must be below max_tokens (as Anthropic requires) and
-is enforced as a hard cap on reasoning tokens (serve/budget.py); Anthropic's minimum of 1024 is not imposed, since
-small local models are served here too.
+As in DeepSeek's Anthropic-compatible API, thinking is on unless `thinking: {"type": "disabled"}` (or the server's
+`--thinking` default says otherwise), and `output_config.effort` picks the reasoning effort (low / medium / high ->
+V4's "high", max -> "max"). `thinking: {"type": "adaptive"}` (Claude Code's default) is thinking on: V4 has no mode
+that decides per turn whether to reason. `role: "system"` messages inside `messages` are V4 system text, placed at a
+turn boundary (turns.py); `output_config.format` (json_schema) goes through the same grammar as OpenAI's
+`response_format`. `budget_tokens` must be below max_tokens (as Anthropic requires) and is enforced as a hard cap on
+reasoning tokens (serve/budget.py); Anthropic's minimum of 1024 is not imposed, since small local models are served
+here too. Context-length errors use Anthropic's wording, which Claude Code parses to retry with a smaller max_tokens.
 """
 
 from __future__ import annotations

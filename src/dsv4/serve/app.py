@@ -261,7 +261,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
 
     # ---- OpenAI Responses (serve/responses.py) ----------------------------------------------------------------------
     responses_api.register(app, core, _stream, _unary)
-    # ---- vLLM's /tokenize, /detokenize, /version (serve/tokens.py) ----------------------------------------------------
+    # ---- vLLM's /tokenize, /detokenize, /version (serve/tokens.py) -------------------------------------------------
     tokens_api.register(app, core)
 
     def openapi() -> dict[str, Any]:

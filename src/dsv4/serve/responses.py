@@ -12,7 +12,9 @@ Mapping onto V4:
   stateless clients (Codex sends `store: false`) can hand it back; it is encoded, not encrypted: it keeps nothing
   secret from whoever holds the response anyway.
 * V4 writes no separate reasoning summary: the reasoning streams as `reasoning_text`, and `summary` is empty.
-* Function tools pass through; `namespace` tools are flattened to `namespace.name` for the model and come back as
+* A custom tool's `input` is one string, known once the call's arguments are complete: its stream has
+  `output_item.added` and `custom_tool_call_input.done`, no input deltas.
+* Function tools pass through, together with those of `additional_tools` input items; `namespace` tools are flattened to `namespace.name` for the model and come back as
   function_call items with `name` and `namespace`, as OpenAI returns them; `custom` (free-form) tools become functions
   with one string parameter `input`. Hosted tools (web_search, file_search, ...) cannot run here: they are dropped
   with a warning, because Codex sends `web_search` on every request and a 400 would stop it from working at all.
@@ -28,7 +30,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request, Response
@@ -67,7 +69,6 @@ def open_reasoning(value: str, where: str) -> str:
 class Stored:
     response: dict[str, Any]
     history: list[dict[str, Any]]  # V4 messages of the conversation so far, output included, instructions not
-    tools: dict[str, tuple[str | None, str, str]] = field(default_factory=dict)
 
 
 class ResponseStore:
@@ -206,6 +207,8 @@ def _input_messages(items: list[InputItem]) -> list[dict[str, Any]]:
             assistant().setdefault("tool_calls", []).append(
                 {"id": it.call_id, "type": "function",
                  "function": {"name": _flat(it.name, it.namespace), "arguments": args or "{}"}})
+        elif kind == "additional_tools":
+            continue  # its tools join the request's (translate): V4 declares every tool in the system prompt
         elif kind in ("function_call_output", "custom_tool_call_output"):
             if not it.call_id:
                 raise ServeError("invalid_request", f"{where}: a {kind} item needs the `call_id` of its call.",
@@ -237,7 +240,9 @@ def translate(req: ResponsesRequest, store: ResponseStore, default_thinking: boo
     if not any(m["role"] in ("user", "tool") for m in history):
         raise ServeError("invalid_request", "input has no user message; send at least one.", param="input")
 
-    tools, names = _tools(req.tools)
+    # additional_tools items (Codex sends one ahead of the conversation) add to the tools; V4 has one tool list
+    extra = [t for it in items if it.type == "additional_tools" for t in it.tools or []]
+    tools, names = _tools((req.tools or []) + extra)
     choice: str | dict[str, str] = "auto" if tools else "none"
     tc = req.tool_choice
     if isinstance(tc, str):
@@ -522,7 +527,7 @@ def register(app: Any, core: Any, run_stream: Callable[..., Any], run_unary: Cal
 
         def keep(final: dict[str, Any], message: dict[str, Any]) -> None:
             if body.store is not False:
-                store.put(rid, Stored(final, tr.history + [message], tr.tools))
+                store.put(rid, Stored(final, tr.history + [message]))
 
         builder = ResponseBuilder(body, rid, tr, core.tokenizer, keep)
         events = track(request, core.run(prep, rid))

@@ -20,9 +20,18 @@ class InputContentPart(_Body):
     refusal: str | None = None
 
 
+class ToolSpec(_Body):
+    type: str  # function | namespace | custom | hosted types (web_search, file_search, ...)
+    name: str | None = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+    tools: list[ToolSpec] | None = None  # namespace members
+
+
 class InputItem(_Body):
     """One entry of `input`: a message (with or without `type: "message"`), a function_call, a function_call_output,
-    a reasoning item passed back, a custom tool call / output, or an item_reference."""
+    a reasoning item passed back, a custom tool call / output, or additional_tools (more tools from here on)."""
 
     type: str | None = None
     id: str | None = None
@@ -40,15 +49,8 @@ class InputItem(_Body):
     summary: list[InputContentPart] | None = None
     encrypted_content: str | None = None
     status: str | None = None
-
-
-class ToolSpec(_Body):
-    type: str  # function | namespace | custom | hosted types (web_search, file_search, ...)
-    name: str | None = None
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-    tools: list[ToolSpec] | None = None  # namespace members
+    # additional_tools
+    tools: list[ToolSpec] | None = None
 
 
 class ToolChoiceObject(_Body):
