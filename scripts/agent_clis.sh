@@ -6,6 +6,7 @@
 #   scripts/agent_clis.sh                       # the bundled model on 127.0.0.1:18150
 #   MODEL=/path/to/ckpt PORT=18151 scripts/agent_clis.sh
 #   CLAUDE_VERSION=2.1.197 CODEX_VERSION=0.171.0 scripts/agent_clis.sh   (the default versions)
+#   ONLY=codex THINKING=disabled scripts/agent_clis.sh                   (one CLI; chat mode by default)
 #
 # The server runs with --accept-any-model-name, because each CLI asks for its own default model (claude-sonnet-...,
 # gpt-...-codex) when nothing else is configured. Telemetry is off (DISABLE_TELEMETRY, no nonessential traffic);
@@ -45,6 +46,9 @@ BIN="$WORK/npm/node_modules/.bin"
 echo "== starting dsv4 serve on $URL" >&2
 SERVE_ARGS=(serve --port "$PORT" --api-key "$KEY" --accept-any-model-name --log-level info)
 [ -n "${MODEL:-}" ] && SERVE_ARGS+=(--model "$MODEL")
+# THINKING=disabled: chat mode for requests that do not choose (the bundled model rarely closes its reasoning, so
+# with thinking on its whole output is reasoning and the CLIs print an empty answer)
+[ -n "${THINKING:-}" ] && SERVE_ARGS+=(--thinking "$THINKING")
 PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" python3 -m dsv4.cli "${SERVE_ARGS[@]}" >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 1 300); do

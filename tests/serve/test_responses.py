@@ -244,7 +244,12 @@ def test_opaque_reasoning_round_trips_any_text() -> None:
 @pytest.mark.parametrize("path, body, opening, ping", [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, b'"role":"assistant"',
      b": keep-alive\n\n"),
-    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}, b"event: message_start",
+    # thinking: the thinking block opens at once, and empty thinking deltas keep it alive (Claude Code's watchdog
+    # ignores pings, which the Anthropic SDK drops)
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20},
+     b'"content_block":{"type":"thinking"', b'{"type":"thinking_delta","thinking":""}'),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+                      "thinking": {"type": "disabled"}}, b"event: message_start",
      b'event: ping\ndata: {"type": "ping"}\n\n'),
     ("/v1/responses", {"input": "hi"}, b"event: response.created", b": keep-alive\n\n"),
 ])
@@ -265,8 +270,18 @@ def test_streams_start_at_admission_and_ping_while_prefilling(path: str, body: d
     assert r.status_code == 200
     # pings come only after 0.2 s of silence: the opening event, then at least two pings, then the first token
     # means the opening went out at least 0.4 s before the first token
-    head = r.content.split(b"Because", 1)[0]
+    head = r.content.split(b"Because" if "disabled" not in str(body) else b"Paris", 1)[0]
     assert head.index(opening) < head.index(ping) and head.count(ping) >= 2, head
+    if path == "/v1/messages":  # the keep-alives change nothing in the message the SDK puts together
+        import anthropic
+
+        claude = anthropic.Anthropic(base_url="http://testserver", api_key="k", http_client=client, max_retries=0)
+        with claude.messages.stream(model=MODEL, max_tokens=20, messages=body["messages"],
+                                    **({"thinking": body["thinking"]} if "thinking" in body else {})) as s:
+            msg = s.get_final_message()
+        kinds = [b.type for b in msg.content]
+        assert kinds == (["text"] if "thinking" in body else ["thinking", "text"])
+        assert msg.content[-1].text == ("Because.Paris." if "thinking" in body else "Paris.")  # chat: no </think>
     assert engine.live == set() and engine.aborted == []
 
 

@@ -213,19 +213,35 @@ def _event(name: str, data: dict[str, Any]) -> bytes:
     return f"event: {name}\ndata: {dumps(data)}\n\n".encode()
 
 
-async def message_stream(events: AsyncIterator[Step | Usage], model: str, prompt_tokens: int) -> AsyncIterator[bytes]:
+def keepalive(live: dict[str, Any]) -> bytes:
+    """What a silent stream sends while the prompt is prefilled: an empty thinking delta when the thinking block is
+    already open, else a ping. Claude Code's watchdog restarts a request after 300 s without a *chunk*, and the
+    Anthropic SDK drops `ping` events before they count as one; an empty delta of a block that is open anyway does
+    count, and changes nothing in the message."""
+    if live.get("thinking") is not None:
+        return _delta(live["thinking"], {"type": "thinking_delta", "thinking": ""})
+    return PING
+
+
+async def message_stream(events: AsyncIterator[Step | Usage], model: str, prompt_tokens: int,
+                         opens_thinking: bool = False, live: dict[str, Any] | None = None) -> AsyncIterator[bytes]:
+    """`opens_thinking`: the output starts in the reasoning, so the thinking block opens with the stream (before the
+    first token); `live["thinking"]` is the open thinking block's index for `keepalive`, else None."""
+    live = {} if live is None else live
     yield _event("message_start", {"type": "message_start", "message": {
         "id": new_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": [],
         "stop_reason": None, "stop_sequence": None,
         "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
     index = -1
     open_kind: str | None = None  # "thinking" | "text" | "tool_use"
+    answered = False  # a text or tool_use block was sent, or some reasoning
 
     def start(kind: str, block: dict[str, Any]) -> list[bytes]:
         nonlocal index, open_kind
         out = stop()
         index += 1
         open_kind = kind
+        live["thinking"] = index if kind == "thinking" else None
         out.append(_event("content_block_start", {"type": "content_block_start", "index": index,
                                                   "content_block": block}))
         return out
@@ -239,7 +255,12 @@ async def message_stream(events: AsyncIterator[Step | Usage], model: str, prompt
             out.append(_delta(index, {"type": "signature_delta", "signature": ""}))
         out.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
         open_kind = None
+        live["thinking"] = None
         return out
+
+    if opens_thinking:
+        for b in start("thinking", {"type": "thinking", "thinking": "", "signature": ""}):
+            yield b
 
     stop_reason, stop_sequence = "end_turn", None
     async for ev in events:
@@ -252,6 +273,7 @@ async def message_stream(events: AsyncIterator[Step | Usage], model: str, prompt
             yield _event("message_stop", {"type": "message_stop"})
             return
         out: list[bytes] = []
+        answered = answered or bool(ev.reasoning or ev.content or ev.tool_calls)
         if ev.reasoning:
             if open_kind != "thinking":
                 out += start("thinking", {"type": "thinking", "thinking": "", "signature": ""})
@@ -267,7 +289,7 @@ async def message_stream(events: AsyncIterator[Step | Usage], model: str, prompt
                 out.append(_delta(index, {"type": "input_json_delta", "partial_json": tc.arguments}))
         if ev.finish_reason:
             stop_reason, stop_sequence = _STOP_REASON[ev.finish_reason], ev.stop_sequence
-            if index < 0:  # nothing generated at all: still give the client one (empty) text block
+            if not answered:  # nothing generated at all: still give the client one (empty) text block
                 out += start("text", {"type": "text", "text": ""})
         for b in out:
             yield b

@@ -249,8 +249,10 @@ def create_app(core: ServingCore, api_key: str | None = None,
         prep = await core.off_loop(core.prepare_chat, anthropic_api.chat_job(body, core.default_thinking))
         events = track(request, core.run(prep, new_id("msg-")))
         if body.stream:
+            live: dict[str, Any] = {}
             return await _stream(core, "messages", request, events, lambda ev: anthropic_api.message_stream(
-                ev, body.model, len(prep.prompt_ids)), anthropic_api.stream_error)
+                ev, body.model, len(prep.prompt_ids), prep.thinking, live), anthropic_api.stream_error,
+                ping=lambda: anthropic_api.keepalive(live))
         return await _unary(core, "messages", request, anthropic_api.message_response(events, body.model))
 
     @app.post("/v1/messages/count_tokens")
@@ -331,7 +333,7 @@ async def _watch_disconnect(request: Request, task: asyncio.Future[Any], gone: a
 
 async def _stream(core: ServingCore, endpoint: str, request: Request, events: AsyncIterator[Step | Usage],
                   render: Callable[[AsyncIterator[Step | Usage]], AsyncIterator[bytes]],
-                  on_error: Callable[[ServeError], bytes]) -> Response:
+                  on_error: Callable[[ServeError], bytes], ping: Callable[[], bytes] | None = None) -> Response:
     # The stream starts at admission, not at the first token: a long prompt's prefill can take minutes, and clients
     # give up on a silent connection (Claude Code re-sends after 300 s). Admission and the engine's request checks
     # run synchronously in the first step of `events`, so one loop turn tells a refused request (still a proper
@@ -341,7 +343,8 @@ async def _stream(core: ServingCore, endpoint: str, request: Request, events: As
     if first.done() and first.exception() is not None and not isinstance(first.exception(), StopAsyncIteration):
         await events.aclose()
         raise first.exception()  # type: ignore[misc]
-    ping = anthropic_api.PING if endpoint == "messages" else openai_api.PING
+    if ping is None:
+        ping = (lambda: anthropic_api.PING) if endpoint == "messages" else (lambda: openai_api.PING)
 
     async def chained() -> AsyncIterator[Step | Usage]:
         try:
@@ -378,8 +381,8 @@ async def _stream(core: ServingCore, endpoint: str, request: Request, events: As
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _with_pings(chunks: AsyncIterator[bytes], ping: bytes, interval: float) -> AsyncIterator[bytes]:
-    """`chunks`, plus `ping` whenever nothing came for `interval` seconds (while the prompt is prefilled, or the
+async def _with_pings(chunks: AsyncIterator[bytes], ping: Callable[[], bytes], interval: float) -> AsyncIterator[bytes]:
+    """`chunks`, plus `ping()` whenever nothing came for `interval` seconds (while the prompt is prefilled, or the
     request waits for a batch slot). The pending chunk is awaited in a task that a ping does not cancel."""
     it = chunks.__aiter__()
     pending: asyncio.Future[bytes] | None = None
@@ -389,7 +392,7 @@ async def _with_pings(chunks: AsyncIterator[bytes], ping: bytes, interval: float
                 pending = asyncio.ensure_future(it.__anext__())
             done, _ = await asyncio.wait({pending}, timeout=interval)
             if not done:
-                yield ping
+                yield ping()
                 continue
             try:
                 chunk = pending.result()
