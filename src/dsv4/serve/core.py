@@ -92,7 +92,7 @@ class Step:
     finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "stop_sequence"
     stop_sequence: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    # SamplingParams.prompt_logprobs: one entry per prompt token (None for the first), on a step of its own that comes
+    # SamplingParams.prompt_logprobs: one entry per prompt token (the first one's logprob None), on a step of its own
     # before the choice's first generated text
     prompt_logprobs: list[TokenLogprob] | None = None
 

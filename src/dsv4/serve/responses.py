@@ -14,10 +14,11 @@ Mapping onto V4:
 * V4 writes no separate reasoning summary: the reasoning streams as `reasoning_text`, and `summary` is empty.
 * A custom tool's `input` is one string, known once the call's arguments are complete: its stream has
   `output_item.added` and `custom_tool_call_input.done`, no input deltas.
-* Function tools pass through, together with those of `additional_tools` input items; `namespace` tools are flattened to `namespace.name` for the model and come back as
-  function_call items with `name` and `namespace`, as OpenAI returns them; `custom` (free-form) tools become functions
-  with one string parameter `input`. Hosted tools (web_search, file_search, ...) cannot run here: they are dropped
-  with a warning, because Codex sends `web_search` on every request and a 400 would stop it from working at all.
+* Function tools pass through, together with those of `additional_tools` input items; `namespace` tools are
+  flattened to `namespace.name` for the model and come back as function_call items with `name` and `namespace`, as
+  OpenAI returns them; `custom` (free-form) tools become functions with one string parameter `input`. Hosted tools
+  (web_search, file_search, ...) cannot run here: they are dropped with a warning, because Codex sends `web_search`
+  on every request and a 400 would stop it from working at all.
 
 Deliberately not here: background responses, conversations, and images or files in the input (text-only model).
 """
