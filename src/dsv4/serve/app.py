@@ -53,7 +53,7 @@ def _error_response(request: Request, err: ServeError, status: int | None = None
     body = anthropic_api.error_body(err) if _is_anthropic(request) else openai_api.error_body(err)
     headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
     status = status or err.status
-    note_error(request, err.message)
+    note_error(request, body["error"]["message"])  # as the client got it (Anthropic words length errors its own way)
     core: ServingCore = request.app.state.core
     core.metrics.requests.labels(_ENDPOINTS.get(request.url.path, "other"), str(status)).inc()
     return JSONResponse(body, status_code=status, headers=headers)
