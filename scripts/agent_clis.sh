@@ -29,6 +29,8 @@ cleanup() {
         kill -INT "$SERVER_PID"
         wait "$SERVER_PID" 2>/dev/null
     fi
+    # the npm prefix is ~650 MB; the logs, outputs and the CLIs' session files stay in $WORK (KEEP_NPM=1 keeps all)
+    [ -n "${KEEP_NPM:-}" ] || rm -rf "$WORK/npm"
 }
 trap cleanup EXIT
 
