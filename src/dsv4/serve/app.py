@@ -381,30 +381,45 @@ async def _stream(core: ServingCore, endpoint: str, request: Request, events: As
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+_END = object()
+
+
 async def _with_pings(chunks: AsyncIterator[bytes], ping: Callable[[], bytes], interval: float) -> AsyncIterator[bytes]:
     """`chunks`, plus `ping()` whenever nothing came for `interval` seconds (while the prompt is prefilled, or the
-    request waits for a batch slot). The pending chunk is awaited in a task that a ping does not cancel."""
-    it = chunks.__aiter__()
-    pending: asyncio.Future[bytes] | None = None
+    request waits for a batch slot). One task renders into a small queue (backpressure for a slow client); waiting on
+    the queue under a timeout costs no task per chunk (a task per chunk measured 50 us of event-loop time each)."""
+    queue: asyncio.Queue[tuple[bytes | None, Any]] = asyncio.Queue(maxsize=64)
+
+    async def produce() -> None:
+        try:
+            async for chunk in chunks:
+                await queue.put((chunk, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # handed to the consumer, which raises it where the stream's errors are handled
+            await queue.put((None, e))
+            return
+        await queue.put((None, _END))
+
+    producer = asyncio.ensure_future(produce())
     try:
         while True:
-            if pending is None:
-                pending = asyncio.ensure_future(it.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
+            try:
+                async with asyncio.timeout(interval):
+                    chunk, end = await queue.get()
+            except TimeoutError:
                 yield ping()
                 continue
-            try:
-                chunk = pending.result()
-            except StopAsyncIteration:
+            if end is _END:
                 return
-            pending = None
+            if end is not None:
+                raise end
+            assert chunk is not None
             yield chunk
     finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
+        producer.cancel()
+        with contextlib.suppress(BaseException):
+            await producer
 
 
 # ---- `dsv4 serve` ------------------------------------------------------------------------------------------------
