@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -384,6 +385,13 @@ async def _stream(core: ServingCore, endpoint: str, request: Request, events: As
 _END = object()
 
 
+async def _get_within(queue: asyncio.Queue[Any], seconds: float) -> Any:
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await queue.get()
+    return await asyncio.wait_for(queue.get(), seconds)  # Python 3.10: no asyncio.timeout (a task per call)
+
+
 async def _with_pings(chunks: AsyncIterator[bytes], ping: Callable[[], bytes], interval: float) -> AsyncIterator[bytes]:
     """`chunks`, plus `ping()` whenever nothing came for `interval` seconds (while the prompt is prefilled, or the
     request waits for a batch slot). One task renders into a small queue (backpressure for a slow client); waiting on
@@ -405,9 +413,8 @@ async def _with_pings(chunks: AsyncIterator[bytes], ping: Callable[[], bytes], i
     try:
         while True:
             try:
-                async with asyncio.timeout(interval):
-                    chunk, end = await queue.get()
-            except TimeoutError:
+                chunk, end = await _get_within(queue, interval)
+            except asyncio.TimeoutError:
                 yield ping()
                 continue
             if end is _END:
