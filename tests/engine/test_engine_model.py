@@ -250,3 +250,43 @@ def test_everything_at_once(model):
     st = llm.engine.stats
     assert st["accepted"] > 0 and st["drafted"] > st["accepted"] and st["cached_tokens"] > 0
     assert st["preemptions"] > 0, st
+
+
+def test_prompt_logprobs_equal_a_full_forward(model):
+    """prompt_logprobs over chunked prefill (a budget of 24 tokens) equal log_softmax of one cache-free forward of
+    the whole prompt, also when a prefix-cache entry exists for the prompt (it is not read) and next to a plain
+    request; the first prompt token has none."""
+    shared = prompts(1, 50, 50, seed=21)[0]
+    llm = engine(model, max_num_batched_tokens=24)
+    llm.generate([shared + [1, 2]], greedy(3))  # leaves prefix-cache snapshots of `shared`
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=3)
+    p = shared + [3, 4, 5]
+    out, other = llm.generate([p, prompts(1, 30, 30, seed=22)[0]], [params, greedy(4)])
+    assert out.num_cached_tokens == 0 and other.prompt_logprobs is None
+    with torch.inference_mode():
+        ref = torch.log_softmax(model.forward_batch(ForwardBatch.from_sequences([p]), None).logits.float(), -1)
+    plp = out.prompt_logprobs
+    assert len(plp) == len(p) and plp[0] is None
+    for j in range(1, len(p)):
+        want = ref[j - 1]
+        top = set(torch.topk(want, 3).indices.tolist())
+        assert set(plp[j]) == top | {p[j]}
+        for tok, val in plp[j].items():
+            assert val == pytest.approx(want[tok].item(), abs=1e-4)
+    # the generated tokens are unchanged by asking for prompt logprobs
+    assert out.outputs[0].token_ids == plain_greedy(model, [p], [2])[0]
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=21)
+
+
+def test_prompt_logprobs_survive_preemption(model):
+    ps = prompts(5, 30, 45, seed=3)
+    llm = engine(model, num_pages=9, max_num_batched_tokens=64, enable_prefix_caching=False)
+    outs = llm.generate(ps, [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, prompt_logprobs=0)] * 5)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for p, out in zip(ps, outs):
+        with torch.inference_mode():
+            ref = torch.log_softmax(model.forward_batch(ForwardBatch.from_sequences([p]), None).logits.float(), -1)
+        assert len(out.prompt_logprobs) == len(p)
+        assert [d[p[j]] for j, d in enumerate(out.prompt_logprobs) if j] == pytest.approx(
+            [ref[j - 1, p[j]].item() for j in range(1, len(p))], abs=1e-4)

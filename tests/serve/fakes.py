@@ -61,8 +61,11 @@ class FakeEngine:
             if finished:
                 self.live.discard(request_id)
                 self.finished.append(request_id)
+            # prompt_logprobs: token t at position j gets -j/10, and token 7 is always the other candidate
+            plp = None if getattr(params, "prompt_logprobs", None) is None else \
+                [None] + [{t: -j / 10, 7: -2.0} for j, t in enumerate(prompt_ids[1:], 1)]
             yield RequestOutput(request_id, None, prompt_ids, [s.completion_output(delta=True) for s in seqs],
-                                finished, num_cached_tokens=3)
+                                finished, num_cached_tokens=3, prompt_logprobs=plp)
             await asyncio.sleep(self.step_delay)
 
 

@@ -334,3 +334,18 @@ def test_any_schema_through_the_real_grammar_compiler_never_5xx(schema: Any, as_
     if r.status_code == 400:
         assert r.json()["error"]["param"], r.text  # the error names where the schema went wrong
     assert _GRAMMAR_ENGINE.live == set()
+
+
+
+def test_responses_api_gets_the_same_checks() -> None:
+    """The Responses API refuses what chat completions refuses: bad text, bad tool schemas, orphan tool results."""
+    openai_400(post("/v1/responses", {"model": MODEL, "input": "hi \ud800"}), "input", "surrogate")
+    tool = {"type": "function", "name": "f",
+            "parameters": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}
+    openai_400(post("/v1/responses", {"model": MODEL, "input": "hi", "tools": [tool]}),
+               "tools[0].parameters.properties.a.type", "invalid JSON Schema")
+    r = post("/v1/responses", {"model": MODEL, "input": [
+        {"type": "message", "role": "user", "content": "hi"},
+        {"type": "function_call_output", "call_id": "c1", "output": "x"}]})
+    assert r.status_code == 400 and "tool result must follow" in r.json()["error"]["message"], r.text
+    assert ENGINE.live == set()

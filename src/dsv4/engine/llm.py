@@ -55,6 +55,7 @@ class _Request:
             outputs=[s.completion_output(delta) for s in self.seqs],
             finished=self.finished,
             num_cached_tokens=sum(s.num_cached_tokens for s in self.seqs),
+            prompt_logprobs=list(self.seqs[0].prompt_logprobs) if self.seqs[0].prompt_logprobs is not None else None,
         )
 
 
@@ -299,7 +300,19 @@ class LLMEngine:
         # 1. cache bookkeeping
         for it in out.items:
             it.seq.num_computed += it.num_new
-        # 2. first token of every sampling item
+        # 2. prompt logprobs (SamplingParams.prompt_logprobs), from the raw model distribution like `logprobs`
+        for k, row, first, count in res.prompt_rows:
+            seq = out.items[k].seq
+            lp = torch.log_softmax(res.logits[row:row + count], dim=-1)  # [count, V]
+            targets = seq.tokens[first + 1:first + 1 + count]
+            own = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+            top_n = seq.params.prompt_logprobs
+            top = lp.topk(top_n, dim=-1) if top_n else None
+            for j, (tok, val) in enumerate(zip(targets, own)):
+                d = dict(zip(top.indices[j].tolist(), top.values[j].tolist())) if top is not None else {}
+                d[tok] = val
+                seq.prompt_logprobs.append(d)
+        # 3. first token of every sampling item
         sampling = [(k, it) for k, it in enumerate(out.items) if it.samples]
         first_rows = [res.rows[k][0] for k, _ in sampling]
         seqs = [it.seq for _, it in sampling]
@@ -314,7 +327,7 @@ class LLMEngine:
             except Exception as err:  # noqa: BLE001 - e.g. a constraint's accept() or the detokenizer raised
                 self._fail_seq(it.seq, "taking the sampled token", err)
             touched.append(it.seq)
-        # 3. accepted drafts: their own logits give one more token
+        # 4. accepted drafts: their own logits give one more token
         if second:
             rows = [res.rows[k][1] for k, _ in second]
             for (k, it), (tok, lp) in zip(second, self.sampler(res.logits[rows], [it.seq for _, it in second])):
@@ -322,10 +335,10 @@ class LLMEngine:
                     self._take_token(it.seq, None, it.start, tok, lp, rollback)
                 except Exception as err:  # noqa: BLE001
                     self._fail_seq(it.seq, "taking the sampled token", err)
-        # 4. MTP over every position computed this step (keeps its window complete); drafts for the next decodes
+        # 5. MTP over every position computed this step (keeps its window complete); drafts for the next decodes
         if spec is not None:
             spec.draft(out, res, self.stats)
-        # 5. prefix snapshots: chunks that end on a page boundary (mid-prompt, so nothing above changed their state)
+        # 6. prefix snapshots: chunks that end on a page boundary (mid-prompt, so nothing above changed their state)
         if self.prefix_cache is not None:
             for it in out.items:
                 s = it.seq

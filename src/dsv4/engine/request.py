@@ -53,6 +53,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (summed over the n sequences)
+    # SamplingParams.prompt_logprobs: per prompt token, token id -> logprob (None for the first token); filled in as
+    # the prompt is computed, complete once the first token has been generated
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -141,6 +144,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[dict[int, float] | None] | None = \
+            [None] if params.prompt_logprobs is not None else None
         self.num_preemptions = 0
         self.constraint_error: str | None = None  # why the constraint ended this sequence (finish_reason "abort")
         self.error: str | None = None  # an engine failure that ended this sequence (see CompletionOutput.error)

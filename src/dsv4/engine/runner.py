@@ -9,7 +9,7 @@ explicit forward metadata (positions, slots, block tables), so the model never r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +24,9 @@ class StepResult:
     rows: list[list[int]]  # per item: its rows in `logits` (empty when the chunk does not reach the end)
     token_index: list[list[int]]  # per item: the matching indices into the N tokens (for `hidden`)
     offsets: list[int]  # per item: index of its first token in the N tokens
+    # per item wanting prompt logprobs: (item index, first row in `logits`, first position, count); row r + j holds
+    # the distribution after position p + j, i.e. over prompt token p + j + 1
+    prompt_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 def make_forward_batch(device: torch.device, ids: list[int], start_pos: list[int], seq_lens: list[int],
@@ -52,7 +55,8 @@ class ModelRunner:
         self.cache = cache
         self.device = device
 
-    def build_batch(self, out: SchedulerOutput) -> tuple[Any, list[list[int]], list[list[int]], list[int]]:
+    def build_batch(self, out: SchedulerOutput) -> tuple[Any, list[list[int]], list[list[int]], list[int],
+                                                         list[tuple[int, int, int, int]]]:
         ids: list[int] = []
         start_pos: list[int] = []
         seq_lens: list[int] = []
@@ -79,12 +83,24 @@ class ModelRunner:
             else:
                 rows.append([])
                 token_index.append([])
+        # prompt logprobs: the rows of this chunk's prompt positions whose next prompt token has no logprob yet (a
+        # recompute after preemption skips those already recorded)
+        prompt_rows: list[tuple[int, int, int, int]] = []
+        for k, it in enumerate(out.items):
+            seq = it.seq
+            if seq.prompt_logprobs is None:
+                continue
+            first = max(it.start, len(seq.prompt_logprobs) - 1)
+            last = min(it.start + it.num_new, seq.num_prompt_tokens - 1)
+            if last > first:
+                prompt_rows.append((k, len(logits_indices), first, last - first))
+                logits_indices += range(offsets[k] + first - it.start, offsets[k] + last - it.start)
         batch = make_forward_batch(self.device, ids, start_pos, seq_lens, slots, [it.seq.pages for it in out.items],
                                    logits_indices)
-        return batch, rows, token_index, offsets
+        return batch, rows, token_index, offsets, prompt_rows
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> StepResult:
-        batch, rows, token_index, offsets = self.build_batch(out)
+        batch, rows, token_index, offsets, prompt_rows = self.build_batch(out)
         res = self.model.forward_batch(batch, self.cache)
-        return StepResult(res.logits.float(), getattr(res, "hidden", None), rows, token_index, offsets)
+        return StepResult(res.logits.float(), getattr(res, "hidden", None), rows, token_index, offsets, prompt_rows)

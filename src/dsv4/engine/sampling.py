@@ -44,6 +44,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (the sampled token is always included)
+    # top-n logprobs per prompt token, as vLLM's prompt_logprobs (the prompt token itself is always included; the
+    # first token has none). The prompt is then computed in full: the prefix cache is not read for this request.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # Per-request logits constraint (e.g. a JSON-schema / tool-call grammar from `dsv4.chat.constraint`): an object
     # with `.allowed_mask(vocab) -> bool tensor [vocab]` and `.accept(token_id)`. Not compared or copied.
@@ -64,7 +67,7 @@ class SamplingParams:
             self.top_k = -1
         self.validate()
         # numpy scalars and other Integral / Real types pass validation; store plain Python numbers from here on
-        for name in ("n", "top_k", "min_tokens", "seed", "max_tokens", "logprobs"):
+        for name in ("n", "top_k", "min_tokens", "seed", "max_tokens", "logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, int(getattr(self, name)))
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -112,6 +115,9 @@ class SamplingParams:
             raise bad("stop_token_ids", "token ids must be integers >= 0")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "it must be an integer in [0, 20], or None")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            raise bad("prompt_logprobs", "it must be an integer in [0, 20], or None")
         c = self.constraint
         if c is not None and not (callable(getattr(c, "allowed_mask", None)) and callable(getattr(c, "accept", None))):
             raise ValueError(f"SamplingParams.constraint must have .allowed_mask(vocab) and .accept(token_id); got a "

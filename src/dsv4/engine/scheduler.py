@@ -208,7 +208,8 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput) -> bool:
         entry = None
-        if self.prefix_cache is not None and seq.num_computed == 0:
+        # prompt_logprobs need the logits of every prompt position, so such a prompt is computed in full
+        if self.prefix_cache is not None and seq.num_computed == 0 and seq.prompt_logprobs is None:
             entry = self.prefix_cache.lookup(seq.tokens)
             if entry is not None:
                 # Hold the shared pages before growing: growing may evict the entry itself.

@@ -1,10 +1,14 @@
 """The Anthropic Messages API: requests -> `ChatJob`, `Step`s -> messages and the SSE event sequence, errors in
 Anthropic's format.
 
-As in DeepSeek's Anthropic-compatible API, thinking is on unless `thinking: {"type": "disabled"}`, and
-`output_config.effort` picks the reasoning effort. `budget_tokens` must be below max_tokens (as Anthropic requires) and
-is enforced as a hard cap on reasoning tokens (serve/budget.py); Anthropic's minimum of 1024 is not imposed, since
-small local models are served here too.
+As in DeepSeek's Anthropic-compatible API, thinking is on unless `thinking: {"type": "disabled"}` (or the server's
+`--thinking` default says otherwise), and `output_config.effort` picks the reasoning effort (low / medium / high ->
+V4's "high", max -> "max"). `thinking: {"type": "adaptive"}` (Claude Code's default) is thinking on: V4 has no mode
+that decides per turn whether to reason. `role: "system"` messages inside `messages` are V4 system text, placed at a
+turn boundary (turns.py); `output_config.format` (json_schema) goes through the same grammar as OpenAI's
+`response_format`. `budget_tokens` must be below max_tokens (as Anthropic requires) and is enforced as a hard cap on
+reasoning tokens (serve/budget.py); Anthropic's minimum of 1024 is not imposed, since small local models are served
+here too. Context-length errors use Anthropic's wording, which Claude Code parses to retry with a smaller max_tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dsv4.serve import validate
 from dsv4.serve.core import ChatJob, ServeError, Step, Usage, dumps, new_id
 from dsv4.serve.openai import thinking_of
 from dsv4.serve.protocol import AnthropicBlock, CountTokensRequest, MessagesRequest
+from dsv4.serve.turns import place_system_messages
 
 _ERROR_TYPE = {
     "invalid_request": "invalid_request_error",
@@ -28,6 +33,7 @@ _ERROR_TYPE = {
     "overloaded": "overloaded_error",
     "internal": "api_error",
 }
+PING = b'event: ping\ndata: {"type": "ping"}\n\n'  # what Anthropic's API sends to keep a stream alive
 _STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "stop_sequence": "stop_sequence"}
 
 
@@ -37,7 +43,13 @@ def model_card(name: str, created: int) -> dict[str, Any]:
 
 
 def error_body(err: ServeError) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": _ERROR_TYPE[err.kind], "message": err.message}}
+    message = err.message
+    if err.lengths is not None:  # Anthropic's own wording, which Claude Code parses to retry with less max_tokens
+        prompt, max_tokens, limit = err.lengths
+        message = (f"prompt is too long: {prompt} tokens > {limit - 1} maximum" if max_tokens is None else
+                   f"input length and `max_tokens` exceed context limit: {prompt} + {max_tokens} > {limit}, "
+                   "decrease input length or `max_tokens` and try again")
+    return {"type": "error", "error": {"type": _ERROR_TYPE[err.kind], "message": message}}
 
 
 def _block_text(content: str | list[AnthropicBlock] | None, where: str) -> str:
@@ -59,6 +71,9 @@ def _messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]]
     for i, m in enumerate(req.messages):
         where = f"messages.{i}"
         blocks = [AnthropicBlock(type="text", text=m.content)] if isinstance(m.content, str) else m.content
+        if m.role == "system":
+            out.append({"role": "system", "content": _block_text(m.content, where)})
+            continue
         if m.role == "user":
             texts = []
             for j, b in enumerate(blocks):
@@ -100,7 +115,8 @@ def _messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]]
         if calls:
             msg["tool_calls"] = calls
         out.append(msg)
-    return out  # a final assistant message is a prefill: ServingCore.render_chat continues it
+    # a final assistant message is a prefill: ServingCore.render_chat continues it
+    return place_system_messages(out)
 
 
 def _tools(req: MessagesRequest | CountTokensRequest) -> tuple[list[dict[str, Any]] | None, Any, bool]:
@@ -132,13 +148,15 @@ def _tools(req: MessagesRequest | CountTokensRequest) -> tuple[list[dict[str, An
     return tools, choice, parallel
 
 
-def chat_job(req: MessagesRequest | CountTokensRequest) -> ChatJob:
+def chat_job(req: MessagesRequest | CountTokensRequest, default_thinking: bool = True) -> ChatJob:
     effort = req.output_config.effort if req.output_config else None
-    thinking, effort = thinking_of(req.thinking, effort)
+    thinking, effort = thinking_of(req.thinking, effort, default_thinking)
     tools, choice, parallel = _tools(req)
+    fmt = req.output_config.format if req.output_config else None
     job = ChatJob(messages=_messages(req), thinking=thinking, reasoning_effort=effort, tools=tools,
                   tool_choice=choice, parallel_tool_calls=parallel,
-                  checks=functools.partial(validate.check_anthropic_messages, req))
+                  checks=functools.partial(validate.check_anthropic_messages, req),
+                  response_format={"type": "json_schema", "name": None, "schema": fmt.schema_} if fmt else None)
     if isinstance(req, MessagesRequest):
         budget = req.thinking.budget_tokens if req.thinking else None
         if thinking and budget is not None and budget >= req.max_tokens:
@@ -198,19 +216,35 @@ def _event(name: str, data: dict[str, Any]) -> bytes:
     return f"event: {name}\ndata: {dumps(data)}\n\n".encode()
 
 
-async def message_stream(events: AsyncIterator[Step | Usage], model: str, prompt_tokens: int) -> AsyncIterator[bytes]:
+def keepalive(live: dict[str, Any]) -> bytes:
+    """What a silent stream sends while the prompt is prefilled: an empty thinking delta when the thinking block is
+    already open, else a ping. Claude Code's watchdog restarts a request after 300 s without a *chunk*, and the
+    Anthropic SDK drops `ping` events before they count as one; an empty delta of a block that is open anyway does
+    count, and changes nothing in the message."""
+    if live.get("thinking") is not None:
+        return _delta(live["thinking"], {"type": "thinking_delta", "thinking": ""})
+    return PING
+
+
+async def message_stream(events: AsyncIterator[Step | Usage], model: str, prompt_tokens: int,
+                         opens_thinking: bool = False, live: dict[str, Any] | None = None) -> AsyncIterator[bytes]:
+    """`opens_thinking`: the output starts in the reasoning, so the thinking block opens with the stream (before the
+    first token); `live["thinking"]` is the open thinking block's index for `keepalive`, else None."""
+    live = {} if live is None else live
     yield _event("message_start", {"type": "message_start", "message": {
         "id": new_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": [],
         "stop_reason": None, "stop_sequence": None,
         "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
     index = -1
     open_kind: str | None = None  # "thinking" | "text" | "tool_use"
+    answered = False  # a text or tool_use block was sent, or some reasoning
 
     def start(kind: str, block: dict[str, Any]) -> list[bytes]:
         nonlocal index, open_kind
         out = stop()
         index += 1
         open_kind = kind
+        live["thinking"] = index if kind == "thinking" else None
         out.append(_event("content_block_start", {"type": "content_block_start", "index": index,
                                                   "content_block": block}))
         return out
@@ -224,7 +258,12 @@ async def message_stream(events: AsyncIterator[Step | Usage], model: str, prompt
             out.append(_delta(index, {"type": "signature_delta", "signature": ""}))
         out.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
         open_kind = None
+        live["thinking"] = None
         return out
+
+    if opens_thinking:
+        for b in start("thinking", {"type": "thinking", "thinking": "", "signature": ""}):
+            yield b
 
     stop_reason, stop_sequence = "end_turn", None
     async for ev in events:
@@ -237,6 +276,7 @@ async def message_stream(events: AsyncIterator[Step | Usage], model: str, prompt
             yield _event("message_stop", {"type": "message_stop"})
             return
         out: list[bytes] = []
+        answered = answered or bool(ev.reasoning or ev.content or ev.tool_calls)
         if ev.reasoning:
             if open_kind != "thinking":
                 out += start("thinking", {"type": "thinking", "thinking": "", "signature": ""})
@@ -252,7 +292,7 @@ async def message_stream(events: AsyncIterator[Step | Usage], model: str, prompt
                 out.append(_delta(index, {"type": "input_json_delta", "partial_json": tc.arguments}))
         if ev.finish_reason:
             stop_reason, stop_sequence = _STOP_REASON[ev.finish_reason], ev.stop_sequence
-            if index < 0:  # nothing generated at all: still give the client one (empty) text block
+            if not answered:  # nothing generated at all: still give the client one (empty) text block
                 out += start("text", {"type": "text", "text": ""})
         for b in out:
             yield b

@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import json
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dsv4.serve import anthropic as anthropic_api
 from dsv4.serve import limits
 from dsv4.serve import openai as openai_api
+from dsv4.serve import responses as responses_api
+from dsv4.serve import tokens as tokens_api
 from dsv4.serve.core import ServeError, ServingCore, Step, Usage, new_id
 from dsv4.serve.guard import HostAllowList, allowed_hosts_for
 from dsv4.serve.metrics import CONTENT_TYPE
@@ -37,6 +40,7 @@ from dsv4.serve.protocol import (
     ModelCard,
     ModelList,
 )
+from dsv4.serve.request_log import RequestLog, note_error, track
 
 log = logging.getLogger("dsv4.serve")
 
@@ -46,13 +50,14 @@ def _is_anthropic(request: Request) -> bool:
 
 
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "messages",
-              "/v1/messages/count_tokens": "count_tokens"}
+              "/v1/messages/count_tokens": "count_tokens", "/v1/responses": "responses"}
 
 
 def _error_response(request: Request, err: ServeError, status: int | None = None) -> JSONResponse:
     body = anthropic_api.error_body(err) if _is_anthropic(request) else openai_api.error_body(err)
     headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
     status = status or err.status
+    note_error(request, body["error"]["message"])  # as the client got it (Anthropic words length errors its own way)
     core: ServingCore = request.app.state.core
     core.metrics.requests.labels(_ENDPOINTS.get(request.url.path, "other"), str(status)).inc()
     return _ErrorJSON(body, status_code=status, headers=headers)
@@ -176,7 +181,11 @@ def create_app(core: ServingCore, api_key: str | None = None,
             return _error_response(request, ServeError("invalid_request", "The request body nests JSON arrays / "
                                                        "objects too deeply to parse; flatten it.", param="body"))
         kind = "not_found" if exc.status_code == 404 else "invalid_request"
-        err = ServeError(kind, f"{request.method} {request.url.path}: {exc.detail}")
+        detail = exc.detail
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = ("no such endpoint on this server (it serves /v1/chat/completions, /v1/completions, "
+                      "/v1/responses, /v1/messages, /v1/models, /tokenize, /detokenize; see /docs)")
+        err = ServeError(kind, f"{request.method} {request.url.path}: {detail}")
         return _error_response(request, err, exc.status_code)
 
     @app.exception_handler(Exception)
@@ -191,8 +200,9 @@ def create_app(core: ServingCore, api_key: str | None = None,
     if api_key is not None:
         public = ("/health",) + (("/metrics",) if public_metrics else ()) + (DOCS_PATHS if public_docs else ())
         app.add_middleware(_APIKey, key=api_key, public=public)
-    if allowed_hosts is not None:  # first of all: a rebinding page's requests get no further (guard.py)
+    if allowed_hosts is not None:  # a rebinding page's requests get no further (guard.py)
         app.add_middleware(HostAllowList, allowed=allowed_hosts, reject=_reject_host)
+    app.add_middleware(RequestLog)  # outermost: logs every request, refused ones too
 
     # ---- plain endpoints -------------------------------------------------------------------------------------------
     @app.get("/health")
@@ -224,11 +234,11 @@ def create_app(core: ServingCore, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         core.check_model(body.model)
-        job = openai_api.chat_job(body)
+        job = openai_api.chat_job(body, core.default_thinking)
         prep = await core.off_loop(core.prepare_chat, job,
                                    "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         rid = new_id("chatcmpl-")
-        events = core.run(prep, rid)
+        events = track(request, core.run(prep, rid))
         want_lp = bool(body.logprobs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -249,20 +259,22 @@ def create_app(core: ServingCore, api_key: str | None = None,
                 raise ServeError("invalid_request", "Streaming supports one prompt per request; send the prompts in "
                                  "separate requests or set stream=false.", param="prompt")
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = core.run(preps[0], rid)
+            events = track(request, core.run(preps[0], rid))
             echo_text = core.tokenizer.decode(prompts[0]) if body.echo else ""
             return await _stream(core, "completions", request, events, lambda ev: openai_api.completion_stream(
                 ev, rid, body.model, include_usage, want_lp, preps[0].n, echo_text), openai_api.stream_error)
         echo = [core.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
 
         async def collect_all() -> dict[str, Any]:
-            tasks = [asyncio.ensure_future(_collect(core.run(p, f"{rid}-{i}"))) for i, p in enumerate(preps)]
+            tasks = [asyncio.ensure_future(_collect(track(request, core.run(p, f"{rid}-{i}"))))
+                     for i, p in enumerate(preps)]
             try:
                 results = await asyncio.gather(*tasks)
             finally:  # one prompt failed or the client left: stop the others too (aborting them in the engine)
                 for t in tasks:
                     t.cancel()
-            return openai_api.completion_response(list(results), rid, body.model, preps[0].n, echo, want_lp)
+            return openai_api.completion_response(list(results), rid, body.model, preps[0].n, echo, want_lp,
+                                                  prompts, body.prompt_logprobs is not None)
 
         return await _unary(core, "completions", request, collect_all())
 
@@ -270,18 +282,25 @@ def create_app(core: ServingCore, api_key: str | None = None,
     @app.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request) -> Response:
         core.check_model(body.model)
-        prep = await core.off_loop(core.prepare_chat, anthropic_api.chat_job(body))
-        events = core.run(prep, new_id("msg-"))
+        prep = await core.off_loop(core.prepare_chat, anthropic_api.chat_job(body, core.default_thinking))
+        events = track(request, core.run(prep, new_id("msg-")))
         if body.stream:
+            live: dict[str, Any] = {}
             return await _stream(core, "messages", request, events, lambda ev: anthropic_api.message_stream(
-                ev, body.model, len(prep.prompt_ids)), anthropic_api.stream_error)
+                ev, body.model, len(prep.prompt_ids), prep.thinking, live), anthropic_api.stream_error,
+                ping=lambda: anthropic_api.keepalive(live))
         return await _unary(core, "messages", request, anthropic_api.message_response(events, body.model))
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest) -> CountTokensResponse:
         core.check_model(body.model)
         return CountTokensResponse(input_tokens=await core.off_loop(core.count_chat_tokens,
-                                                                    anthropic_api.chat_job(body)))
+                                                                    anthropic_api.chat_job(body, core.default_thinking)))
+
+    # ---- OpenAI Responses (serve/responses.py) ----------------------------------------------------------------------
+    responses_api.register(app, core, _stream, _unary)
+    # ---- vLLM's /tokenize, /detokenize, /version (serve/tokens.py) -------------------------------------------------
+    tokens_api.register(app, core)
 
     def openapi() -> dict[str, Any]:
         # Advertise the served names as the `model` enum: clients and fuzzers then see which names are valid.
@@ -350,27 +369,32 @@ async def _watch_disconnect(request: Request, task: asyncio.Future[Any], gone: a
 
 async def _stream(core: ServingCore, endpoint: str, request: Request, events: AsyncIterator[Step | Usage],
                   render: Callable[[AsyncIterator[Step | Usage]], AsyncIterator[bytes]],
-                  on_error: Callable[[ServeError], bytes]) -> Response:
-    # The first event is awaited before the headers go out, so a request the engine rejects still gets a proper
-    # status code instead of a 200 stream carrying an error; a client that leaves while queued is noticed here.
-    try:
-        first = await _unless_disconnected(request, events.__anext__())
-    except _ClientGone:
+                  on_error: Callable[[ServeError], bytes], ping: Callable[[], bytes] | None = None) -> Response:
+    # The stream starts at admission, not at the first token: a long prompt's prefill can take minutes, and clients
+    # give up on a silent connection (Claude Code re-sends after 300 s). Admission and the engine's request checks
+    # run synchronously in the first step of `events`, so one loop turn tells a refused request (still a proper
+    # status code) from an accepted one (headers, the API's opening event, then pings until tokens arrive).
+    first = asyncio.ensure_future(events.__anext__())
+    await asyncio.sleep(0)
+    if first.done() and first.exception() is not None and not isinstance(first.exception(), StopAsyncIteration):
         await events.aclose()
-        return _gone_response(core, endpoint)
-    except BaseException:
-        await events.aclose()
-        raise
+        raise first.exception()  # type: ignore[misc]
+    if ping is None:
+        ping = (lambda: anthropic_api.PING) if endpoint == "messages" else (lambda: openai_api.PING)
 
     async def chained() -> AsyncIterator[Step | Usage]:
-        yield first
+        try:
+            ev = await first
+        except StopAsyncIteration:
+            return
+        yield ev
         async for ev in events:
             yield ev
 
     async def body() -> AsyncIterator[bytes]:
         status = "200"
         try:
-            async for chunk in render(chained()):
+            async for chunk in _with_pings(render(chained()), ping, core.ping_interval):
                 yield chunk
         except ServeError as e:
             status = str(e.status)
@@ -384,11 +408,60 @@ async def _stream(core: ServingCore, endpoint: str, request: Request, events: As
             raise
         finally:
             core.metrics.requests.labels(endpoint, status).inc()
+            if not first.done():
+                first.cancel()
             # closing the core's iterator aborts the request in the engine if it has not finished
             await events.aclose()
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+_END = object()
+
+
+async def _get_within(queue: asyncio.Queue[Any], seconds: float) -> Any:
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await queue.get()
+    return await asyncio.wait_for(queue.get(), seconds)  # Python 3.10: no asyncio.timeout (a task per call)
+
+
+async def _with_pings(chunks: AsyncIterator[bytes], ping: Callable[[], bytes], interval: float) -> AsyncIterator[bytes]:
+    """`chunks`, plus `ping()` whenever nothing came for `interval` seconds (while the prompt is prefilled, or the
+    request waits for a batch slot). One task renders into a small queue (backpressure for a slow client); waiting on
+    the queue under a timeout costs no task per chunk (a task per chunk measured 50 us of event-loop time each)."""
+    queue: asyncio.Queue[tuple[bytes | None, Any]] = asyncio.Queue(maxsize=64)
+
+    async def produce() -> None:
+        try:
+            async for chunk in chunks:
+                await queue.put((chunk, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # handed to the consumer, which raises it where the stream's errors are handled
+            await queue.put((None, e))
+            return
+        await queue.put((None, _END))
+
+    producer = asyncio.ensure_future(produce())
+    try:
+        while True:
+            try:
+                chunk, end = await _get_within(queue, interval)
+            except asyncio.TimeoutError:
+                yield ping()
+                continue
+            if end is _END:
+                return
+            if end is not None:
+                raise end
+            assert chunk is not None
+            yield chunk
+    finally:
+        producer.cancel()
+        with contextlib.suppress(BaseException):
+            await producer
 
 
 # ---- `dsv4 serve` ------------------------------------------------------------------------------------------------
@@ -423,6 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --api-key, serve /metrics without the key (for a scraper on a trusted network)")
     p.add_argument("--public-docs", action="store_true",
                    help="with --api-key, serve /docs, /redoc and /openapi.json without the key")
+    p.add_argument("--thinking", default="enabled", choices=["enabled", "disabled"],
+                   help="thinking mode of requests that do not choose one (default enabled, as DeepSeek's API); "
+                   "'disabled' suits clients that never show reasoning_content")
+    p.add_argument("--accept-any-model-name", action="store_true",
+                   help="treat any requested model name as this model (agent CLIs send their own default names)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -461,7 +539,8 @@ def build_core(args: argparse.Namespace) -> ServingCore:
     engine = AsyncLLM(LLM(str(args.model), dtype=getattr(torch, dtype), device=device, **options))
     names = args.served_model_name or [Path(args.model).resolve().name]
     return ServingCore(engine, engine.tokenizer, model_names=names, max_model_len=engine.engine.max_model_len,
-                       max_concurrency=args.max_concurrency)
+                       max_concurrency=args.max_concurrency, default_thinking=args.thinking == "enabled",
+                       accept_any_model=args.accept_any_model_name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,9 @@ class ServeError(Exception):
         self.message = message
         self.param = param
         self.retry_after = retry_after
+        # (prompt tokens, requested max tokens or None, context length) of a length error: the Anthropic API words
+        # these its own way, and Claude Code parses that wording to retry with a smaller max_tokens
+        self.lengths: tuple[int, int | None, int] | None = None
 
     @property
     def status(self) -> int:
@@ -78,8 +81,9 @@ class ToolCallDelta:
 @dataclass
 class TokenLogprob:
     token: str
-    logprob: float
+    logprob: float | None  # None: the first prompt token (nothing predicts it)
     top: list[tuple[str, float]]
+    top_ids: list[int] = field(default_factory=list)  # the token ids of `top`
 
 
 @dataclass
@@ -93,6 +97,9 @@ class Step:
     finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "stop_sequence"
     stop_sequence: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # SamplingParams.prompt_logprobs: one entry per prompt token (the first one's logprob None), on a step of its own
+    # before the choice's first generated text
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -114,6 +121,8 @@ class Prepared:
     tools: list[dict[str, Any]] | None
     n: int
     raw_text: bool  # /v1/completions: plain text, no chat parsing
+    # max_tokens 0 (scoring a prompt): the engine generates one token, which nobody sees or is billed for
+    discard_output: bool = False
 
 
 def new_id(prefix: str) -> str:
@@ -122,7 +131,8 @@ def new_id(prefix: str) -> str:
 
 class ServingCore:
     def __init__(self, engine: Any, tokenizer: Any, *, model_names: list[str], max_model_len: int,
-                 max_concurrency: int = 256, chat: Any = None) -> None:
+                 max_concurrency: int = 256, chat: Any = None, default_thinking: bool = True,
+                 accept_any_model: bool = False) -> None:
         if chat is None:
             import dsv4.chat as chat
         builder = getattr(chat, "build_constraint", None)
@@ -143,6 +153,11 @@ class ServingCore:
         # so building a constraint takes this lock.
         self._grammar_lock = threading.Lock()
         self.token_bytes = max_token_bytes(tokenizer)  # most characters one token spans (cheap length bound)
+        self.ping_interval = 10.0  # seconds of silence in a stream before a keep-alive ping
+        # thinking mode of requests that do not choose (`dsv4 serve --thinking`): many clients never show reasoning
+        self.default_thinking = default_thinking
+        # any `model` name is this model (`--accept-any-model-name`): agent CLIs send their own default model names
+        self.accept_any_model = accept_any_model
         self.created = int(time.time())
         self.metrics = ServerMetrics(self.engine_stats)
 
@@ -164,32 +179,37 @@ class ServingCore:
 
     # ---- request checks -------------------------------------------------------------------------------------------
     def check_model(self, model: str) -> None:
-        if model not in self.model_names:
+        if model not in self.model_names and not self.accept_any_model:
             raise ServeError(
                 "not_found",
                 f"The model `{model}` does not exist on this server; it serves {', '.join(map(repr, self.model_names))}"
-                " (see GET /v1/models, or start the server with --served-model-name).",
+                " (see GET /v1/models, or start the server with --served-model-name, or with "
+                "--accept-any-model-name for clients that send their own model names).",
                 param="model",
             )
 
     def _check_length(self, prompt_len: int, max_tokens: int | None, field_name: str) -> int:
         if prompt_len >= self.max_model_len:
-            raise ServeError(
+            err = ServeError(
                 "invalid_request",
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt is "
                 f"{prompt_len} tokens, which leaves no room for output. Please shorten the messages.",
                 param="messages",
             )
+            err.lengths = (prompt_len, None, self.max_model_len)
+            raise err
         if max_tokens is None:
             return self.max_model_len - prompt_len
         if prompt_len + max_tokens > self.max_model_len:
-            raise ServeError(
+            err = ServeError(
                 "invalid_request",
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "
                 f"Please reduce the length of the messages or the {field_name}.",
                 param=field_name,
             )
+            err.lengths = (prompt_len, max_tokens, self.max_model_len)
+            raise err
         return max_tokens
 
     # ---- preparing ------------------------------------------------------------------------------------------------
@@ -283,9 +303,10 @@ class ServingCore:
 
     def prepare_completion(self, prompt_ids: list[int], sampling: dict[str, Any], stop: list[str],
                            max_tokens: int | None) -> Prepared:
-        max_tokens = self._check_length(len(prompt_ids), max_tokens, "max_tokens")
+        discard = max_tokens == 0
+        max_tokens = self._check_length(len(prompt_ids), 1 if discard else max_tokens, "max_tokens")
         params = self._params(sampling, stop, max_tokens, None, skip_special_tokens=True)
-        return Prepared(prompt_ids, params, False, None, params.n, raw_text=True)
+        return Prepared(prompt_ids, params, False, None, params.n, raw_text=True, discard_output=discard)
 
     def _auto_constraint(self, job: ChatJob, prefill: str) -> Any:
         """tool_choice "auto": content and string values stay free; once the model opens a tool-call block, the DSML
@@ -362,6 +383,7 @@ class ServingCore:
         done = [False] * prep.n
         last = None
         status = "error"
+        want_prompt_lps = getattr(prep.params, "prompt_logprobs", None) is not None
         try:
             stream = self.engine.stream(prep.prompt_ids, prep.params, request_id=request_id)
             while True:
@@ -375,6 +397,10 @@ class ServingCore:
                         raise ServeError("invalid_request", str(e)) from e
                     raise
                 last = out
+                plp = getattr(out, "prompt_logprobs", None)
+                if want_prompt_lps and plp is not None and len(plp) == len(prep.prompt_ids):
+                    want_prompt_lps = False
+                    yield Step(index=0, prompt_logprobs=self._prompt_logprobs(prep.prompt_ids, plp))
                 for co in out.outputs:
                     if done[co.index]:
                         continue
@@ -384,13 +410,16 @@ class ServingCore:
                         first_token = time.perf_counter()
                     step = self._step(co, parsers[co.index], tool_counts, prep)
                     done[co.index] = co.finish_reason is not None
+                    if prep.discard_output:
+                        step = Step(index=co.index, finish_reason="length") if done[co.index] else None
                     if step is not None:
                         yield step
             if not all(done):
                 raise ServeError("internal", f"request {request_id} ended before all its choices finished; retry.")
             assert last is not None
             # the engine sums cached tokens over the n sequences; the prompt is counted once, so clamp to it
-            usage = Usage(len(prep.prompt_ids), sum(len(c.token_ids) for c in last.outputs),
+            usage = Usage(len(prep.prompt_ids),
+                          0 if prep.discard_output else sum(len(c.token_ids) for c in last.outputs),
                           min(getattr(last, "num_cached_tokens", 0), len(prep.prompt_ids)))
             status = "ok"
             self.metrics.observe_request(
@@ -464,6 +493,10 @@ class ServingCore:
             else:
                 step.tool_calls.append(ToolCallDelta(d.index, None, None, d.text))
 
+    def _prompt_logprobs(self, ids: list[int], dists: list[dict[int, float] | None]) -> list[TokenLogprob]:
+        first = TokenLogprob(self.tokenizer.decode(ids[:1], skip_special_tokens=False), None, [])
+        return [first] + self._logprobs(ids[1:], dists[1:])  # type: ignore[arg-type]
+
     def _logprobs(self, ids: list[int], dists: list[dict[int, float]]) -> list[TokenLogprob]:
         def text(token_id: int) -> str:
             return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -472,7 +505,7 @@ class ServingCore:
         for tid, dist in zip(ids, dists):
             top = sorted(dist.items(), key=lambda kv: -kv[1])
             out.append(TokenLogprob(text(tid), float(dist.get(tid, float("-inf"))),
-                                    [(text(t), float(lp)) for t, lp in top]))
+                                    [(text(t), float(lp)) for t, lp in top], [t for t, _ in top]))
         return out
 
     # ---- engine state ---------------------------------------------------------------------------------------------

@@ -28,12 +28,14 @@ _ERROR_TYPE = {
     "overloaded": "server_overloaded",
     "internal": "server_error",
 }
-_ERROR_CODE = {"authentication": "invalid_api_key", "not_found": "model_not_found"}
+PING = b": keep-alive\n\n"  # an SSE comment: every OpenAI client skips it
+_ERROR_CODE = {"authentication": "invalid_api_key", "not_found": "not_found"}
 
 
 def error_body(err: ServeError) -> dict[str, Any]:
-    return {"error": {"message": err.message, "type": _ERROR_TYPE[err.kind], "param": err.param,
-                      "code": _ERROR_CODE.get(err.kind)}}
+    # only a missing model is `model_not_found` (SDKs report that code as "the model does not exist")
+    code = "model_not_found" if err.kind == "not_found" and err.param == "model" else _ERROR_CODE.get(err.kind)
+    return {"error": {"message": err.message, "type": _ERROR_TYPE[err.kind], "param": err.param, "code": code}}
 
 
 def _text(content: str | list[Any] | None, where: str) -> str:
@@ -74,23 +76,24 @@ def _message(i: int, m: OpenAIMessage) -> dict[str, Any]:
     return out
 
 
-def thinking_of(thinking: Any, effort: str | None) -> tuple[bool, str | None]:
-    enabled = True if thinking is None else thinking.type != "disabled"
+def thinking_of(thinking: Any, effort: str | None, default: bool = True) -> tuple[bool, str | None]:
+    """(thinking on, V4 effort) from a `thinking` toggle and an effort; `default` when neither chooses."""
     effort = effort.strip().lower() if isinstance(effort, str) else effort
-    if effort == "none":
-        enabled = False
     if effort and effort != "none" and effort not in _EFFORT:
         # accepted (a newer SDK's value must not fail the request) and run at the default effort, visibly
         log.warning("unknown reasoning effort %r; using the default (high). Known: none, %s", effort, ", ".join(_EFFORT))
         effort = None
+    enabled = thinking.type != "disabled" if thinking is not None else (effort not in (None, "none") or default)
+    if effort == "none":
+        enabled = False
     return enabled, (_EFFORT.get(effort) if enabled and effort else None)
 
 
-def chat_job(req: ChatCompletionRequest) -> ChatJob:
+def chat_job(req: ChatCompletionRequest, default_thinking: bool = True) -> ChatJob:
     if req.logit_bias:
         raise ServeError("invalid_request", "logit_bias is not supported by this server; remove it.",
                          param="logit_bias")
-    thinking, effort = thinking_of(req.thinking, req.reasoning_effort)
+    thinking, effort = thinking_of(req.thinking, req.reasoning_effort, default_thinking)
     tool_choice: str | dict[str, str] = "auto" if req.tools else "none"
     if req.tool_choice is not None:
         if isinstance(req.tool_choice, str):
@@ -143,7 +146,12 @@ def completion_sampling(req: CompletionRequest) -> tuple[dict[str, Any], list[st
         raise ServeError("invalid_request", "best_of different from n is not supported; set best_of=n or drop it.",
                          param="best_of")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    return _sampling(req, logprobs=req.logprobs), stop
+    sampling = _sampling(req, logprobs=req.logprobs)
+    # echo with logprobs scores the prompt too (legacy OpenAI, vLLM): the first token has no logprob
+    wanted = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
+    if wanted:
+        sampling["prompt_logprobs"] = max(wanted)
+    return sampling, stop
 
 
 def completion_prompts(req: CompletionRequest, encode: Any) -> list[list[int]]:
@@ -261,47 +269,91 @@ async def chat_stream(events: AsyncIterator[Step | Usage], rid: str, model: str,
 
 
 def completion_response(results: list[list[Step | Usage]], rid: str, model: str, n: int, echo_texts: list[str],
-                        want_logprobs: bool) -> dict[str, Any]:
-    """`results[p]` = the collected events of prompt p; choice p*n+i is choice i of prompt p, as OpenAI numbers them."""
+                        want_logprobs: bool, prompts: list[list[int]] | None = None,
+                        vllm_prompt_logprobs: bool = False) -> dict[str, Any]:
+    """`results[p]` = the collected events of prompt p; choice p*n+i is choice i of prompt p, as OpenAI numbers them.
+    With echo and logprobs the choice's logprobs start with the prompt's tokens (the first one's logprob null)."""
     choices: list[dict[str, Any]] = []
     prompt_tokens = completion_tokens = cached = 0
     for p, events in enumerate(results):
         texts = [echo_texts[p] for _ in range(n)]
         finish = ["stop"] * n
         lps: list[list[Any]] = [[] for _ in range(n)]
+        prompt_lps = None
         for ev in events:
             if isinstance(ev, Usage):
                 prompt_tokens += ev.prompt_tokens
                 completion_tokens += ev.completion_tokens
                 cached += ev.cached_tokens
                 continue
+            if ev.prompt_logprobs is not None:
+                prompt_lps = ev.prompt_logprobs
             texts[ev.index] += ev.content
             lps[ev.index] += ev.logprobs
             if ev.finish_reason:
                 finish[ev.index] = _finish(ev)
+        echo_lps = prompt_lps if echo_texts[p] and want_logprobs else None
         for i in range(n):
-            choices.append({"index": p * n + i, "text": texts[i], "finish_reason": finish[i],
-                            "logprobs": _legacy_logprobs(lps[i], len(echo_texts[p])) if want_logprobs else None})
+            choice: dict[str, Any] = {"index": p * n + i, "text": texts[i], "finish_reason": finish[i],
+                                      "logprobs": _legacy_logprobs(lps[i], 0, echo_lps) if want_logprobs else None}
+            if vllm_prompt_logprobs:
+                choice["prompt_logprobs"] = _vllm_prompt_logprobs(prompt_lps, (prompts or [[]])[p])
+            choices.append(choice)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices,
             "usage": _usage(Usage(prompt_tokens, completion_tokens, cached))}
 
 
-def _legacy_logprobs(lps: list[Any], start: int = 0) -> dict[str, Any]:
-    offsets, pos = [], start
-    for lp in lps:
+def _legacy_logprobs(lps: list[Any], start: int = 0, prompt: list[Any] | None = None) -> dict[str, Any]:
+    """The legacy `logprobs` object; `prompt` (echo): the prompt tokens' entries first (the first one's logprob and
+    top_logprobs null), with text offsets counted from the start of the prompt."""
+    entries = list(prompt or []) + lps
+    offsets, pos = [], 0 if prompt else start
+    for lp in entries:
         offsets.append(pos)
         pos += len(lp.token)
-    return {"tokens": [lp.token for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [dict(lp.top) for lp in lps], "text_offset": offsets}
+    return {"tokens": [lp.token for lp in entries], "token_logprobs": [lp.logprob for lp in entries],
+            "top_logprobs": [None if lp.logprob is None else dict(lp.top) for lp in entries],
+            "text_offset": offsets}
+
+
+def _vllm_prompt_logprobs(prompt_lps: list[Any] | None, ids: list[int]) -> list[Any] | None:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}} for the
+    prompt token and the top candidates; rank is the place among the candidates (null for a prompt token outside
+    them: the engine does not rank the whole vocabulary)."""
+    if prompt_lps is None:
+        return None
+    out: list[Any] = []
+    for tid, lp in zip(ids, prompt_lps):
+        if lp.logprob is None:
+            out.append(None)
+            continue
+        entry: dict[str, Any] = {str(tid): {"logprob": lp.logprob, "rank": None, "decoded_token": lp.token}}
+        for rank, (cand, (tok, val)) in enumerate(zip(lp.top_ids, lp.top), 1):
+            entry[str(cand)] = {"logprob": val, "rank": rank, "decoded_token": tok}
+        out.append(entry)
+    return out
 
 
 async def completion_stream(events: AsyncIterator[Step | Usage], rid: str, model: str, include_usage: bool,
                             want_logprobs: bool, n: int = 1, echo_text: str = "") -> AsyncIterator[bytes]:
     created = int(time.time())
-    for i in range(n if echo_text else 0):  # echo: the prompt comes first, as its own chunk per choice
-        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": i, "text": echo_text, "logprobs": None, "finish_reason": None}]})
+
+    def echo(prompt_lps: list[Any] | None) -> list[bytes]:  # the prompt comes first, as its own chunk per choice
+        return [_sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                      "choices": [{"index": i, "text": echo_text, "finish_reason": None,
+                                   "logprobs": _legacy_logprobs([], 0, prompt_lps) if prompt_lps else None}]})
+                for i in range(n)]
+
+    # with logprobs the echo waits for the prompt's logprobs (the first event); without, it goes out at once
+    echo_pending = bool(echo_text) and want_logprobs
+    for chunk in echo(None) if echo_text and not echo_pending else []:
+        yield chunk
     async for ev in events:
+        if isinstance(ev, Step) and ev.prompt_logprobs is not None:
+            for chunk in echo(ev.prompt_logprobs) if echo_pending else []:
+                yield chunk
+            echo_pending = False
+            continue
         if isinstance(ev, Usage):
             if include_usage:
                 yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,

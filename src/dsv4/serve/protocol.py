@@ -151,8 +151,8 @@ class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    # OpenAI's legacy endpoint defaults to 16 tokens
-    max_tokens: int | None = Field(default=16, ge=1)
+    # OpenAI's legacy endpoint defaults to 16 tokens; 0 with echo scores a prompt (lm-eval's loglikelihood)
+    max_tokens: int | None = Field(default=16, ge=0)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)
@@ -163,6 +163,7 @@ class CompletionRequest(_Request):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool | None = False
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's extension
     best_of: int | None = Field(default=None, ge=1, le=16)
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
@@ -206,7 +207,8 @@ class AnthropicBlock(_Body):
 
 
 class AnthropicMessage(_Body):
-    role: Literal["user", "assistant"]
+    # "system" in the middle of `messages` is what Claude Code sends (system reminders); anthropic.py places it
+    role: Literal["user", "assistant", "system"]
     content: str | list[AnthropicBlock]
 
 
@@ -223,8 +225,14 @@ class AnthropicToolChoice(_Body):
     disable_parallel_tool_use: bool | None = None
 
 
+class AnthropicOutputFormat(_Body):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
 class AnthropicOutputConfig(_Body):
     effort: ReasoningEffort | None = None
+    format: AnthropicOutputFormat | None = None  # structured output (LangChain's ChatAnthropic sends it)
 
 
 class MessagesRequest(_Request):

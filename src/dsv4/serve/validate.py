@@ -208,3 +208,29 @@ def check_anthropic_messages(req: Any) -> None:
             yield f"messages[{i}]", "user", None
 
     check_tool_order(turns())
+
+
+def check_responses(req: Any, messages: list[dict[str, Any]]) -> None:
+    """OpenAI Responses: function tool schemas, a json_schema text format, and function_call_output items answering
+    the function_call items right before them (`messages`: the input translated into chat messages)."""
+    for i, tool in enumerate(req.tools or []):
+        if tool.type == "function" and tool.parameters is not None:
+            check_json_schema(tool.parameters, f"tools[{i}].parameters", object_root=True)
+        for j, member in enumerate(tool.tools or []):  # namespace members
+            if member.parameters is not None:
+                check_json_schema(member.parameters, f"tools[{i}].tools[{j}].parameters", object_root=True)
+    fmt = req.text.format if req.text else None
+    if fmt is not None and fmt.type == "json_schema" and fmt.schema_ is not None:
+        check_json_schema(fmt.schema_, "text.format.schema", object_root=False)
+
+    def turns() -> Iterable[tuple[str, str, Any]]:
+        for i, m in enumerate(messages):
+            where = f"input (message {i} of the conversation)"
+            if m["role"] == "assistant":
+                yield where, "assistant", [tc["id"] for tc in m.get("tool_calls") or []]
+            elif m["role"] == "tool":
+                yield f"{where}: function_call_output call_id", "tool", m.get("tool_call_id")
+            else:
+                yield where, m["role"], None
+
+    check_tool_order(turns())
