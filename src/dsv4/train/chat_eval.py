@@ -9,11 +9,15 @@ Two kinds of generation points (cases) are drawn from conversations of a seed th
 * `call`: tools are declared (tool_choice "auto", no grammar) and the request needs one: the reply must hold a call to
   the tool the request needs, with arguments valid for that tool's JSON schema. Also counted, not required: arguments
   equal to the expected ones (taken from the request), and the split by whether the tool has its family's usual name
-  (read_file, get_weather, ...) or another one (view_file, weather_lookup, ...).
+  (read_file, get_weather, ...) or another one (view_file, weather_lookup, ...), and how often the reply opens a
+  tool-call block at all (`<｜DSML｜tool_calls>`, in call cases and, wrongly, in answer cases): once a block is open,
+  a grammar can hold the rest of it to the schemas.
 
 `score(case, text)` scores a completion text (what follows the generation prompt, special tokens spelled out);
 `run_engine` generates greedily with `dsv4.LLM`; `run_http` sends the same cases to a running server through the
-`openai` SDK (thinking on, or off with `thinking: {"type": "disabled"}`), and scores what the API returns.
+`openai` SDK (thinking on, or off with `thinking: {"type": "disabled"}`), and scores what the API returns; with
+`tool_choice="required"` there, the server's grammar forces a schema-valid call and only the choice of tool and the
+argument values are the model's.
 
     python3 -m dsv4.train.chat_eval [--model DIR] [--calls 100] [--answers 100] [--http-cases 40] [--report FILE]
 
@@ -38,7 +42,7 @@ from typing import Any
 
 import jsonschema
 
-from dsv4.chat.encoding import encode_messages
+from dsv4.chat.encoding import TOOL_CALLS_START, encode_messages
 from dsv4.chat.parser import parse_completion
 from dsv4.chat.tokenizer import THINK_END
 from dsv4.train.chat_data import FAMILIES, generate_conversations, prompt_cases
@@ -90,12 +94,13 @@ def _schema_of(case: Case, name: str) -> dict[str, Any] | None:
 
 
 def score_message(case: Case, content: str, calls: list[dict[str, Any]], closed: bool,
-                  finished: bool) -> dict[str, Any]:
+                  finished: bool, opens_block: bool = False) -> dict[str, Any]:
     """`calls`: [{"name", "arguments" (JSON string)}] as the parser or the API returned them; `finished`: the reply
     ended by itself (EOS), not at max_tokens."""
     has_content = bool(content.strip())
     out: dict[str, Any] = {"kind": case.kind, "mode": case.thinking_mode, "closed_think": closed,
-                           "content": has_content, "finished": finished, "n_calls": len(calls)}
+                           "content": has_content, "finished": finished, "n_calls": len(calls),
+                           "opens_block": opens_block or bool(calls)}
     if case.kind == "answer":
         out["ok"] = closed and has_content and not calls and finished
         out["exact_answer"] = content.strip() == (case.expected.get("content") or "").strip()
@@ -131,7 +136,8 @@ def score(case: Case, text: str, finished: bool) -> dict[str, Any]:
     msg = parse_completion(text, case.thinking_mode, strict=False, tools=case.tools)
     calls = [c["function"] for c in msg.get("tool_calls") or []]
     closed = THINK_END in text if case.thinking_mode == "thinking" else THINK_END not in text
-    return {**score_message(case, msg.get("content") or "", calls, closed, finished), "text": text}
+    opens = TOOL_CALLS_START.strip() in text
+    return {**score_message(case, msg.get("content") or "", calls, closed, finished, opens), "text": text}
 
 
 def run_engine(llm: Any, cases: list[Case], max_tokens: int = 200) -> list[dict[str, Any]]:
@@ -154,8 +160,9 @@ def _openai_messages(case: Case) -> list[dict[str, Any]]:
     return msgs
 
 
-def run_http(base_url: str, cases: list[Case], max_tokens: int = 200, workers: int = 8) -> list[dict[str, Any]]:
-    """The cases through `/v1/chat/completions` with the openai SDK, tool_choice "auto", temperature 0."""
+def run_http(base_url: str, cases: list[Case], max_tokens: int = 200, workers: int = 8,
+             tool_choice: str = "auto") -> list[dict[str, Any]]:
+    """The cases through `/v1/chat/completions` with the openai SDK, temperature 0."""
     from concurrent.futures import ThreadPoolExecutor
 
     import openai
@@ -164,7 +171,7 @@ def run_http(base_url: str, cases: list[Case], max_tokens: int = 200, workers: i
     model = client.models.list().data[0].id
 
     def one(case: Case) -> dict[str, Any]:
-        kw: dict[str, Any] = {"tools": case.tools, "tool_choice": "auto"} if case.tools else {}
+        kw: dict[str, Any] = {"tools": case.tools, "tool_choice": tool_choice} if case.tools else {}
         if case.thinking_mode == "chat":
             kw["extra_body"] = {"thinking": {"type": "disabled"}}
         r = client.chat.completions.create(model=model, messages=_openai_messages(case), temperature=0,
@@ -197,6 +204,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         "answer_exact": frac(answers, "exact_answer"),
         "call_right_tool_schema_valid": frac(calls),
         "call_exact_arguments": frac(calls, "exact_args"),
+        "call_opens_block": frac(calls, "opens_block"),
+        "answer_opens_block_wrongly": frac(answers, "opens_block"),
         "call_usual_tool_names": frac([r for r in calls if r["usual_name"]]),
         "call_other_tool_names": frac([r for r in calls if not r["usual_name"]]),
         "call_thinking_mode": frac([r for r in calls if r["mode"] == "thinking"]),
@@ -238,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--answers", type=int, default=100)
     p.add_argument("--http-cases", type=int, default=0, help="also run this many cases of each kind over HTTP")
+    p.add_argument("--http-required", action="store_true",
+                   help="also run the HTTP call cases with tool_choice 'required' (the grammar writes the call)")
     p.add_argument("--port", type=int, default=0, help="port for the HTTP run (0 = a free one)")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--seed", type=int, default=HELDOUT_SEED)
@@ -270,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
             http_results = run_http(f"http://127.0.0.1:{port}", sub, args.max_tokens)
             report["http"] = summarize(http_results)
             report["http_s"] = round(time.perf_counter() - t0, 1)
+            if args.http_required:
+                forced = run_http(f"http://127.0.0.1:{port}", [c for c in sub if c.kind == "call"], args.max_tokens,
+                                  tool_choice="required")
+                report["http_required"] = {k: v for k, v in summarize(forced).items() if k.startswith("call_")}
+                http_results += [{**r, "tool_choice": "required"} for r in forced]
         finally:
             proc.terminate()
             proc.wait(timeout=60)
