@@ -536,13 +536,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bible", type=Path, default=None, help="KJV JSONL (recipes/make_kjv_corpus.py) to mix in")
     p.add_argument("--bible-chapters", type=int, default=300, help="how many chapters of it (a seeded sample)")
     args = p.parse_args(argv)
+    if args.bible is not None and not args.bible.is_file():
+        print(f"{args.bible} does not exist; make it with python3 recipes/make_kjv_corpus.py", file=sys.stderr)
+        return 1
     records = [conversation_record(c) for c in generate_conversations(args.conversations, args.seed)]
     chars_trained = sum(len(s["text"]) for r in records for s in r["segments"] if s["train"])
     chars_all = sum(len(s["text"]) for r in records for s in r["segments"])
     if args.bible is not None:
-        if not args.bible.is_file():
-            print(f"{args.bible} does not exist; make it with python3 recipes/make_kjv_corpus.py", file=sys.stderr)
-            return 1
         chapters = [json.loads(line) for line in args.bible.read_text(encoding="utf-8").splitlines() if line.strip()]
         picked = random.Random(args.seed + 1).sample(chapters, min(args.bible_chapters, len(chapters)))
         bible_chars = sum(len(c["text"]) for c in picked)
