@@ -85,3 +85,33 @@ def test_tokenizer_keeps_every_v4_special_token():
     assert len({tok.token_to_id(s) for s in specials}) == len(specials)
     ids = tok.encode("<｜User｜>In the beginning", add_special_tokens=False).ids
     assert tok.decode(ids, skip_special_tokens=False) == "<｜User｜>In the beginning"
+
+
+def test_segment_records_train_only_marked_text(tmp_path):
+    from dsv4.train.data import tokenize_documents
+
+    rec = {"segments": [{"text": "<｜User｜>hi<｜Assistant｜></think>", "train": False},
+                        {"text": "hello there<｜end▁of▁sentence｜>", "train": True}]}
+    (tmp_path / "c.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps({"text": "plain doc"}) + "\n")
+    docs = load_documents([tmp_path / "c.jsonl"])
+    assert docs == [[("<｜User｜>hi<｜Assistant｜></think>", False), ("hello there<｜end▁of▁sentence｜>", True)],
+                    "plain doc"]
+    tok = train_tokenizer(["hello there plain doc hi"] * 20, vocab_size=1900)
+    seg_doc, plain = tokenize_documents(tok, docs, bos_id=0, eos_id=1)
+    ctx = tok.encode("<｜User｜>hi<｜Assistant｜></think>", add_special_tokens=False).ids
+    reply = tok.encode("hello there<｜end▁of▁sentence｜>", add_special_tokens=False).ids
+    assert seg_doc.tolist() == [-(i + 1) for i in ctx] + reply  # no BOS/EOS added: the text carries them
+    assert plain[0] == 0 and plain[-1] == 1
+    b = make_batch([seg_doc])
+    ids = ctx + reply
+    assert b.input_ids.tolist() == ids[:-1]
+    assert b.next_ids.tolist() == ids[1:]  # the MTP block reads the true next token, masked or not
+    # targets: only the reply's tokens (the first reply token is the target of the last context token)
+    assert b.targets.tolist() == [IGNORE] * (len(ctx) - 1) + reply
+    assert b.mtp_targets.tolist() == [IGNORE] * (len(ctx) - 2) + reply + [IGNORE]
+
+
+def test_bad_segments_record_says_what_to_fix(tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"segments": [{"text": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match='"train": bool'):
+        load_documents([tmp_path / "bad.jsonl"])

@@ -124,3 +124,22 @@ def test_mtp_weight_drops_when_lr_decay_starts(train_assets, tmp_path):
     recs, _ = read_losses(out)
     assert [r["mtp_weight"] for r in recs] == [0.3, 0.3, 0.1, 0.1]
     assert all(abs(r["loss"] - (r["ce"] + r["mtp_weight"] * r["mtp"] + 1e-4 * r["balance"])) < 1e-9 for r in recs)
+
+
+def test_loss_masked_segments_train(train_assets, tmp_path):
+    """Segment records (dsv4.train.chat_data's format): only the trained pieces are targets, and they are learned."""
+    from tests.train.conftest import synthetic_corpus
+
+    data = tmp_path / "segments.jsonl"
+    with data.open("w") as f:
+        for doc in synthetic_corpus(120, seed=1):
+            head, _, tail = doc.partition(". ")
+            segs = [{"text": "<｜begin▁of▁sentence｜>" + head + ". ", "train": False},
+                    {"text": (tail or head) + "<｜end▁of▁sentence｜>", "train": True}]
+            f.write(json.dumps({"segments": segs}) + "\n")
+    out = tmp_path / "run"
+    assert main(base_args({**train_assets, "data": data}, out, steps=20, lr=1e-2, **{"eval-every": 0})) == 0
+    train, evals = read_losses(out)
+    assert train[-1]["ce"] < train[0]["ce"] - 2.0, (train[0]["ce"], train[-1]["ce"])
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["mtp"]])).all() for r in train)
+    assert evals[-1]["eval_loss"] < train[0]["ce"] - 2.0

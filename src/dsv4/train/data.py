@@ -4,7 +4,14 @@ Shapes: N = tokens in a micro-batch (all its sequences concatenated), B = sequen
 
 A document is one JSONL record's `text`, or one text file (or, with `split="blank_line"`, one blank-line separated
 block of it). Each document becomes `BOS + tokens + EOS` and is cut into chunks of at most `seq_len + 1` tokens that
-overlap by one token (the last input of a chunk is the first target of the next). Every chunk is its own sequence of
+overlap by one token (the last input of a chunk is the first target of the next).
+
+Loss masking (chat / SFT data): a JSONL record may instead hold `"segments": [{"text": str, "train": bool}, ...]`,
+the document's text in order, each piece marked as trained on or context only (e.g. a rendered conversation whose
+assistant replies are the only trained pieces; dsv4.train.chat_data writes such records). Segments are tokenised one
+by one, so their borders should sit at special tokens (where the tokenizer splits anyway); such a document gets no
+BOS/EOS of its own (its text carries them). Inside a chunk, a context-only token is stored as `-(id + 1)`: it is an
+input like any other but never a target (of the next-token or the MTP loss). Every chunk is its own sequence of
 the varlen batch, so attention and KV compression never cross a document boundary (report sec. 4.1: sample-level
 attention masking) and no padding is spent.
 
@@ -45,7 +52,23 @@ def iter_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def load_documents(paths: list[str | Path], split: str = "file", text_key: str = "text") -> list[str]:
+Document = str | list[tuple[str, bool]]  # plain text, or (text, trained) segments
+
+
+def _segments(rec: dict, where: str) -> list[tuple[str, bool]]:
+    segs = rec["segments"]
+    if not isinstance(segs, list) or not segs or not all(
+        isinstance(s, dict) and isinstance(s.get("text"), str) and isinstance(s.get("train"), bool) for s in segs
+    ):
+        raise ValueError(f'{where}: "segments" must be a non-empty list of {{"text": str, "train": bool}} objects')
+    return [(s["text"], s["train"]) for s in segs]
+
+
+def document_text(doc: Document) -> str:
+    return doc if isinstance(doc, str) else "".join(t for t, _ in doc)
+
+
+def load_documents(paths: list[str | Path], split: str = "file", text_key: str = "text") -> list[Document]:
     if split not in {"file", "blank_line"}:
         raise ValueError(f"data split must be 'file' or 'blank_line', got {split!r}")
     docs: list[str] = []
@@ -67,21 +90,47 @@ def load_documents(paths: list[str | Path], split: str = "file", text_key: str =
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{f}:{lineno} is not valid JSON ({e}); JSONL needs one object per line") from e
+                if isinstance(rec, dict) and "segments" in rec:
+                    docs.append(_segments(rec, f"{f}:{lineno}"))
+                    continue
                 if not isinstance(rec, dict) or not isinstance(rec.get(text_key), str):
-                    raise ValueError(f'{f}:{lineno}: each JSONL record needs a string "{text_key}" field')
+                    raise ValueError(
+                        f'{f}:{lineno}: each JSONL record needs a string "{text_key}" field (or "segments")'
+                    )
                 docs.append(rec[text_key])
         else:
             text = f.read_text(encoding="utf-8", errors="replace")
             docs += [b for b in text.split("\n\n") if b.strip()] if split == "blank_line" else [text]
-    return [d for d in docs if d.strip()]
+    return [d for d in docs if document_text(d).strip()]
 
 
-def tokenize_documents(tokenizer, docs: list[str], bos_id: int, eos_id: int) -> list[np.ndarray]:
-    """`tokenizer` is a `tokenizers.Tokenizer`; special-token strings inside the text are NOT interpreted."""
+def tokenize_documents(tokenizer, docs: list[Document], bos_id: int, eos_id: int) -> list[np.ndarray]:
+    """`tokenizer` is a `tokenizers.Tokenizer`; added-token strings in the text (`<｜User｜>`, ...) become their ids.
+
+    Plain documents get BOS/EOS around them; segment documents are taken as they are, their context-only tokens
+    stored as `-(id + 1)`."""
+    plain = [d for d in docs if isinstance(d, str)]
+    encoded = iter(tokenizer.encode_batch(plain, add_special_tokens=False)) if plain else iter(())
     out = []
-    for enc in tokenizer.encode_batch(docs, add_special_tokens=False):
-        out.append(np.asarray([bos_id, *enc.ids, eos_id], dtype=np.int32))
+    for d in docs:
+        if isinstance(d, str):
+            out.append(np.asarray([bos_id, *next(encoded).ids, eos_id], dtype=np.int32))
+            continue
+        pieces = []
+        for text, trained in d:
+            ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+            pieces.append(ids if trained else -(ids + 1))
+        out.append(np.concatenate(pieces))
     return out
+
+
+def is_masked(tokens: np.ndarray) -> np.ndarray:
+    return tokens < 0
+
+
+def token_ids(tokens: np.ndarray) -> np.ndarray:
+    """Ids of a chunk whose context-only tokens are stored as -(id + 1)."""
+    return np.where(tokens < 0, -tokens - 1, tokens)
 
 
 def chunk_documents(docs: list[np.ndarray], seq_len: int) -> list[np.ndarray]:
@@ -108,31 +157,35 @@ def split_heldout(docs: list, fraction: float, seed: int) -> tuple[list, list]:
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # [N] int64
-    targets: torch.Tensor  # [N] int64, next token of each input within its sequence
+    targets: torch.Tensor  # [N] int64, next token of each input within its sequence (IGNORE where context-only)
     mtp_targets: torch.Tensor  # [N] int64, the token after that (IGNORE at each sequence's last input)
     positions: torch.Tensor  # [N] int64, position within its own sequence
     seq_lens: list[int]  # len B
+    next_ids: torch.Tensor  # [N] int64, the next token itself (masked or not): the MTP block's input
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in (self.input_ids, self.targets, self.mtp_targets, self.positions)),
-                     self.seq_lens)
+        moved = [t.to(device) for t in (self.input_ids, self.targets, self.mtp_targets, self.positions)]
+        return Batch(*moved, self.seq_lens, self.next_ids.to(device))
 
 
 def make_batch(chunks: list[np.ndarray]) -> Batch:
-    ids, tgt, mtp, pos = [], [], [], []
-    for c in chunks:
-        c = torch.from_numpy(c.astype(np.int64))
+    ids, tgt, mtp, pos, nxt = [], [], [], [], []
+    for raw in chunks:
+        c = torch.from_numpy(token_ids(raw).astype(np.int64))
+        labels = c.masked_fill(torch.from_numpy(is_masked(raw)), IGNORE)  # context-only tokens are never targets
         n = len(c) - 1
         ids.append(c[:-1])
-        tgt.append(c[1:])
+        nxt.append(c[1:])
+        tgt.append(labels[1:])
         # MTP (depth 1) predicts the token two ahead: at input i, target c[i + 2]; the chunk's last input has none.
-        mtp.append(torch.cat([c[2:], torch.full((1,), IGNORE, dtype=torch.int64)]))
+        mtp.append(torch.cat([labels[2:], torch.full((1,), IGNORE, dtype=torch.int64)]))
         pos.append(torch.arange(n, dtype=torch.int64))
-    return Batch(torch.cat(ids), torch.cat(tgt), torch.cat(mtp), torch.cat(pos), [len(c) - 1 for c in chunks])
+    return Batch(torch.cat(ids), torch.cat(tgt), torch.cat(mtp), torch.cat(pos), [len(c) - 1 for c in chunks],
+                 torch.cat(nxt))
 
 
 class PackedLoader:

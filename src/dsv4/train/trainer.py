@@ -44,8 +44,10 @@ from dsv4.train.config import TrainConfig, config_to_dict, parse_args
 from dsv4.train.data import (
     IGNORE,
     Batch,
+    Document,
     PackedLoader,
     chunk_documents,
+    document_text,
     eval_batches,
     load_documents,
     split_heldout,
@@ -103,7 +105,7 @@ def forward_losses(model, batch: Batch, with_mtp: bool, record_router: bool = Tr
         mtp_logits = None
         if with_mtp:
             # The MTP block sees the main model's mHC streams and the embedding of the *next* token (targets).
-            nxt = ForwardBatch(batch.targets.clamp_min(0), batch.positions, fb.start_pos, fb.seq_lens)
+            nxt = ForwardBatch(batch.next_ids, batch.positions, fb.start_pos, fb.seq_lens)
             mtp_logits = model.forward_mtp(nxt, out.hidden).logits
     return out.logits, mtp_logits, (rec.stats if rec is not None else [])
 
@@ -116,7 +118,7 @@ def gate_biases(model) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer / data
-def prepare_tokenizer(cfg: TrainConfig, mcfg, docs: list[str], rank: int):
+def prepare_tokenizer(cfg: TrainConfig, mcfg, docs: list[Document], rank: int):
     from tokenizers import Tokenizer
 
     if cfg.tokenizer:
@@ -137,7 +139,7 @@ def prepare_tokenizer(cfg: TrainConfig, mcfg, docs: list[str], rank: int):
     if not (out / "tokenizer.json").is_file() and rank == 0:
         from dsv4.train.tokenizer_train import save_tokenizer, train_tokenizer
 
-        save_tokenizer(train_tokenizer(docs, vocab_size=mcfg.vocab_size), out)
+        save_tokenizer(train_tokenizer([document_text(d) for d in docs], vocab_size=mcfg.vocab_size), out)
     _barrier()
     return Tokenizer.from_file(str(out / "tokenizer.json")), out
 
@@ -221,7 +223,8 @@ class Trainer:
         mtp_w = lc.mtp_weight_in_decay if in_decay else lc.mtp_weight
         micro = [self.loader.next_batch() for _ in range(cfg.grad_accum * self.world)]
         mine = micro[self.rank :: self.world]
-        n_tgt = sum(int((b.targets != IGNORE).sum()) for b in micro)
+        # max(1, ...): a step of context-only tokens (possible with loss-masked chat data) has nothing to learn
+        n_tgt = max(1, sum(int((b.targets != IGNORE).sum()) for b in micro))
         n_mtp = max(1, sum(int((b.mtp_targets != IGNORE).sum()) for b in micro))
         n_seq = sum(len(b.seq_lens) for b in micro)
         load = ExpertLoad()
