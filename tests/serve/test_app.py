@@ -266,6 +266,8 @@ def test_api_key() -> None:
     assert r.status_code == 200
     assert client.get("/v1/models", headers={"Authorization": "Bearer sekret"}).json()["data"][0]["id"] == MODEL
     assert client.get("/health").status_code == 200  # probes need no key
+    assert client.get("/version").status_code == 200  # nor does vLLM's version probe
+    assert client.post("/tokenize", json={"model": MODEL, "prompt": "hi"}).status_code == 401  # but the model does
 
 
 def test_overload_is_503_with_retry_after() -> None:

@@ -87,8 +87,9 @@ DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 class _APIKey:
     """The key check as ASGI middleware, so it runs before the body is even read: a client without the key gets 401,
     whatever it sent (a dependency would answer malformed JSON with 400 first). Every path needs the key except
-    `public`: /health always (a liveness probe carries no key and learns only load figures), /metrics and the API
-    docs only when the server is started with --public-metrics / --public-docs (docs/security.md)."""
+    `public`: /health and /version always (probes carry no key and learn only load figures or the version),
+    /metrics and the API docs only when the server is started with --public-metrics / --public-docs
+    (docs/security.md)."""
 
     def __init__(self, app: Any, key: str, public: tuple[str, ...] = ("/health",)) -> None:
         self.app = app
@@ -198,7 +199,8 @@ def create_app(core: ServingCore, api_key: str | None = None,
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     app.state.max_body_bytes = max_body_bytes
     if api_key is not None:
-        public = ("/health",) + (("/metrics",) if public_metrics else ()) + (DOCS_PATHS if public_docs else ())
+        public = ("/health", "/version") + (("/metrics",) if public_metrics else ()) + (
+            DOCS_PATHS if public_docs else ())
         app.add_middleware(_APIKey, key=api_key, public=public)
     if allowed_hosts is not None:  # a rebinding page's requests get no further (guard.py)
         app.add_middleware(HostAllowList, allowed=allowed_hosts, reject=_reject_host)
