@@ -168,6 +168,16 @@ class Load:
         self.statuses[r.status_code] += 1
         return time.perf_counter() - t
 
+    async def until_admitted(self, client: httpx.AsyncClient, busy: asyncio.Task[Any], limit_s: float = 30) -> None:
+        """Wait until the server holds a request (it has been parsed and admitted) or `busy` is done. A fixed sleep
+        here would let a fast machine finish the whole prefill before the first probe."""
+        deadline = time.monotonic() + limit_s
+        while not busy.done() and time.monotonic() < deadline:
+            h = (await client.get(f"{self.server.url}/health")).json()
+            if h.get("running", 0) + h.get("waiting", 0) > 0:
+                return
+            await asyncio.sleep(0.005)
+
     async def probes_while(self, client: httpx.AsyncClient, busy: asyncio.Task[Any], gap: float,
                            start: int) -> tuple[list[float], list[float]]:
         """1-token probes and /health checks, one after another, until `busy` is done."""
@@ -235,7 +245,7 @@ class Load:
 
         async with httpx.AsyncClient(timeout=600, limits=self.limits) as c:
             task = asyncio.ensure_future(asyncio.to_thread(long_request))
-            await asyncio.sleep(0.3)  # let it be parsed and admitted: the probes then meet its prefill
+            await self.until_admitted(c, task)  # the probes then meet its prefill
             lat, health = await self.probes_while(c, task, gap, 1000)
             status, took, used = await task
         return {"long_status": status, "long_prompt_tokens": used, "long_request_s": took, "probe_ms": ms(lat),
