@@ -193,7 +193,41 @@ def _(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit):
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-_recompute_autograd(_routed_experts, ref.routed_experts)
+@torch.library.custom_op("dsv4::routed_experts_backward", mutates_args=())
+def _routed_experts_backward(grad: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                             w1: list[torch.Tensor], w3: list[torch.Tensor], w2: list[torch.Tensor],
+                             shared: list[torch.Tensor], limit: float) -> list[torch.Tensor]:
+    """Gradients [x, weights, *w1, *w3, *w2, *shared] of routed_experts (zeros for experts no token reached).
+    An op of its own: the recomputation syncs on the per-expert counts, which a traced backward cannot."""
+    # torch.func.vjp: a kernel of an op runs below autograd, where torch.autograd would record nothing
+    def fn(x_, weights_, w1_, w3_, w2_, shared_):
+        return ref.routed_experts(x_, ids, weights_, w1_, w3_, w2_, [], shared_, [], limit)
+
+    _, vjp = torch.func.vjp(fn, x, weights, list(w1), list(w3), list(w2), list(shared))
+    gx, gw, g1, g3, g2, gs = vjp(grad)
+    return [gx, gw, *g1, *g3, *g2, *gs]
+
+
+@_routed_experts_backward.register_fake
+def _(grad, x, ids, weights, w1, w3, w2, shared, limit):
+    return [torch.empty_like(t) for t in (x, weights, *w1, *w3, *w2, *shared)]
+
+
+def _experts_setup(ctx, inputs, output) -> None:
+    x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit = inputs
+    ctx.save_for_backward(x, ids, weights, *w1, *w3, *w2, *shared)
+    ctx.n, ctx.n_scales, ctx.n_shared_scales, ctx.limit = len(w1), len(scales), len(shared_scales), limit
+
+
+def _experts_backward(ctx, grad):
+    x, ids, weights, *ws = ctx.saved_tensors
+    n = ctx.n
+    g = _routed_experts_backward(grad, x, ids, weights, ws[:n], ws[n:2 * n], ws[2 * n:3 * n], ws[3 * n:], ctx.limit)
+    return (g[0], None, g[1], g[2:2 + n], g[2 + n:2 + 2 * n], g[2 + 2 * n:2 + 3 * n], [None] * ctx.n_scales,
+            g[2 + 3 * n:], [None] * ctx.n_shared_scales, None)
+
+
+_routed_experts.register_autograd(_experts_backward, setup_context=_experts_setup)
 
 
 @torch.library.custom_op("dsv4::hc_pre", mutates_args=())

@@ -94,7 +94,7 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
     order = torch.argsort(flat, stable=True)  # pairs in expert order; per expert in token order
     # NOTE: the op's one host sync (the sizes of the per-expert slices); a device backend uses a grouped GEMM
     counts = torch.bincount(flat, minlength=n_exp).tolist()
-    if len(counts) > n_exp or (flat.numel() and int(flat.min()) < 0):
+    if len(counts) > n_exp:  # (a negative id already failed in bincount)
         raise ValueError(f"dsv4::routed_experts: expert ids must lie in [0, {n_exp})")
     tok = order // k
     w = weights.flatten()[order].float()
@@ -192,9 +192,13 @@ def _page_rows(block_tables: torch.Tensor, i: torch.Tensor, ratio: int, rows_per
     return page.view_as(i), row.view_as(i)
 
 
-def _query_block(b: int, s: int, per_query: int) -> int:
-    """Queries per block so that b * Q * per_query <= BLOCK_ELEMS (at least 1): a Python-int bound, no sync."""
-    return max(1, min(s, BLOCK_ELEMS // max(1, b * per_query)))
+def _query_block(b: int, s: int, per_query: int, per_query_sq: int = 0) -> int:
+    """Queries per block Q so that b * (Q * per_query + Q^2 * per_query_sq) <= BLOCK_ELEMS (at least 1): shapes
+    only, no sync. (Window logits grow with Q twice: Q queries x (Q + w - 1) keys.)"""
+    q = max(1, min(s, BLOCK_ELEMS // max(1, b * (per_query + per_query_sq))))
+    while q > 1 and b * (q * per_query + q * q * per_query_sq) > BLOCK_ELEMS:
+        q = q * 7 // 8
+    return q
 
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, start: torch.Tensor, lens: torch.Tensor, ring: torch.Tensor,
@@ -228,7 +232,10 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, start: torch.Tensor, len
         page, row = _page_rows(block_tables, e_ids, ratio, entries.shape[1])
         hca_k = entries[page, row]
     n_comp = (n_entries if hca else topk.shape[-1]) if comp else 0
-    qb = _query_block(b, s, max(h * (2 * w + n_comp), (n_comp * c if comp and not hca else 0)))
+    # bounds: logits [B, Q, H, Q + w - 1 + E or k] and CSA's gathered keys [B, Q, k, c]
+    qb = _query_block(b, s, h * (w - 1 + n_comp), h)
+    if comp and not hca:
+        qb = min(qb, _query_block(b, s, n_comp * c))
     sink_f = sink.float()
     parts = []
     for a in range(0, s, qb):
