@@ -127,8 +127,13 @@ class Attention(nn.Module):
         w = self.window
 
         def rows() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            keep = grp.valid & (grp.pos >= grp.end[:, None] - w)  # rows p % w are unique among these
-            return grp.slots[:, None].expand_as(grp.pos)[keep], grp.pos[keep] % w, grp.tok_idx[keep]
+            # positions [max(start, end - w), end) of each sequence (rows p % w are unique among them), from the
+            # host lists: no boolean indexing (a host sync), a fixed shape
+            ends = zip(grp.start_list, grp.end_list)
+            keep = [(b, p) for b, (st, e) in enumerate(ends) for p in range(max(st, e - w), e)]
+            kb = torch.tensor([b for b, _ in keep], dtype=torch.long, device=kv.device)
+            kp = torch.tensor([p for _, p in keep], dtype=torch.long, device=kv.device)
+            return grp.slots[kb], kp % w, grp.tok_idx[kb, kp - grp.start[kb]]
 
         slots, ring_rows, tok = grp.memoize(("ring_rows", w), rows)
         ring = cache.window[self.layer_id]

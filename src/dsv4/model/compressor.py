@@ -153,14 +153,19 @@ class _Layout:
                 self.state_rows = (r if overlap else 0) + p % r
                 self.has_prev = (start // r > 0)[:, None, None, None]
                 page, row = _page_row(grp.block_tables[sel_t], ent, r, page_size)
-                self.done_idx = self.done.nonzero(as_tuple=True)  # once per forward, not per layer (a host sync)
+                # the completed (sequence, block) pairs, from the host lists (no nonzero: no sync, fixed shape)
+                self.done_idx = (torch.tensor([i for i, b in enumerate(sel) for _ in range(nb[b])], dtype=torch.long,
+                                              device=dev),
+                                 torch.tensor([k for b in sel for k in range(nb[b])], dtype=torch.long, device=dev))
                 self.w_page, self.w_row = page[self.done_idx], row[self.done_idx]
                 self.last_rows = (n_blocks - 1)[:, None] * r + torch.arange(r, device=dev)  # [Bs, r]
-        if cached:
-            tail = grp.valid & (grp.pos >= (grp.end // r * r)[:, None])
-            self.tail_tok = grp.tok_idx[tail]
-            self.tail_slots = grp.slots[:, None].expand_as(grp.pos)[tail]
-            self.tail_rows = (r if overlap else 0) + grp.pos[tail] % r
+        if cached:  # the unfinished tail: positions [max(start, end // r * r), end) of each sequence (host lists)
+            tail = [(b, p) for b, (st, e) in enumerate(zip(starts, ends)) for p in range(max(st, e // r * r), e)]
+            tb = torch.tensor([b for b, _ in tail], dtype=torch.long, device=dev)
+            tp = torch.tensor([p for _, p in tail], dtype=torch.long, device=dev)
+            self.tail_tok = grp.tok_idx[tb, tp - grp.start[tb]]
+            self.tail_slots = grp.slots[tb]
+            self.tail_rows = (r if overlap else 0) + tp % r
 
 
 def _page_row(block_tables: torch.Tensor, i: torch.Tensor, r: int, page_size: int

@@ -212,11 +212,14 @@ def _check_cache(config: ModelConfig, cache: KVCache, batch: ForwardBatch) -> No
         return  # sliding-window-only model: no paged entries
     # every page that will hold an entry of this step must be assigned (a -1 would alias page 0)
     bt = batch.block_tables
-    ends = torch.tensor([s + n for s, n in zip(batch.start_pos, batch.seq_lens)], device=bt.device)
-    need = (ends + cache.page_size - 1) // cache.page_size  # [B] pages covering positions < end
-    if int(need.max()) > bt.shape[1]:
+    ends_list = [s + n for s, n in zip(batch.start_pos, batch.seq_lens)]
+    most = -(-max(ends_list) // cache.page_size)  # host ints: no sync (and no graph break under torch.compile)
+    if most > bt.shape[1]:
         raise ValueError(f"block_tables has {bt.shape[1]} columns but a sequence reaches position "
-                         f"{int(ends.max()) - 1}, which needs {int(need.max())} pages of {cache.page_size} tokens")
+                         f"{max(ends_list) - 1}, which needs {most} pages of {cache.page_size} tokens")
+    ends = torch.tensor(ends_list, device=bt.device)
+    need = (ends + cache.page_size - 1) // cache.page_size  # [B] pages covering positions < end
+    # NOTE: reads the block table's values: the one remaining graph break of a compiled step
     cols = torch.arange(bt.shape[1], device=bt.device)
     missing = (cols[None] < need[:, None]) & ((bt < 0) | (bt >= cache.num_pages))
     if bool(missing.any()):
