@@ -172,12 +172,16 @@ class MoE(nn.Module):
 
     def use_native_kernels(self) -> None:
         """Run the experts (after the gate) as one native kernel call (dsv4/kernels; Transformer.use_native_kernels).
-        The kernel reads the expert weights in place; call this again if they are replaced."""
+        The kernel reads the expert weights in place, re-read after a ``load_state_dict(..., assign=True)``."""
+        self._native = kernels.ExpertWeights(*self._expert_tensors(), self.experts[0].limit,
+                                             source=self._expert_tensors)
+
+    def _expert_tensors(self) -> tuple[list[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...] | None]:
         def lins(ex: Expert) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             return ex.w1.weight, ex.w3.weight, ex.w2.weight
 
         shared = lins(self.shared_experts) if self.shared_experts is not None else None
-        self._native = kernels.ExpertWeights([lins(ex) for ex in self.experts], shared, self.experts[0].limit)
+        return [lins(ex) for ex in self.experts], shared
 
     @torch.no_grad()
     def pack(self) -> None:
