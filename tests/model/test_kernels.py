@@ -1,5 +1,7 @@
 """The native CPU kernels (dsv4/kernels) against the PyTorch code they replace, and the model's fast path against its
-PyTorch path. They run wherever the kernels build (a C compiler and AVX-512, as on the CI machines)."""
+PyTorch path. They run wherever the kernels build (a C compiler and AVX-512 or AVX2), every test once per ISA build
+this CPU executes (the test id says which: [avx512] / [avx2]; the others are skipped with the reason; the
+session summary counts both, tests/model/conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from dsv4 import kernels
+from dsv4.kernels import build
 from dsv4.model import hyper
+from dsv4.model.attention import sparse_attention
 from dsv4.model.batch import ForwardBatch
 from dsv4.model.cache import KVCache
 from dsv4.model.moe import MoE
@@ -22,27 +26,40 @@ from tests.conftest import make_tiny_config, random_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.why_unavailable()}")
 
+_BITS = {"avx512": 512, "avx2": 256}
+
+
+@pytest.fixture(params=[i.name for i in build.ISAS], autouse=True)
+def isa(request):
+    """Every test of this file once per ISA build: the wrappers call that build inside."""
+    if request.param not in build.supported_isas():
+        pytest.skip(f"this CPU cannot execute the {request.param} build")
+    with build.use_isa(request.param) as lib:  # a build failure of a CPU-supported ISA fails the test
+        assert lib.dsv4_isa() == _BITS[request.param] and kernels.isa() == request.param
+        yield request.param
+
 
 def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
     err = (a - b).abs().max().item()
     assert err <= rel * max(1.0, b.abs().max().item()), f"max abs diff {err}"
 
 
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k", [(129, 64), (7, 37), (256, 512), (3, 16)])
-def test_linear_matches_torch_and_is_row_invariant(dtype, n, k):
+def test_linear_matches_torch_and_is_row_invariant(dtype, n, k, act):
     g = torch.Generator().manual_seed(n * k)
     w = torch.randn(n, k, generator=g).to(dtype)
-    x = torch.randn(13, k, generator=g)
+    x = torch.randn(13, k, generator=g).to(act)  # bf16 activations: widened, summed in fp32
     y = kernels.linear(x, w)
     assert y.dtype == torch.float32 and y.shape == (13, n)
-    close(y, F.linear(x, w.float()))
+    close(y, F.linear(x.float(), w.float()))
     # below 64 rows a row's result does not depend on the other rows of the call (decode agrees with short chunks)
     for m in (1, 5, 6, 7):
         assert torch.equal(kernels.linear(x[:m], w), y[:m])
     assert torch.equal(kernels.linear(x[-1], w), y[-1])
-    many = torch.randn(100, k, generator=g)  # 64+ rows: torch's BLAS (bf16 widened in chunks) or the micro-kernels
-    close(kernels.linear(many, w), F.linear(many, w.float()))
+    many = torch.randn(100, k, generator=g).to(act)  # 64+ rows: torch's BLAS (bf16 widened in chunks) or the micro-kernels
+    close(kernels.linear(many, w), F.linear(many.float(), w.float()))
 
 
 def test_linear_rejects_bad_weights():
@@ -52,9 +69,10 @@ def test_linear_rejects_bad_weights():
         kernels.linear(torch.randn(2, 8), torch.randn(4, 8, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 3, 40, 400])  # 400 x top-2 of 8: 64+ rows per expert (the BLAS path)
-def test_moe_matches_the_pytorch_experts(dtype, tokens):
+def test_moe_matches_the_pytorch_experts(dtype, tokens, act):
     cfg = make_tiny_config(num_hash_layers=0)
     torch.manual_seed(tokens)
     moe = MoE(cfg, 1, dtype)
@@ -63,36 +81,38 @@ def test_moe_matches_the_pytorch_experts(dtype, tokens):
             p.normal_(0, 0.3)
     ref_moe = copy.deepcopy(moe).float()
     moe.use_native_kernels()
-    x = torch.randn(tokens, cfg.dim) * 3  # large enough that the SwiGLU clamp bites
+    x = (torch.randn(tokens, cfg.dim) * 3).to(act)  # large enough that the SwiGLU clamp bites
     with torch.no_grad():
-        ref = ref_moe(x, None)
-        out = moe(x, None)
-    assert out.dtype == torch.float32
-    close(out, ref)
-    w, ids = ref_moe.gate(x, None)
+        ref = ref_moe(x.float(), None)  # the fp32 computation of the same (bf16-valued) activations
+        w, ids = ref_moe.gate(x.float(), None)
+        out = kernels.moe(x, ids, w, moe._native)
+        assert out.dtype == torch.float32
+        close(out, ref)
+        close(moe(x.float(), None), ref)
     with pytest.raises(ValueError, match="expert ids"):
         kernels.moe(x, torch.full_like(ids, cfg.n_routed_experts), w, moe._native)
 
 
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 9])
-def test_hc_pre_with_norm_and_hc_post_match_pytorch(tokens):
+def test_hc_pre_with_norm_and_hc_post_match_pytorch(tokens, act):
     cfg = make_tiny_config()
     m, d = cfg.hc_mult, cfg.dim
     g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, m, d, generator=g)
+    x = torch.randn(tokens, m, d, generator=g).to(act).float()  # bf16-valued activations, as fp32 for the reference
     fn = torch.randn((2 + m) * m, m * d, generator=g) * 0.05
     base, scale = torch.randn((2 + m) * m, generator=g), 1 + 0.2 * torch.randn(3, generator=g)
     norm = RMSNorm(d, cfg.rms_norm_eps)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.1 * torch.randn(d, generator=g))
         y, post, comb = hyper.hc_pre(x, fn, base, scale, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
-        ny, npost, ncomb = kernels.hc_pre(x, fn, base, scale, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps,
+        ny, npost, ncomb = kernels.hc_pre(x.to(act), fn, base, scale, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps,
                                           norm.weight, norm.eps)
         close(ny, norm(y))
     close(npost, post)
     close(ncomb, comb)
-    f = torch.randn(tokens, d, generator=g)
-    close(kernels.hc_post(f, x, post, comb), hyper.hc_post(f, x, post, comb))
+    f = torch.randn(tokens, d, generator=g).to(act).float()
+    close(kernels.hc_post(f.to(act), x.to(act), post, comb), hyper.hc_post(f, x, post, comb))
     close(ncomb.sum(-2), torch.ones(tokens, m), rel=1e-3)  # doubly stochastic (columns exactly, up to eps)
 
 
@@ -122,22 +142,94 @@ def test_native_bf16_model_keeps_the_dtypes_the_kernels_read():
         close(model(ids), ref(ids), rel=1e-4)
 
 
+def _cached_logits(model, cfg, seq: list[int], cache_dtype: torch.dtype) -> torch.Tensor:
+    """Prefill 20 tokens, then decode one at a time through a KVCache of ``cache_dtype`` -> logits [len(seq)-0, V]."""
+    cache = KVCache(cfg, num_slots=1, num_pages=4, page_size=16, dtype=cache_dtype)
+    rows = []
+    with torch.no_grad():
+        for a, b in [(0, 20)] + [(i, i + 1) for i in range(20, len(seq))]:
+            batch = ForwardBatch(input_ids=torch.tensor(seq[a:b]), positions=torch.arange(a, b), start_pos=[a],
+                                 seq_lens=[b - a], slots=[0], block_tables=torch.arange(4)[None],
+                                 logits_indices=torch.arange(b - a))
+            rows.append(model.forward_batch(batch, cache).logits)
+    return torch.cat(rows)
+
+
 def test_native_incremental_decode_equals_full_forward():
     """Prefill 20 tokens then decode one at a time through the cache == the cache-free forward (native path)."""
     cfg = make_tiny_config()
     model = random_model(cfg).use_native_kernels()
     seq = torch.randint(0, cfg.vocab_size, (36,), generator=torch.Generator().manual_seed(2)).tolist()
-    cache = KVCache(cfg, num_slots=1, num_pages=4, page_size=16, dtype=torch.float32)
-    rows = []
     with torch.no_grad():
         full = model(torch.tensor([seq]))[0]
-        chunks = [(0, 20)] + [(i, i + 1) for i in range(20, len(seq))]
-        for a, b in chunks:
-            batch = ForwardBatch(input_ids=torch.tensor(seq[a:b]), positions=torch.arange(a, b), start_pos=[a],
-                                 seq_lens=[b - a], slots=[0], block_tables=torch.arange(4)[None],
-                                 logits_indices=torch.arange(b - a))
-            rows.append(model.forward_batch(batch, cache).logits)
-    close(torch.cat(rows), full, rel=1e-4)
+    close(_cached_logits(model, cfg, seq, torch.float32), full, rel=1e-4)
+
+
+def test_native_decode_with_a_bf16_cache_matches_the_pytorch_path():
+    """A bf16 KV cache on the native path (ring, entries and indexer keys read as bf16, entries written rounded once)
+    gives the PyTorch path's logits with the same bf16 cache, and stays near the fp32 cache's."""
+    cfg = make_tiny_config()
+    ref = random_model(cfg)
+    model = copy.deepcopy(ref).use_native_kernels()
+    seq = torch.randint(0, cfg.vocab_size, (36,), generator=torch.Generator().manual_seed(5)).tolist()
+    got = _cached_logits(model, cfg, seq, torch.bfloat16)
+    close(got, _cached_logits(ref, cfg, seq, torch.bfloat16), rel=1e-3)
+    assert (got - _cached_logits(model, cfg, seq, torch.float32)).abs().max() > 0  # the cache was bf16 indeed
+
+
+def test_native_experts_follow_a_load_state_dict_with_assign():
+    """load_state_dict(..., assign=True) replaces the expert tensors: the native experts read the new ones."""
+    cfg = make_tiny_config()
+    model = random_model(cfg).use_native_kernels()
+    other = random_model(cfg, seed=7)
+    ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = other(ids)
+        model.load_state_dict(copy.deepcopy(other.state_dict()), assign=True)
+        close(model(ids), want, rel=1e-4)
+
+
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h,c", [(8, 64), (6, 36)])  # c a multiple of the vector width (4-head pass) or not
+def test_chunk_attention_matches_sparse_attention(cache_dtype, act, h, c):
+    """kernels.chunk_attention over the window ring + the chunk's own keys + gathered entries == the model's
+    sparse_attention on the same keys (fp32 computation of the stored values), per query, padding rows zero."""
+    g = torch.Generator().manual_seed(h * c)
+    b, s, w, n_ent, e = 3, 5, 8, 40, 6
+    q = torch.randn(b, s, h, c, generator=g).to(act)
+    kv = torch.randn(b, s, c, generator=g).to(act)
+    ring = torch.randn(4, w, c, generator=g).to(cache_dtype)
+    entries = torch.randn(n_ent, c, generator=g).to(cache_dtype)
+    rows = torch.randint(0, n_ent, (b, s, e), generator=g)
+    rows[0, 1, 2:] = -1  # fewer picks than E
+    rows[2, :, :] = -1  # no compressed keys at all
+    start, lens = torch.tensor([0, 3, 20]), torch.tensor([5, 2, 4])  # window partly, or wholly, from the ring
+    slots, sink = torch.tensor([2, 0, 3]), torch.randn(h, generator=g)
+    out = kernels.chunk_attention(q, kv, start, lens, ring, slots, entries, rows, sink, c ** -0.5)
+    assert out.shape == (b, s, h, c) and out.dtype == torch.float32
+    for i in range(b):
+        for j in range(s):
+            if j >= lens[i]:
+                assert out[i, j].abs().max() == 0
+                continue
+            t = int(start[i]) + j
+            win = [kv[i, p - start[i]].float() if p >= start[i] else ring[slots[i], p % w].float()
+                   for p in range(max(0, t - w + 1), t + 1)]
+            comp = [entries[r].float() for r in rows[i, j].tolist() if r >= 0]
+            raw = torch.stack(win)[None]  # [1, W', c]
+            ck = torch.stack(comp)[None] if comp else None  # [1, E', c]
+            want = sparse_attention(q[i, j].float()[None, None], raw, torch.ones(1, 1, raw.shape[1], dtype=torch.bool),
+                                    ck, torch.ones(1, 1, len(comp), dtype=torch.bool) if comp else None, False,
+                                    sink, c ** -0.5)[0, 0]
+            close(out[i, j], want)
+
+
+def test_chunk_attention_refuses_an_fp16_cache_clearly():
+    q, kv = torch.randn(1, 1, 2, 16), torch.randn(1, 1, 16)
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        kernels.chunk_attention(q, kv, torch.tensor([4]), torch.tensor([1]), torch.zeros(1, 8, 16, dtype=torch.half),
+                                torch.tensor([0]), None, None, torch.zeros(2), 0.25)
 
 
 def test_unavailable_kernels_say_why_and_the_model_refuses_clearly():
@@ -152,21 +244,23 @@ def test_unavailable_kernels_say_why_and_the_model_refuses_clearly():
     assert "refused: dsv4 native CPU kernels are unavailable" in out and "native_kernels=False" in out
 
 
-def test_indexer_topk_matches_select_reading_keys_from_pages():
-    """kernels.indexer_topk (keys read in place through the block table) picks what Indexer.select picks."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_indexer_topk_matches_select_reading_keys_from_pages(dtype):
+    """kernels.indexer_topk (keys read in place through the block table, fp32 or bf16) picks what Indexer.select
+    picks."""
     from dsv4.model.indexer import Indexer
 
     cfg = make_tiny_config(index_topk=5)
     ind = Indexer(cfg, torch.float32)
     g = torch.Generator().manual_seed(3)
     b, h, i, r, page = 3, cfg.index_n_heads, cfg.index_head_dim, 4, 16
-    pages = torch.randn(10, page // r, i, generator=g)  # the cache's idx_entries of one layer
+    pages = torch.randn(10, page // r, i, generator=g).to(dtype)  # the cache's idx_entries of one layer
     tables = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(b)])  # [B, 4 pages]
     q, w = torch.randn(b, h, i, generator=g), torch.randn(b, h, generator=g)
     vis = torch.tensor([3, 11, 16])  # fewer than k, more than k, all entries of the 4 pages
     e = torch.arange(16)
     keys = pages[tables.gather(1, (e * r // page)[None].expand(b, -1)), (e * r % page) // r]  # [B, 16, I]
-    want = ind.select(q[:, None], w[:, None], keys, vis[:, None])[:, 0]
+    want = ind.select(q[:, None], w[:, None], keys.float(), vis[:, None])[:, 0]
     got = kernels.indexer_topk(q, w, pages, tables, r, vis, want.shape[1])
     assert got.shape == want.shape
     for row_got, row_want in zip(got.tolist(), want.tolist()):
