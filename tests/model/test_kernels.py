@@ -58,7 +58,8 @@ def test_linear_matches_torch_and_is_row_invariant(dtype, n, k, act):
     for m in (1, 5, 6, 7):
         assert torch.equal(kernels.linear(x[:m], w), y[:m])
     assert torch.equal(kernels.linear(x[-1], w), y[-1])
-    many = torch.randn(100, k, generator=g).to(act)  # 64+ rows: torch's BLAS (bf16 widened in chunks) or the micro-kernels
+    # 64+ rows: torch's BLAS (bf16 widened in chunks) or the micro-kernels
+    many = torch.randn(100, k, generator=g).to(act)
     close(kernels.linear(many, w), F.linear(many.float(), w.float()))
 
 
@@ -106,8 +107,8 @@ def test_hc_pre_with_norm_and_hc_post_match_pytorch(tokens, act):
     with torch.no_grad():
         norm.weight.copy_(1 + 0.1 * torch.randn(d, generator=g))
         y, post, comb = hyper.hc_pre(x, fn, base, scale, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
-        ny, npost, ncomb = kernels.hc_pre(x.to(act), fn, base, scale, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps,
-                                          norm.weight, norm.eps)
+        ny, npost, ncomb = kernels.hc_pre(x.to(act), fn, base, scale, cfg.hc_sinkhorn_iters, cfg.hc_eps,
+                                          cfg.rms_norm_eps, norm.weight, norm.eps)
         close(ny, norm(y))
     close(npost, post)
     close(ncomb, comb)
@@ -287,3 +288,23 @@ def test_argmax_rows_is_torch_max_indices():
     x[2, 3] = float("nan")  # a NaN wins, like torch.max
     x[3] = 0.0
     assert kernels.argmax_rows(x).tolist() == x.max(dim=-1).indices.tolist()
+
+
+def test_engine_runs_the_native_path_on_a_bf16_kv_cache():
+    """LLM(kv_cache_dtype="bfloat16") on the native path: a bf16 cache (half the fp32 bytes), and the greedy tokens
+    of the PyTorch path on the same bf16 cache."""
+    from dsv4.engine.llm import LLM
+    from dsv4.engine.sampling import SamplingParams
+
+    cfg = make_tiny_config()
+    ref = random_model(cfg)
+    native = copy.deepcopy(ref).use_native_kernels()
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (5, 23)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    opts = dict(page_size=16, max_num_seqs=2, cache_memory_gb=0.02, kv_cache_dtype="bfloat16")
+    got = LLM(native, native_kernels=True, **opts)
+    assert got.engine.cache.window[0].dtype == torch.bfloat16 and got.engine.cache.entries[1].dtype == torch.bfloat16
+    want = LLM(ref, native_kernels=False, **opts)
+    assert ([o.outputs[0].token_ids for o in got.generate(prompts, params)]
+            == [o.outputs[0].token_ids for o in want.generate(prompts, params)])

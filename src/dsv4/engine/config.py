@@ -26,6 +26,9 @@ class EngineConfig:
     # activations. None = on when LLM loads the checkpoint itself onto the CPU and the kernels build here (a model
     # object you pass is never converted unless you ask with True); True = required; False = PyTorch path.
     native_kernels: bool | None = None
+    # dtype of the KV cache ("float32" / "bfloat16"); None = the model's activation dtype (fp32 on the native path).
+    # "bfloat16" halves the KV memory; the native kernels read it in place (docs/architecture.md sec 6).
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -45,6 +48,8 @@ class EngineConfig:
             raise bad("max_model_len", "it must be >= 2")
         if self.max_prefix_snapshots < 1:
             raise bad("max_prefix_snapshots", "it must be >= 1 (disable prefix caching with enable_prefix_caching)")
+        if self.kv_cache_dtype not in (None, "float32", "bfloat16"):
+            raise bad("kv_cache_dtype", "it must be None (the model's dtype), 'float32' or 'bfloat16'")
         if self.prefix_snapshot_interval < 1:
             raise bad("prefix_snapshot_interval", "it must be >= 1 page")
 
