@@ -4,14 +4,20 @@ called through ctypes: linear layers (the output head, attention projections), t
 tokens and prefill chunks), the Lightning Indexer's top-k, the compressors' decode update, and the greedy argmax.
 ``Transformer.use_native_kernels`` switches a model onto them; docs/architecture.md sec 6 describes the path.
 
-They are built on first use with the system C compiler (``cc -O3 -march=native -fopenmp``; about 2 s) into
-``$DSV4_KERNEL_CACHE`` (default ``~/.cache/dsv4/kernels``), keyed by the source and the CPU. When that is not
-possible (no compiler, no AVX-512, or ``DSV4_NATIVE_KERNELS=0``) :func:`available` is False, :func:`why_unavailable`
-says why, and the model keeps its plain-PyTorch path: the kernels are a speed-up, never a requirement.
+``build.py`` compiles them once per machine with the system C compiler (an AVX-512 and an AVX2 build from one
+source, picked from the CPU flags; ``DSV4_KERNEL_ISA=avx512|avx2`` forces one) into ``$DSV4_KERNEL_CACHE`` (default
+``~/.cache/dsv4/kernels``), under a file lock, a failed build cached with its reason (``DSV4_KERNEL_REBUILD=1``
+retries). When that is not possible (no compiler, neither ISA, or ``DSV4_NATIVE_KERNELS=0``) :func:`available` is
+False, :func:`why_unavailable` says why, and the model keeps its plain-PyTorch path: the kernels are a speed-up,
+never a requirement. :func:`isa` names the build in use.
 
-Numerics: fp32 activations and sums; weights are read in place (bf16 or fp32, row-major), a bf16 weight widened
-exactly. Results equal the PyTorch fp32 path up to summation order (tests/model/test_kernels.py). Products with 64 or
-more rows go to the BLAS ``sgemm`` in torch's own library when it exports one (``DSV4_KERNEL_BLAS=0``: never).
+Numerics: activations fp32 or bf16 (widened), every sum fp32, results fp32; weights are read in place (bf16 or fp32,
+row-major), a bf16 weight widened exactly; the KV cache (window ring, compressed entries, indexer keys) is read in
+place in fp32 or bf16, and the compressor writes its entries rounded once to the pages' dtype, as the PyTorch path
+does. Results equal the PyTorch fp32 computation of the same stored values up to summation order
+(tests/model/test_kernels.py, once per ISA build). Products with 64 or more rows go to the BLAS ``sgemm`` in torch's
+own library when it exports one (``DSV4_KERNEL_BLAS=0``: never). Not here: the build and the ctypes signatures
+(``build.py``), any choice of when the model uses the kernels.
 Shape legend: M rows (tokens), K in-features, N out-features, D dim, F expert dim.
 """
 

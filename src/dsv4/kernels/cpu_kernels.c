@@ -1,12 +1,18 @@
-/* dsv4 native CPU kernels (x86-64 with AVX-512F): the inference hot spots of the plain-PyTorch model, fused.
+/* dsv4 native CPU kernels (x86-64, AVX-512 F/BW/DQ/VL or AVX2 + FMA + F16C): the inference hot spots of the
+ * plain-PyTorch model, fused.
  *
- * Built on first use by dsv4/kernels/__init__.py with the system C compiler (-O3 -march=native -fopenmp) and called
- * through ctypes; the model keeps its PyTorch path when this cannot be built. Each kernel computes what the PyTorch
- * code at its call site computes, in fp32, and is tested against it (tests/model/test_kernels.py).
+ * Built once per machine by dsv4/kernels/build.py with the system C compiler (-O3 -fopenmp + one ISA's flags; one
+ * library per ISA, picked at load from the CPU flags) and called through ctypes; the model keeps its PyTorch path when
+ * this cannot be built. The vector code is written against simd.h (VL lanes: 16 with AVX-512, 8 with AVX2), so both
+ * builds come from this one source. Each kernel computes what the PyTorch code at its call site computes, in fp32,
+ * and is tested against it under each build (tests/model/test_kernels.py).
  *
  * Weights are read in place, row-major [N, K], in bf16 or fp32 (a bf16 weight is widened exactly); activations and
- * sums are fp32. Up to 63 rows, one output element is 16 FMA lane sums over k (ascending) reduced in a fixed order,
- * whatever the number of rows; from 64 rows the BLAS sgemm of torch's own library does the product when available.
+ * sums are fp32 (the wrappers widen bf16 activations). The KV cache (window ring, compressed entries, indexer keys)
+ * is read in place in fp32 or bf16 (dtype codes DSV4_F32 = 0 / DSV4_BF16 = 1, simd.h). Up to 63 rows, one output
+ * element is VL FMA lane sums over k (ascending) reduced in a fixed order, whatever the number of rows (so the two
+ * builds differ only in summation order); from 64 rows the BLAS sgemm of torch's own library does the product when
+ * available.
  *
  * Threads: OpenMP, sharing torch's libgomp (same soname, so one pool); the caller passes torch's thread count.
  */
