@@ -1,14 +1,14 @@
-"""Microbenchmark of the native CPU kernels' two decode hot spots, per ISA build, against the plain-PyTorch
-computation in the same run: the routed + shared experts (``kernels.moe``) for a few tokens and decode attention
-(``kernels.chunk_attention`` with S = 1) over a window ring and gathered compressed entries. Medians of repeated
-timed calls (the machine is shared); the last stdout line is JSON.
+"""Microbenchmark of the native CPU kernels' two decode hot spots, the ISA builds this CPU runs measured against each
+other in the same run (calls interleaved, so a shared machine's load hits every build alike): the routed + shared
+experts (``kernels.moe``) for 1, 4 and 16 tokens, and decode attention (``kernels.chunk_attention`` with S = 1) over a
+window ring and gathered compressed entries in an fp32 and a bf16 cache. Medians; the last stdout line is JSON.
 
-    PYTHONPATH=src python3 benchmarks/bench_kernels.py [--isa avx512,avx2] [--threads 1] [--reps 30]
+    PYTHONPATH=src python3 benchmarks/bench_kernels.py [--isa avx512,avx2] [--threads 1] [--reps 40] [--clock cpu]
 
-Workload (bf16 weights, read in place): experts dim 2048, expert dim 1024, 16 routed experts top-6 + 1 shared, 1 and 4
-tokens; attention: 4 sequences x 64 heads x head_dim 512, window 128 + 512 compressed entries (V4-Flash's attention
-shapes; fewer experts so the weights fit a shared machine). Not measured here: prefill-sized products (those go to
-torch's BLAS).
+Workload (bf16 weights, read in place): experts dim 2048, expert dim 1024, 16 routed experts top-6 + 1 shared;
+attention: 4 sequences x 64 heads x head_dim 512, window 128 + 512 compressed entries (V4-Flash's attention shapes;
+fewer experts so the weights fit a shared machine). Not measured here: prefill-sized products (those go to torch's
+BLAS) and the PyTorch path (``dsv4 bench`` compares the engine on both paths).
 """
 
 from __future__ import annotations
@@ -21,17 +21,6 @@ import time
 import torch
 
 from dsv4 import kernels
-
-
-def median_ms(fn, reps: int, clock=time.perf_counter) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = clock()
-        fn()
-        times.append((clock() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def experts_case(tokens: int, cache_dtype: torch.dtype):
@@ -69,7 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--isa", default="", help="comma-separated ISA builds to run (default: every one this CPU runs)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--cache-dtypes", default="float32,bfloat16")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: this thread's CPU time (with --threads 1: robust to a loaded machine)")
@@ -79,20 +68,24 @@ def main() -> None:
     build = getattr(kernels, "build", None)
     isas = [i for i in args.isa.split(",") if i] or (build.supported_isas() if build else ["default"])
     dtypes = [getattr(torch, n) for n in args.cache_dtypes.split(",")]
+    cases = {f"experts_t{t}": (lambda t=t: experts_case(t, torch.bfloat16)) for t in (1, 4, 16)}
+    cases.update({f"decode_attn_{str(dt)[6:]}": (lambda dt=dt: attention_case(dt)) for dt in dtypes})
     results = {}
-    for isa in isas:
-        ctx = build.use_isa(isa) if build else _null()
-        with ctx:
-            for tokens in (1, 4):
-                results[f"{isa}/experts_t{tokens}_ms"] = median_ms(experts_case(tokens, torch.bfloat16), args.reps, clock)
-            for dt in dtypes:
-                try:
-                    fn = attention_case(dt)
+    for case, make in cases.items():
+        fn = make()  # one set of tensors; the build called is the one active at call time
+        for isa in isas:
+            with build.use_isa(isa) if build else _null():
+                for _ in range(3):
+                    fn()  # warm-up
+        times = {isa: [] for isa in isas}
+        for _ in range(args.reps):  # interleaved: each rep runs every build once
+            for isa in isas:
+                with build.use_isa(isa) if build else _null():
+                    t0 = clock()
                     fn()
-                except ValueError as e:  # a build that cannot read this cache dtype
-                    print(f"{isa}: attention with a {dt} cache: skipped ({e})")
-                    continue
-                results[f"{isa}/decode_attn_{str(dt)[6:]}_ms"] = median_ms(fn, args.reps, clock)
+                    times[isa].append((clock() - t0) * 1e3)
+        for isa in isas:
+            results[f"{isa}/{case}_ms"] = statistics.median(times[isa])
     for name, v in results.items():
         print(f"{name:40s} {v:9.3f} ms (median)")
     if len(isas) == 2:
