@@ -367,25 +367,56 @@ void dsv4_hc_pre(const float *x, int64_t N, int64_t M, int64_t D, const float *f
 
 /* ---------------------------------------------------------------- decode attention (model/attention.py) */
 
+/* a key of the attention: fp32 or bf16 (bf: widened exactly as it is loaded; the fp32 code is the original one) */
+static inline vf load_key(const void *key, int bf, int64_t i) {
+    return bf ? vload_bf16((const bf16 *)key + i) : vload((const float *)key + i);
+}
+
+/* a . key over n: dot() for an fp32 key, the same order for a bf16 one */
+static inline float dot_key(const float *a, const void *key, int bf, int64_t n) {
+    if (!bf) return dot(a, (const float *)key, n);
+    const bf16 *k = key;
+    vf acc = vzero();
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) acc = vfma(vload(a + i), vload_bf16(k + i), acc);
+    float s = vsum(acc);
+    for (; i < n; i++) s += a[i] * bf16_to_f32(k[i]);
+    return s;
+}
+
+/* o[0..c) += p * key */
+static inline void axpy_key(float *o, float p, const void *key, int bf, int64_t c) {
+    if (!bf) {
+        const float *k = key;
+        for (int64_t i = 0; i < c; i++) o[i] += p * k[i];
+        return;
+    }
+    const bf16 *k = key;
+    vf pv = vset1(p);
+    int64_t i = 0;
+    for (; i + VL <= c; i += VL) vstore(o + i, vfma(pv, vload_bf16(k + i), vload(o + i)));
+    for (; i < c; i++) o[i] += p * bf16_to_f32(k[i]);
+}
+
 /* Attention of a chunk of S query tokens per sequence (S = 1: decode), as attention.sparse_attention computes it:
  * out[b, s, h] = softmax([q.k for the window keys, q.k for the compressed keys, sink[h]]) without the sink column,
  * times the same keys (K = V: one shared KV head, so each key is read once for all heads). Query s of sequence b sits
  * at t = start[b] + s (s < len[b]; later rows are padding and get zeros). Window keys: positions max(0, t-w+1) .. t,
  * from the chunk's own keys kv [B, S, c] for positions >= start[b], else from the ring (row slot[b] * w + p % w,
  * written before this chunk). Compressed keys: rows ent_rows[b, s, 0..E) of `entries` [*, c], -1 = none. The ring
- * and the entries are fp32 or bf16 (ring_dt, ent_dt: DSV4_F32 / DSV4_BF16); a bf16 key is widened exactly into a
- * per-thread fp32 copy once per query (then read by every head), so the sums are the fp32 ones either way. */
+ * and the entries are fp32 or bf16 (ring_dt, ent_dt: DSV4_F32 / DSV4_BF16); a bf16 key is read as stored and widened
+ * exactly in registers (half the bytes of an fp32 cache), so the sums are the fp32 ones either way. */
 void dsv4_chunk_attn(const float *q, const float *kv, int64_t B, int64_t S, int64_t H, int64_t c, const int64_t *start,
                      const int64_t *len, const void *ring, int ring_dt, int64_t w, const int64_t *slots,
                      const void *entries, int ent_dt, const int64_t *ent_rows, int64_t E, const float *sink,
                      float scale, float *out, int nthreads) {
-    int par = nthreads > 1 && B * S >= 2, wide = ring_dt == DSV4_BF16 || ent_dt == DSV4_BF16;
+    int par = nthreads > 1 && B * S >= 2;
     int64_t es_ring = ring_dt == DSV4_BF16 ? 2 : 4, es_ent = ent_dt == DSV4_BF16 ? 2 : 4;
 #pragma omp parallel num_threads(par ? nthreads : 1)
     {
         float *logit = malloc((size_t)H * (w + E) * sizeof(float) + 64), *mx = malloc((size_t)H * sizeof(float));
-        const float **keys = malloc((size_t)(w + E) * sizeof(float *));
-        float *widened = wide ? malloc((size_t)(w + E) * c * sizeof(float) + 64) : NULL; /* bf16 keys as fp32 */
+        const void **keys = malloc((size_t)(w + E) * sizeof(void *));
+        char *kbf = malloc((size_t)(w + E) + 64); /* per key: 1 = bf16 (read as stored), 0 = fp32 */
 #pragma omp for schedule(static) collapse(2)
         for (int64_t b = 0; b < B; b++)
             for (int64_t s = 0; s < S; s++) {
@@ -394,32 +425,29 @@ void dsv4_chunk_attn(const float *q, const float *kv, int64_t B, int64_t S, int6
                 if (s >= len[b]) continue;
                 int64_t t = start[b] + s, nk = 0, p0 = t - w + 1 < 0 ? 0 : t - w + 1;
                 for (int64_t p = p0; p <= t; p++, nk++) {
-                    if (p >= start[b]) {
-                        keys[nk] = kv + (b * S + p - start[b]) * c;
-                        continue;
-                    }
-                    const char *src = (const char *)ring + (slots[b] * w + p % w) * c * es_ring;
-                    keys[nk] = ring_dt == DSV4_BF16 ? widened + nk * c : (const float *)src;
-                    if (ring_dt == DSV4_BF16) widen_bf16((const bf16 *)src, c, widened + nk * c);
+                    int own = p >= start[b];
+                    keys[nk] = own ? (const void *)(kv + (b * S + p - start[b]) * c)
+                                   : (const char *)ring + (slots[b] * w + p % w) * c * es_ring;
+                    kbf[nk] = !own && ring_dt == DSV4_BF16;
                 }
                 const int64_t *rows = ent_rows ? ent_rows + (b * S + s) * E : NULL;
                 for (int64_t e = 0; e < E; e++) {
                     if (rows[e] < 0) continue;
-                    const char *src = (const char *)entries + rows[e] * c * es_ent;
-                    keys[nk] = ent_dt == DSV4_BF16 ? widened + nk * c : (const float *)src;
-                    if (ent_dt == DSV4_BF16) widen_bf16((const bf16 *)src, c, widened + nk * c);
-                    nk++;
+                    keys[nk] = (const char *)entries + rows[e] * c * es_ent;
+                    kbf[nk++] = ent_dt == DSV4_BF16;
                 }
                 const float *qb = q + (b * S + s) * H * c;
                 for (int64_t h = 0; h < H; h++) mx[h] = sink[h];
                 for (int64_t j = 0; j < nk; j++) {
                     int64_t h = 0;
+                    const void *key = keys[j];
+                    int bf = kbf[j];
                     if (c % VL == 0)
                         for (; h + 4 <= H; h += 4) { /* four heads per pass: one key load, one 4-way sum */
                             const float *q0 = qb + h * c;
                             vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
                             for (int64_t i = 0; i < c; i += VL) {
-                                vf kvv = vload(keys[j] + i);
+                                vf kvv = load_key(key, bf, i);
                                 a0 = vfma(vload(q0 + i), kvv, a0);
                                 a1 = vfma(vload(q0 + c + i), kvv, a1);
                                 a2 = vfma(vload(q0 + 2 * c + i), kvv, a2);
@@ -433,7 +461,7 @@ void dsv4_chunk_attn(const float *q, const float *kv, int64_t B, int64_t S, int6
                             }
                         }
                     for (; h < H; h++) {
-                        float l = logit[h * nk + j] = dot(qb + h * c, keys[j], c) * scale;
+                        float l = logit[h * nk + j] = dot_key(qb + h * c, key, bf, c) * scale;
                         mx[h] = l > mx[h] ? l : mx[h];
                     }
                 }
@@ -443,15 +471,12 @@ void dsv4_chunk_attn(const float *q, const float *kv, int64_t B, int64_t S, int6
                     for (int64_t j = 0; j < nk; j++) lh[j] /= den;
                 }
                 for (int64_t j = 0; j < nk; j++)
-                    for (int64_t h = 0; h < H; h++) {
-                        float pj = logit[h * nk + j], *o = ob + h * c;
-                        for (int64_t i = 0; i < c; i++) o[i] += pj * keys[j][i];
-                    }
+                    for (int64_t h = 0; h < H; h++) axpy_key(ob + h * c, logit[h * nk + j], keys[j], kbf[j], c);
             }
         free(logit);
         free(mx);
         free(keys);
-        free(widened);
+        free(kbf);
     }
 }
 
