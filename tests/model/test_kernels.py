@@ -308,3 +308,35 @@ def test_engine_runs_the_native_path_on_a_bf16_kv_cache():
     want = LLM(ref, native_kernels=False, **opts)
     assert ([o.outputs[0].token_ids for o in got.generate(prompts, params)]
             == [o.outputs[0].token_ids for o in want.generate(prompts, params)])
+
+
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_attention_in_and_out_match_the_pytorch_lines(wdtype, act):
+    """kernels.attention_in / attention_out == Attention.forward's projection lines (fp32 computation of the same
+    stored weights and bf16-valued activations), 7 tokens."""
+    from dsv4.model.attention import Attention
+    from dsv4.model.norm import rms_unweighted
+    from dsv4.model.rope import apply_rope
+
+    cfg = make_tiny_config()
+    attn = random_model(cfg, dtype=wdtype).layers[1].attn
+    assert isinstance(attn, Attention)
+    ref = copy.deepcopy(attn).float()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(7, cfg.dim, generator=g).to(act).float()
+    cos, sin = attn.rotary.cos_sin(torch.arange(100, 107))
+    h, c = attn.n_heads, attn.head_dim
+    with torch.no_grad():
+        qr = ref.q_norm(ref.wq_a(x))
+        q = apply_rope(rms_unweighted(ref.wq_b(qr).unflatten(-1, (h, c)), ref.eps), cos[:, None], sin[:, None])
+        kv = apply_rope(ref.kv_norm(ref.wkv(x)), cos, sin)
+        got = kernels.attention_in(x.to(act), attn.wq_a.weight, attn.q_norm.weight, attn.wq_b.weight, h,
+                                   attn.wkv.weight, attn.kv_norm.weight, cos, sin, attn.eps)
+        for a, b in zip(got, (qr, q, kv)):
+            close(a, b)
+        o = torch.randn(7, h, c, generator=g).to(act).float()
+        oo = apply_rope(o, cos[:, None], sin[:, None], inverse=True).reshape(7, attn.n_groups, -1)
+        wo_a = ref.wo_a.weight.view(attn.n_groups, attn.o_lora_rank, -1)
+        want = ref.wo_b(torch.einsum("ngd,grd->ngr", oo, wo_a).flatten(1))
+        close(kernels.attention_out(o.to(act), cos, sin, attn.wo_a.weight, attn.n_groups, attn.wo_b.weight), want)
