@@ -340,3 +340,43 @@ def test_attention_in_and_out_match_the_pytorch_lines(wdtype, act):
         wo_a = ref.wo_a.weight.view(attn.n_groups, attn.o_lora_rank, -1)
         want = ref.wo_b(torch.einsum("ngd,grd->ngr", oo, wo_a).flatten(1))
         close(kernels.attention_out(o.to(act), cos, sin, attn.wo_a.weight, attn.n_groups, attn.wo_b.weight), want)
+
+
+@pytest.mark.parametrize("pages_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ratio", [4, 16])  # CSA (overlapping blocks) and HCA
+def test_compress_decode_matches_the_pytorch_compressor(ratio, pages_dtype):
+    """kernels.compress_decode (Compressor.decode_native) == Compressor.project + group_entries for decode steps:
+    the same tail state (fp32) and the same entry pages (fp32, or bf16 rounded once: at most one bf16 step apart)."""
+    from dsv4.model.batch import BatchPlan
+    from dsv4.model.compressor import Compressor
+    from dsv4.model.rope import Rotary
+
+    cfg = make_tiny_config()
+    comp = Compressor(cfg.dim, cfg.head_dim, ratio, cfg.rms_norm_eps)
+    g = torch.Generator().manual_seed(ratio)
+    with torch.no_grad():
+        for p in comp.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    rotary = Rotary.for_ratio(cfg, ratio)
+    page, n_pages, b = 16, 8, 2
+    tables = torch.tensor([[5, 1, 6, 2], [0, 7, 3, 4]])  # [B, 4 pages]
+    coff = 2 if comp.overlap else 1  # the cache's tail state: [slots, (kv, z), coff * r rows, coff * c]
+    state = torch.zeros(3, 2, coff * ratio, coff * cfg.head_dim)
+    pages = torch.zeros(n_pages, page // ratio, cfg.head_dim, dtype=pages_dtype)
+    ref_state, ref_pages = state.clone(), pages.clone()
+    for pos in range(2 * ratio + 3):  # several blocks complete (and, for CSA, overlap the previous one)
+        batch = ForwardBatch.from_sequences([[1], [2]], start_pos=[pos, pos], slots=[2, 0], block_tables=tables)
+        grp = BatchPlan(batch, torch.device("cpu"), True).groups[0]
+        x = torch.randn(b, cfg.dim, generator=g)
+        with torch.no_grad():
+            comp.decode_native(x, grp, rotary, state, pages)
+            kv, z = comp.project(x, batch.positions)
+            comp.group_entries(kv, z, grp, rotary, x.dtype, None, ref_state, ref_pages, page, read=False)
+        close(state, ref_state)
+        if pages_dtype == torch.float32:
+            close(pages, ref_pages)
+        else:  # the fp32 entries differ in their last bits; rounded to bf16 they agree up to one step
+            diff = (pages.float() - ref_pages.float()).abs()
+            assert (diff <= ref_pages.float().abs() * 2 ** -7 + 1e-30).all()
+            assert (diff == 0).float().mean() > 0.95  # rounded to nearest like .to(bfloat16), not truncated
+    assert pages.float().abs().sum() > 0  # entries were written
