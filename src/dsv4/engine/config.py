@@ -27,6 +27,10 @@ class EngineConfig:
     # PyTorch ops; None = the ops' default table (native). A checkpoint LLM loads onto a CPU with native kernels in
     # use computes in fp32 (the kernels' precision; bf16 weights stay bf16).
     backend: str | None = None
+    # dtype of the KV cache (window rings, compressed entries, indexer keys; the compressor tails stay fp32):
+    # "bfloat16" halves its memory whatever the activations (the official cache is bf16), "float32" keeps it exact
+    # for fp32 activations; None = the activation dtype.
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -48,6 +52,8 @@ class EngineConfig:
             raise bad("max_prefix_snapshots", "it must be >= 1 (disable prefix caching with enable_prefix_caching)")
         if self.prefix_snapshot_interval < 1:
             raise bad("prefix_snapshot_interval", "it must be >= 1 page")
+        if self.kv_cache_dtype not in (None, "bfloat16", "float32"):
+            raise bad("kv_cache_dtype", 'choose "bfloat16", "float32" or None (the activation dtype)')
         if self.backend not in (None, "native", "reference"):
             raise bad("backend", 'choose "native" (the native CPU kernels where they load), "reference" (plain '
                       "PyTorch) or None (the default: native)")

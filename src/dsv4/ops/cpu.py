@@ -1,8 +1,8 @@
 """The CPU backend of the op layer: each op's ``register_kernel(..., "cpu")``.
 
 A kernel calls the native CPU kernels (dsv4/kernels, C through ctypes) when ``ops.backend("cpu") == "native"``,
-the library loads here, and the inputs are in a layout the C code reads (bf16/fp32 contiguous weights, an fp32
-cache for attention, one query per sequence for the indexer); otherwise it runs the op's reference. So the CPU
+the library loads here, and the inputs are in a layout the C code reads (bf16/fp32 contiguous weights, an fp32 or
+bf16 cache for attention and the indexer, one query per sequence for the indexer); else the op's reference. So the CPU
 backend is always correct, and fast where it can be. The first time the library is unavailable the reason is logged
 once (``dsv4.ops`` logger); :func:`native_status` returns it.
 
@@ -119,8 +119,8 @@ def _entry_rows(b: int, s: int, start: torch.Tensor, lens: torch.Tensor, entries
 @torch.library.register_kernel("dsv4::sparse_attention", "cpu")
 def _sparse_attention(q, kv, start, lens, ring, slots, entries, block_tables, ratio, n_entries, topk, sink, scale):
     comp = entries is not None and n_entries > 0
-    if (ring.dtype == torch.float32 and ring.is_contiguous() and q.dtype in _PLAIN
-            and (not comp or (entries.dtype == torch.float32 and entries.is_contiguous())) and _native()):
+    if (ring.dtype in _PLAIN and ring.is_contiguous() and q.dtype in _PLAIN
+            and (not comp or (entries.dtype in _PLAIN and entries.is_contiguous())) and _native()):
         b, s = q.shape[:2]
         rows = _entry_rows(b, s, start, lens, entries, block_tables, ratio, n_entries, topk) if comp else None
         out = kernels.chunk_attention(q, kv, start, lens, ring, slots, entries if comp else None, rows, sink, scale)
@@ -132,7 +132,7 @@ def _sparse_attention(q, kv, start, lens, ring, slots, entries, block_tables, ra
 @torch.library.register_kernel("dsv4::indexer_topk", "cpu")
 def _indexer_topk(q, w, keys, block_tables, ratio, visible, n_entries, k):
     # the C kernel scores one query per sequence (decode); prefill chunks run the chunked reference
-    if (q.shape[1] == 1 and keys.dtype == torch.float32 and keys.is_contiguous() and k > 0 and n_entries > 0
+    if (q.shape[1] == 1 and keys.dtype in _PLAIN and keys.is_contiguous() and k > 0 and n_entries > 0
             and _native()):
         return kernels.indexer_topk(q[:, 0], w[:, 0], keys, block_tables, ratio, visible[:, 0], k)[:, None]
     return ref.indexer_topk(q, w, keys, block_tables, ratio, visible, n_entries, k)
