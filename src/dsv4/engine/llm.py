@@ -328,7 +328,8 @@ class LLM:
             if config.native_kernels is None and model.device.type == "cpu":
                 from dsv4 import kernels
 
-                config = replace(config, native_kernels=kernels.available())
+                # packed FP8/FP4 weights run on dsv4.ops, not on the bf16/fp32 native path
+                config = replace(config, native_kernels=kernels.available() and not model.has_packed_weights())
             if tokenizer is None:
                 from dsv4.chat import load_tokenizer
 

@@ -27,15 +27,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4 import kernels
+from dsv4 import kernels, ops
 from dsv4.config import CSA_RATIO, ModelConfig
+from dsv4.model import quant
 from dsv4.model.batch import BatchPlan, Group, group_rows, unpad_rows
 from dsv4.model.cache import KVCache
 from dsv4.model.compressor import Compressor, _page_row
 from dsv4.model.indexer import Indexer
+from dsv4.model.linear import Linear
 from dsv4.model.norm import RMSNorm, rms_unweighted
 from dsv4.model.qat import Numerics, fp8_sim
 from dsv4.model.rope import Rotary, apply_rope
+from dsv4.ops import packed as packed_ops
 
 _NEG_INF = float("-inf")
 # query block of long prefill chunks (bounds the logits of one block; any value gives the same result)
@@ -56,13 +59,13 @@ class Attention(nn.Module):
         self.n_groups, self.o_lora_rank = config.o_groups, config.o_lora_rank
         self.softmax_scale = config.softmax_scale
         d, h, c = config.dim, config.n_heads, config.head_dim
-        self.wq_a = nn.Linear(d, config.q_lora_rank, bias=False, dtype=dtype)
+        self.wq_a = Linear(d, config.q_lora_rank, dtype)
         self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-        self.wq_b = nn.Linear(config.q_lora_rank, h * c, bias=False, dtype=dtype)
-        self.wkv = nn.Linear(d, c, bias=False, dtype=dtype)
+        self.wq_b = Linear(config.q_lora_rank, h * c, dtype)
+        self.wkv = Linear(d, c, dtype)
         self.kv_norm = RMSNorm(c, config.rms_norm_eps)
-        self.wo_a = nn.Linear(h * c // self.n_groups, self.n_groups * self.o_lora_rank, bias=False, dtype=dtype)
-        self.wo_b = nn.Linear(self.n_groups * self.o_lora_rank, d, bias=False, dtype=dtype)
+        self.wo_a = Linear(h * c // self.n_groups, self.n_groups * self.o_lora_rank, dtype)
+        self.wo_b = Linear(self.n_groups * self.o_lora_rank, d, dtype)
         self.attn_sink = nn.Parameter(torch.zeros(h, dtype=torch.float32))
         self.compressor = Compressor(d, c, ratio, config.rms_norm_eps) if ratio > 0 else None
         self.indexer = Indexer(config, dtype) if ratio == CSA_RATIO else None
@@ -149,9 +152,20 @@ class Attention(nn.Module):
             return kernels.attention_out(out, cos, sin, self.wo_a.weight, self.n_groups, self.wo_b.weight)
         o = apply_rope(out, cos[:, None], sin[:, None], inverse=True)  # [N, H, c]
         o = o.reshape(n, self.n_groups, -1)  # [N, G, H*c/G]
-        wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)  # [G, d_g, H*c/G]
-        o = torch.bmm(o.transpose(0, 1), wo_a.transpose(1, 2)).transpose(0, 1)  # [N, G, d_g] (= einsum ngd,grd)
-        return self.wo_b(o.flatten(1))
+        return self.wo_b(self._wo_a(o).flatten(1))
+
+    def _wo_a(self, o: torch.Tensor) -> torch.Tensor:
+        """Grouped low-rank output projection: o [N, G, H*c/G] -> [N, G, d_g] (= einsum ngd,grd)."""
+        w, s, r, g = self.wo_a.weight, self.wo_a.scale, self.o_lora_rank, self.n_groups
+        if s is not None and (quant.is_packed_fp4(w) or r % quant.FP8_BLOCK == 0):
+            # packed: each group's rows are whole scale blocks, so each group is a packed linear of its own
+            b = quant.FP8_BLOCK if quant.is_fp8(w) else 1
+            return torch.stack([ops.linear(o[:, i], w[i * r:(i + 1) * r], s[i * r // b:(i + 1) * r // b])
+                                for i in range(g)], dim=1)
+        if s is not None:  # groups that split a 128-row scale block (tiny configs only): dequantise the small weight
+            w = packed_ops.weight_rows(w, s, 0, w.shape[0], o.dtype)
+        wo_a = w.view(g, r, -1)  # [G, d_g, H*c/G]
+        return torch.bmm(o.transpose(0, 1), wo_a.transpose(1, 2)).transpose(0, 1)  # [N, G, d_g]
 
     native = False  # set by Transformer.use_native_kernels
 

@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4 import kernels
+from dsv4 import kernels, ops
 from dsv4.config import ModelConfig
+from dsv4.model import quant
+from dsv4.model.linear import Linear
 
 
 class Gate(nn.Module):
@@ -61,22 +63,22 @@ class Gate(nn.Module):
 class Expert(nn.Module):
     def __init__(self, dim: int, inter_dim: int, swiglu_limit: float, dtype: torch.dtype) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False, dtype=dtype)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False, dtype=dtype)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False, dtype=dtype)
+        self.w1 = Linear(dim, inter_dim, dtype)
+        self.w2 = Linear(inter_dim, dim, dtype)
+        self.w3 = Linear(dim, inter_dim, dtype)
         self.limit = swiglu_limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        # F.linear on the weights: the same math as calling the nn.Linear modules, without their dispatch cost
-        g = F.linear(x, self.w1.weight).float()
-        u = F.linear(x, self.w3.weight).float()
+        # ops.linear on the weights: the same math as calling the Linear modules, without their dispatch cost
+        g = ops.linear(x, self.w1.weight, self.w1.scale).float()
+        u = ops.linear(x, self.w3.weight, self.w3.scale).float()
         if self.limit > 0:
             g = g.clamp(max=self.limit)
             u = u.clamp(-self.limit, self.limit)
         h = F.silu(g) * u  # [n, F] fp32
         if weights is not None:
             h = weights[:, None] * h  # routing weight before w2 (official)
-        return F.linear(h.to(x.dtype), self.w2.weight)
+        return ops.linear(h.to(x.dtype), self.w2.weight, self.w2.scale)
 
 
 class MoE(nn.Module):
@@ -94,6 +96,12 @@ class MoE(nn.Module):
         """x [N, D] -> [N, D]."""
         n, k = x.shape[0], self.gate.topk
         weights, ids = self.gate(x, input_ids)  # [N, k]
+        stacks = self.fp4_stacks()
+        if stacks is not None:  # packed FP4 experts: one op over the stacked weights
+            y = ops.experts(x, ids, weights, *stacks, self.experts[0].limit)
+            if self.shared_experts is not None:
+                y = y + Expert.forward(self.shared_experts, x).float()
+            return y.to(x.dtype)
         if self._native is not None and not torch.is_grad_enabled():
             return kernels.moe(x, ids, weights, self._native).to(x.dtype)
         if n == 1 and self._packed is None and not torch.is_grad_enabled():
@@ -165,6 +173,58 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + Expert.forward(self.shared_experts, x).float()
         return y.to(x.dtype)
+
+    # ------------------------------------------------------------------ packed FP4 experts
+    _fp4: tuple[torch.Tensor, ...] | None = None  # (w1, s1, w3, s3, w2, s2) stacked over the experts
+
+    @torch.no_grad()
+    def hold_fp4(self, device: torch.device | str) -> None:
+        """Allocate the routed experts' weights in the published FP4 layout, stacked: ``w1, w3 [E, F, D/2]`` int8
+        with ue8m0 scales ``[E, F, D/32]``, ``w2 [E, D, F/2]`` with ``[E, D, F/32]``, and make every
+        ``experts.{e}.w{1,2,3}.weight`` / ``.scale`` a view of its slice (same names as the checkpoint, one block of
+        memory per tensor kind). The loader then fills the views in place; the contents start uninitialised."""
+        if not self.can_stack_fp4():
+            raise ValueError("stacked FP4 experts need dim and moe_intermediate_size to be multiples of 32")
+        e0 = self.experts[0]
+        f, d = e0.w1.out_features, e0.w1.in_features
+        e = self.n_experts
+        stacks = []
+        for rows, cols in ((f, d), (f, d), (d, f)):
+            stacks.append(torch.empty(e, rows, cols // 2, dtype=torch.int8, device=device))
+            stacks.append(torch.empty(e, rows, cols // quant.FP4_BLOCK, dtype=torch.float8_e8m0fnu, device=device))
+        for i, ex in enumerate(self.experts):
+            for j, lin in enumerate((ex.w1, ex.w3, ex.w2)):
+                lin.set_packed(stacks[2 * j][i], stacks[2 * j + 1][i])
+        self._fp4 = tuple(stacks)
+
+    def can_stack_fp4(self) -> bool:
+        """Whole 1x32 scale blocks along both expert dims (every real config; tiny test configs may not have them,
+        and then each expert keeps its own FP4 tensors and the per-expert path)."""
+        e0 = self.experts[0]
+        return e0.w1.in_features % quant.FP4_BLOCK == 0 and e0.w1.out_features % quant.FP4_BLOCK == 0
+
+    def fp4_stacks(self) -> tuple[torch.Tensor, ...] | None:
+        """The stacked FP4 expert tensors, or None when the experts are not held that way. Restacked (one copy) if
+        the expert parameters were replaced since (e.g. ``load_state_dict(..., assign=True)``)."""
+        if self._fp4 is None:
+            return None
+        first, last = self.experts[0], self.experts[-1]
+        if (first.w1.weight.data_ptr() == self._fp4[0].data_ptr()
+                and last.w2.scale is not None and last.w2.scale.data_ptr() == self._fp4[5][-1].data_ptr()):
+            return self._fp4
+        lins = [(ex.w1, ex.w3, ex.w2) for ex in self.experts]
+        if not all(lin.scale is not None and quant.is_packed_fp4(lin.weight) for ls in lins for lin in ls):
+            self._fp4 = None  # the experts were replaced by plain weights: the per-expert path applies
+            return None
+        stacks = []
+        for j in range(3):
+            stacks.append(torch.stack([ls[j].weight.view(torch.int8) for ls in lins]))
+            stacks.append(torch.stack([ls[j].scale for ls in lins]))
+        for i, ls in enumerate(lins):
+            for j, lin in enumerate(ls):
+                lin.set_packed(stacks[2 * j][i], stacks[2 * j + 1][i])
+        self._fp4 = tuple(stacks)
+        return self._fp4
 
     # ------------------------------------------------------------------ inference fast paths
     _packed: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4 import kernels
+from dsv4 import kernels, ops
 from dsv4.config import ModelConfig
 from dsv4.model.attention import Attention
 from dsv4.model.batch import BatchPlan, ForwardBatch, ForwardOutput
@@ -150,7 +150,8 @@ class Transformer(nn.Module):
         y = (norm or self.norm)(hc_head(hidden, fn, base, scale, c.hc_eps, c.rms_norm_eps))  # [M', D]
         if self.native and not torch.is_grad_enabled():
             return kernels.linear(y, self.head.weight)
-        return F.linear(y.float(), self.head.weight.float())
+        # fp32 logits; a bf16 head (load_model(head_dtype=...)) is widened chunk by chunk, never copied whole
+        return ops.linear(y.float(), self.head.weight, None)
 
     def forward_mtp(self, batch: ForwardBatch, hidden: torch.Tensor, cache: KVCache | None = None, depth: int = 0
                     ) -> ForwardOutput:
@@ -190,6 +191,10 @@ class Transformer(nn.Module):
         if not kernels.available():
             raise RuntimeError(f"dsv4 native CPU kernels are unavailable: {kernels.why_unavailable()}; "
                                "use the PyTorch path (native_kernels=False)")
+        if self.has_packed_weights():
+            raise ValueError("use_native_kernels takes bf16/fp32 weights; this model holds packed FP8/FP4 weights, "
+                             "which run on dsv4.ops (native when available) without it. Load with "
+                             "weights='dequantized' for this path")
         kept = {id(self.head.weight)}
         moes = [mod for mod in self.modules() if isinstance(mod, MoE)]
         for moe in moes:
@@ -207,6 +212,10 @@ class Transformer(nn.Module):
                 mod.native = True
         self.native = True
         return self
+
+    def has_packed_weights(self) -> bool:
+        """True when some projection holds a packed FP8/FP4 weight (load_model's ``weights``)."""
+        return any(name.endswith(".scale") for name, _ in self.named_parameters())
 
     def pack_experts(self) -> Transformer:
         """Inference fast path: stack each MoE's routed experts (see ``MoE.pack``; same memory, same names)."""
