@@ -117,17 +117,32 @@ def experts_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Dispatch (until these become branches of the op layer's dsv4::linear / dsv4::experts).
+# Dispatch (until these become branches of the op layer's dsv4::linear / dsv4::experts): the native CPU kernels
+# (kernels/quant.py) for CPU tensors without autograd when they build, the reference otherwise.
+
+
+def _native(x: torch.Tensor):
+    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    from dsv4.kernels import quant as native
+
+    return native if native.available() else None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] @ W^T in x's dtype, W plain or packed (see :func:`linear_reference`)."""
     if scale is None and weight.dtype == x.dtype:
         return F.linear(x, weight)
+    native = _native(x) if scale is not None else None
+    if native is not None:
+        return native.linear(x, weight, scale).to(x.dtype)
     return linear_reference(x, weight, scale)
 
 
 def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
             w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, limit: float) -> torch.Tensor:
     """Routed experts on stacked packed weights -> fp32 [N, D] (see :func:`experts_reference`)."""
+    native = _native(x) if quant.is_packed_fp4(w1) else None
+    if native is not None:
+        return native.experts(x, ids, weights, w1, s1, w3, s3, w2, s2, limit)
     return experts_reference(x, ids, weights, w1, s1, w3, s3, w2, s2, limit)
