@@ -73,6 +73,8 @@ def test_linear_at_flash_width(isa):
 @pytest.mark.parametrize("tokens,d,f,e,k", [(1, 64, 32, 8, 2), (3, 96, 64, 5, 2), (40, 64, 32, 4, 3),
                                             (1, 4096, 2048, 6, 6)])
 def test_experts_match_reference(isa, tokens, d, f, e, k):
+    from dsv4.ops import reference as ref
+
     gen = torch.Generator().manual_seed(tokens + d + e)
     stacks = [[] for _ in range(6)]
     for _ in range(e):
@@ -84,7 +86,9 @@ def test_experts_match_reference(isa, tokens, d, f, e, k):
     x = torch.randn(tokens, d, generator=gen) * 0.3
     ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k, generator=gen)
-    want = packed.experts_reference(x, ids, weights, *stacks, 10.0)
+    lists = [list(t) for t in stacks]
+    want = ref.routed_experts(x, ids, weights, lists[0], lists[2], lists[4], lists[1] + lists[3] + lists[5], [], [],
+                              10.0)
     with native.use_isa(isa):
         got = native.experts(x, ids, weights, *stacks, 10.0)
     torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=1e-4)
@@ -92,7 +96,9 @@ def test_experts_match_reference(isa, tokens, d, f, e, k):
         native.experts(x, ids + e, weights, *stacks, 10.0)
 
 
-def test_ops_dispatch_uses_native_without_autograd_only(monkeypatch):
+def test_cpu_backend_runs_packed_ops_natively_without_autograd_only(monkeypatch):
+    from dsv4 import ops
+
     gen = torch.Generator().manual_seed(3)
     w, s = _weight(gen, "fp8", 256, 128)
     calls = []
@@ -100,8 +106,12 @@ def test_ops_dispatch_uses_native_without_autograd_only(monkeypatch):
     monkeypatch.setattr(native, "linear", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(2, 128, generator=gen)
     with torch.no_grad():
-        y = packed.linear(x.bfloat16(), w, s)
+        y = ops.linear(x.bfloat16(), w, s)
     assert calls and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), packed.linear_reference(x.bfloat16(), w, s).float(), atol=0.5, rtol=0.02)
+    with ops.use_backend("cpu", "reference"), torch.no_grad():
+        ops.linear(x, w, s)
+    assert len(calls) == 1
     xg = x.clone().requires_grad_()
-    packed.linear(xg, w, s).sum().backward()  # the reference: differentiable
-    assert len(calls) == 1 and xg.grad is not None
+    ops.linear(xg, w, s).sum().backward()  # the op's autograd: d/dx through the dequantised weight
+    torch.testing.assert_close(xg.grad, packed.weight_rows(w, s, 0, 256, torch.float32).sum(0).expand(2, -1))

@@ -93,24 +93,26 @@ def test_linear_reference_is_differentiable_in_x():
     torch.testing.assert_close(x.grad, g @ hand_fp8(w, s), atol=1e-5, rtol=0)
 
 
-def test_experts_reference_equals_per_token_hand_dequantised_experts():
+def test_routed_experts_reference_on_fp4_equals_per_token_hand_dequantised_experts():
+    from dsv4.ops import reference as ref
+
     gen = torch.Generator().manual_seed(3)
     e, d, f, n, k, limit = 5, 64, 32, 7, 2, 1.5  # a small limit so the clamps act
-    stacks = [[], [], [], [], [], []]
+    lists = [[], [], []]
+    scales = [[], [], []]
     dense = []
     for _ in range(e):
         mats = []
         for j, (o, i) in enumerate(((f, d), (f, d), (d, f))):
             w, s = random_fp4(gen, o, i)
-            stacks[2 * j].append(w)
-            stacks[2 * j + 1].append(s)
+            lists[j].append(w)
+            scales[j].append(s)
             mats.append(hand_fp4(w, s))
         dense.append(mats)
-    stacks = [torch.stack(t) for t in stacks]
     x = torch.randn(n, d, generator=gen)
     ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(n)])
     weights = torch.rand(n, k, generator=gen)
-    got = packed.experts_reference(x, ids, weights, *stacks, limit)
+    got = ref.routed_experts(x, ids, weights, *lists, [s for ss in scales for s in ss], [], [], limit)
     want = torch.zeros(n, d)
     for t in range(n):
         for j in sorted(range(k), key=lambda j: int(ids[t, j])):
@@ -119,3 +121,12 @@ def test_experts_reference_equals_per_token_hand_dequantised_experts():
             want[t] += (weights[t, j] * F.silu(g) * u) @ w2.T
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)  # fp32 sums in another order
+
+
+def test_stacked_recognises_consecutive_slices_only():
+    block = torch.zeros(4, 3, 2, dtype=torch.int8)
+    views = [torch.nn.Parameter(block[i], requires_grad=False) for i in range(4)]
+    whole = packed.stacked(views)
+    assert whole is not None and whole.data_ptr() == block.data_ptr() and whole.shape == (4, 3, 2)
+    assert packed.stacked([views[0], views[2], views[1], views[3]]) is None
+    assert packed.stacked([*views[:3], block[3].clone()]) is None

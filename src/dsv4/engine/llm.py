@@ -14,12 +14,13 @@ import itertools
 import random
 import threading
 from collections.abc import Sequence as SequenceABC
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dsv4 import ops
 from dsv4.engine.block_manager import BlockManager
 from dsv4.engine.config import EngineConfig
 from dsv4.engine.prefix_cache import PrefixCache
@@ -28,6 +29,7 @@ from dsv4.engine.runner import ModelRunner
 from dsv4.engine.sampler import Sampler
 from dsv4.engine.sampling import SamplingParams
 from dsv4.engine.scheduler import Scheduler, SchedulerOutput
+from dsv4.ops.cpu import native_status
 
 PromptType = str | list[int]
 
@@ -80,8 +82,6 @@ class LLMEngine:
         param = next(model.parameters())
         self.device = param.device
         c = self.config
-        if c.native_kernels and not getattr(model, "native", False):
-            model.use_native_kernels()  # before the cache is sized: it takes the activation dtype (fp32)
 
         from dsv4.engine.cache_budget import build_cache  # sizing lives next to the cache maths
 
@@ -207,7 +207,8 @@ class LLMEngine:
                         "chunk; raise cache_memory_gb / num_pages or lower max_num_batched_tokens"
                     )
                 return []
-            touched = self._execute(out)
+            with ops.use_backend("cpu", self.config.backend):  # the ops' CPU kernels for this engine's steps
+                touched = self._execute(out)
             self.scheduler.finish_step(out)
             self.stats["steps"] += 1
             self.stats["cached_tokens"] = self.scheduler.num_cached_tokens
@@ -314,6 +315,8 @@ class LLM:
         tokenizer: Any = None,
         dtype: torch.dtype | str = torch.bfloat16,
         device: str | torch.device = "cpu",
+        weights: str = "stored",
+        head_dtype: torch.dtype = torch.float32,
         **engine_options: Any,
     ) -> None:
         config = EngineConfig.from_kwargs(**engine_options)
@@ -324,12 +327,13 @@ class LLM:
             if isinstance(dtype, str):
                 dtype = getattr(torch, dtype)
             path = Path(model)
-            model = dsv4.load_model(path, dtype=dtype, device=device)
-            if config.native_kernels is None and model.device.type == "cpu":
-                from dsv4 import kernels
-
-                # packed FP8/FP4 weights run on dsv4.ops, not on the bf16/fp32 native path
-                config = replace(config, native_kernels=kernels.available() and not model.has_packed_weights())
+            # weights / head_dtype: how the projection weights and the head are held (dsv4.load_model)
+            model = dsv4.load_model(path, dtype=dtype, device=device, weights=weights, head_dtype=head_dtype)
+            if model.device.type == "cpu" and dtype != torch.float32:
+                with ops.use_backend("cpu", config.backend):
+                    native = native_status()[0]
+                if native:  # the native kernels compute in fp32: fp32 activations (and KV cache) save conversions
+                    model.set_activation_dtype(torch.float32)
             if tokenizer is None:
                 from dsv4.chat import load_tokenizer
 

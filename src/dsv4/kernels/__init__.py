@@ -2,7 +2,7 @@
 called through ctypes: linear layers (the output head, attention projections), the routed + shared experts, mHC
 (``hc_pre`` + the following RMSNorm, ``hc_post``), attention over the window ring and the compressed pages (decode
 tokens and prefill chunks), the Lightning Indexer's top-k, the compressors' decode update, and the greedy argmax.
-``Transformer.use_native_kernels`` switches a model onto them; docs/architecture.md sec 6 describes the path.
+The op layer (dsv4/ops/cpu.py) registers them as the CPU kernels of its ops; docs/architecture.md sec 6.
 
 They are built on first use with the system C compiler (``cc -O3 -march=native -fopenmp``; about 2 s) into
 ``$DSV4_KERNEL_CACHE`` (default ``~/.cache/dsv4/kernels``), keyed by the source and the CPU. When that is not
@@ -157,48 +157,37 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], n)
 
 
-class ExpertWeights:
-    """Pointers to the routed experts' ``w1, w3 [F, D]``, ``w2 [D, F]`` and the shared expert's, for :func:`moe`.
-    Holds references to the tensors, so the pointers stay valid; rebuild it if the weights are replaced."""
-
-    def __init__(self, routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                 shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, swiglu_limit: float) -> None:
-        tensors = [w for ex in routed for w in ex] + list(shared or ())
-        for w in tensors:
-            _check_weight(w)
-        if len({w.dtype for w in tensors}) != 1:
-            raise ValueError("all expert weights must share one dtype (bf16 or fp32) for the native MoE kernel")
-        self.tensors = tensors  # keeps the storage alive
-        self.bf16 = tensors[0].dtype == torch.bfloat16
-        self.n_experts = len(routed)
-        self.dim = routed[0][0].shape[1]
-        self.inter = routed[0][0].shape[0]
-        self.shared_inter = shared[0].shape[0] if shared is not None else self.inter
-        self.limit = float(swiglu_limit)
-
-        def ptrs(i: int) -> ctypes.Array:
-            return (ctypes.c_void_p * len(routed))(*[_ptr(ex[i]) for ex in routed])
-
-        self.w1, self.w3, self.w2 = ptrs(0), ptrs(1), ptrs(2)
-        self.shared = tuple(_ptr(w) for w in shared) if shared is not None else (None, None, None)
-
-
-def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: ExpertWeights) -> torch.Tensor:
-    """Routed experts (per token in ascending expert id, fp32 sums from zero) plus the shared expert, as
-    ``MoE.forward`` computes them after the gate: x [T, D], ids [T, k], routing weights [T, k] -> fp32 [T, D]."""
+def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: list[torch.Tensor], w3: list[torch.Tensor],
+        w2: list[torch.Tensor], shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | list[torch.Tensor] | None,
+        swiglu_limit: float) -> torch.Tensor:
+    """Routed experts (per token in ascending expert id, fp32 sums from zero) plus the shared expert, as the
+    ``dsv4::routed_experts`` op: x [T, D], ids [T, k], routing weights [T, k]; the routed experts' ``w1, w3 [F, D]``,
+    ``w2 [D, F]`` and the shared expert's (or None), all of one dtype -> fp32 [T, D]. The weight pointers are read
+    at every call, so weights replaced in the model (``load_state_dict(assign=True)``) are the ones used."""
     lib = _lib_or_raise()
+    tensors = [*w1, *w3, *w2, *(shared or ())]
+    for w in tensors:
+        _check_weight(w)
+    if len({w.dtype for w in tensors}) != 1:
+        raise ValueError("all expert weights must share one dtype (bf16 or fp32) for the native MoE kernel")
+    n_exp, (inter, dim) = len(w1), w1[0].shape
     xf = x.float().contiguous()
     t, d = xf.shape
-    if d != ex.dim:
-        raise ValueError(f"moe: x has dim {d}, the experts {ex.dim}")
+    if d != dim:
+        raise ValueError(f"moe: x has dim {d}, the experts {dim}")
     ids = ids.to(torch.int64).contiguous()
     weights = weights.float().contiguous()
     y = torch.empty(t, d, dtype=torch.float32)
-    rc = lib.dsv4_moe(_ptr(xf), t, d, ex.inter, ex.shared_inter, _ptr(ids), _ptr(weights), ids.shape[1],
-                      ex.n_experts, ex.w1, ex.w3, ex.w2, *ex.shared, int(ex.bf16), ex.limit, _ptr(y),
-                      torch.get_num_threads())
+
+    def ptrs(ws: list[torch.Tensor]) -> ctypes.Array:
+        return (ctypes.c_void_p * n_exp)(*[_ptr(w) for w in ws])
+
+    sh = tuple(_ptr(w) for w in shared) if shared else (None, None, None)
+    rc = lib.dsv4_moe(_ptr(xf), t, d, inter, shared[0].shape[0] if shared else inter, _ptr(ids), _ptr(weights),
+                      ids.shape[1], n_exp, ptrs(w1), ptrs(w3), ptrs(w2), *sh, int(tensors[0].dtype == torch.bfloat16),
+                      float(swiglu_limit), _ptr(y), torch.get_num_threads())
     if rc != 0:
-        raise ValueError(f"moe: expert ids must lie in [0, {ex.n_experts})")
+        raise ValueError(f"moe: expert ids must lie in [0, {n_exp})")
     return y
 
 

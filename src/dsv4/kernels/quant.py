@@ -18,6 +18,7 @@ Shape legend: M rows, K in-features, N out-features, T tokens, k experts per tok
 from __future__ import annotations
 
 import contextlib
+import functools
 import ctypes
 import hashlib
 import importlib.util
@@ -53,6 +54,7 @@ _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL] = {}
 _errors: dict[str, str] = {}
 _forced: list[str] = []  # use_isa stack
+_default: list[ctypes.CDLL] = []  # the library picked for this CPU, once resolved
 
 
 def _project_build():
@@ -64,7 +66,9 @@ def _project_build():
     return build
 
 
+@functools.cache
 def supported_isas() -> list[str]:
+    """The ISA builds this CPU can execute, best first."""
     try:
         line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
         flags = set(line.split(":", 1)[1].split())
@@ -116,6 +120,8 @@ def _load(isa: str) -> ctypes.CDLL:
 
 def library(isa: str | None = None) -> ctypes.CDLL | None:
     """The library for ``isa`` (default: the best this CPU runs, or the one :func:`use_isa` chose), or None."""
+    if isa is None and not _forced and _default:  # the per-call fast path
+        return _default[0]
     if os.environ.get("DSV4_NATIVE_KERNELS", "1") == "0":
         _errors["*"] = "disabled by DSV4_NATIVE_KERNELS=0"
         return None
@@ -126,11 +132,15 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
     with _lock:
         for name in names:
             if name in _libs:
+                if isa is None and not _forced and not _default:
+                    _default.append(_libs[name])
                 return _libs[name]
             if name in _errors:
                 continue
             try:
                 _libs[name] = _load(name)
+                if isa is None and not _forced:
+                    _default.append(_libs[name])
                 return _libs[name]
             except (RuntimeError, OSError, AttributeError) as e:
                 _errors[name] = str(e)

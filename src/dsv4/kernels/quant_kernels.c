@@ -147,7 +147,7 @@ static void q_fp8_scale_x(const float *x, int64_t ldx, int M, const qweight *q, 
 }
 
 /* y[m * ldy + n] = dot(x[m], W[n]) for m < M <= QMR, rows n in [n0, n1) within one 128-row block; xs from above */
-static void q_fp8_rows(const float *xs, int M, const qweight *q, int64_t n0, int64_t n1, float *y, int64_t ldy) {
+static inline __attribute__((always_inline)) void q_fp8_rows(const float *xs, const int M, const qweight *q, int64_t n0, int64_t n1, float *y, int64_t ldy) {
     int64_t K = q->K, kv = K / QVL * QVL;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *w = q->w + n * q->row_bytes;
@@ -175,7 +175,7 @@ static void q_fp8_rows(const float *xs, int M, const qweight *q, int64_t n0, int
 
 /* ------------------------------------------------------------------ FP4 rows */
 
-static void q_fp4_rows(const float *x, int64_t ldx, int M, const qweight *q, int64_t n0, int64_t n1, float *y,
+static inline __attribute__((always_inline)) void q_fp4_rows(const float *x, int64_t ldx, const int M, const qweight *q, int64_t n0, int64_t n1, float *y,
                        int64_t ldy) {
     int64_t K = q->K, kb = K / QFP4B * QFP4B;
     for (int64_t n = n0; n < n1; n++) {
@@ -271,15 +271,26 @@ static void q_rows(const float *x, int64_t ldx, int64_t M, const qweight *q, int
         q_tile_rows(x, ldx, M, q, n0, n1, y, ldy, scratch);
         return;
     }
+    /* the row count as a compile-time constant: accumulators stay in registers */
     if (q->fmt == Q_FP4) {
-        q_fp4_rows(x, ldx, (int)M, q, n0, n1, y, ldy);
+        switch (M) {
+        case 1: q_fp4_rows(x, ldx, 1, q, n0, n1, y, ldy); break;
+        case 2: q_fp4_rows(x, ldx, 2, q, n0, n1, y, ldy); break;
+        case 3: q_fp4_rows(x, ldx, 3, q, n0, n1, y, ldy); break;
+        default: q_fp4_rows(x, ldx, 4, q, n0, n1, y, ldy); break;
+        }
         return;
     }
     for (int64_t b0 = n0; b0 < n1;) { /* per 128-row scale block: one scaled copy of x */
         int64_t b1 = (b0 / QFP8B + 1) * QFP8B;
         if (b1 > n1) b1 = n1;
         q_fp8_scale_x(x, ldx, (int)M, q, b0, scratch);
-        q_fp8_rows(scratch, (int)M, q, b0, b1, y, ldy);
+        switch (M) {
+        case 1: q_fp8_rows(scratch, 1, q, b0, b1, y, ldy); break;
+        case 2: q_fp8_rows(scratch, 2, q, b0, b1, y, ldy); break;
+        case 3: q_fp8_rows(scratch, 3, q, b0, b1, y, ldy); break;
+        default: q_fp8_rows(scratch, 4, q, b0, b1, y, ldy); break;
+        }
         b0 = b1;
     }
 }

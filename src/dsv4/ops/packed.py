@@ -2,15 +2,16 @@
 block scales, and FP4 e2m1 (two per byte) with ue8m0 per-32 scales along the input dim.
 
 * :func:`linear_reference` ``(x, weight, scale)``: ``x @ W^T`` for a weight held as stored: FP8 + scale, packed FP4 +
-  scale, or a plain float weight (``scale`` None, then it is ``F.linear``);
-* :func:`experts_reference` ``(x, ids, weights, w1, s1, w3, s3, w2, s2, limit)``: the routed experts of ``MoE`` on
-  stacked FP4 expert weights (``MoE.fp4_stacks``), after the gate, as ``MoE.forward`` computes them.
+  scale, or a plain float weight of another dtype than x (a bf16 head with fp32 activations);
+* :func:`weight_rows`: rows of such a weight dequantised (the grouped ``wo_a`` of ``attention_out``);
+* :func:`stacked`: per-expert weights recognised as one stacked block (what the native experts kernel reads).
 
-Both dequantise chunk by chunk (a few MB of weight rows, or one expert, at a time), never the whole weight set, and
-compute in the activation's dtype exactly as the same model with dequantised weights does (dequantisation is exact
-in bf16 and fp32, model/quant.py). They are differentiable with respect to the activations (autograd through the
-chunked ``F.linear``; the weights are constants, packed weights cannot be trained). The native CPU backend is
-kernels/quant.py; this file is its reference and the path every other device runs.
+``ops/reference.py`` calls these for the packed branches of ``dsv4::linear``, ``dsv4::routed_experts`` (expert by
+expert, each dequantised once) and ``dsv4::attention_in/out``. They dequantise chunk by chunk (a few MB of weight
+rows at a time), never the whole weight, and compute in the activation's dtype exactly as the same model with
+dequantised weights does (dequantisation is exact in bf16 and fp32, model/quant.py). They are differentiable with
+respect to the activations (autograd through the chunked ``F.linear``; packed weights are constants and cannot be
+trained). The native CPU backend of the same branches is kernels/quant.py (registered in ops/cpu.py).
 
 Deliberately not here: FP8 activation quantisation (the official GEMMs quantise activations to FP8; dsv4 keeps them
 in the compute dtype, which is what ``qat_sim`` documents), and quantising weights (model/quant.py).
@@ -77,72 +78,28 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor 
     return out
 
 
-def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
-    """silu(min(g, L)) * clamp(u, -L, L) in fp32 (L <= 0: no clamp), as model/moe.py's Expert."""
-    g, u = g.float(), u.float()
-    if limit > 0:
-        g = g.clamp(max=limit)
-        u = u.clamp(-limit, limit)
-    return F.silu(g) * u
+def grad_input(g: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """d(x W^T)/dx for a packed W: g [..., O] -> [..., K] = g @ W, W dequantised a chunk of rows at a time."""
+    out_features, in_features = quant.dequantized_shape(weight)
+    step = _row_step(weight, in_features)
+    gx = None
+    for r0 in range(0, out_features, step):
+        r1 = min(out_features, r0 + step)
+        part = g[..., r0:r1] @ weight_rows(weight, scale, r0, r1, g.dtype)
+        gx = part if gx is None else gx + part
+    return gx
 
 
-def experts_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                      w1: torch.Tensor, s1: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor,
-                      w2: torch.Tensor, s2: torch.Tensor, limit: float) -> torch.Tensor:
-    """Routed experts on stacked packed weights: x [N, D], ids [N, k], routing weights [N, k] -> fp32 [N, D].
-
-    w1, w3 [E, F, D/2] int8 with scales [E, F, D/32]; w2 [E, D, F/2] with [E, D, F/32] (FP4), or the FP8 layout
-    [E, F, D] / [E, F/128, D/128] with float8 weights. Pairs run expert by expert in ascending id (each expert
-    dequantised once, then freed), each token's outputs summed in that order from fp32 zeros: ``MoE.forward``'s
-    order, so results equal the dequantised model's.
-    """
-    n, k = ids.shape
-    flat = ids.flatten()  # [N*k]
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()  # one host sync (MoE.forward has it too)
-    tok = order // k
-    w = weights.flatten()[order].float()
-    y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
-    a = 0
-    for e, cnt in enumerate(counts):
-        if cnt == 0:
-            continue
-        t = tok[a:a + cnt]
-        xe = x[t]  # [cnt, D]
-        h = w[a:a + cnt, None] * swiglu(linear_reference(xe, w1[e], s1[e]), linear_reference(xe, w3[e], s3[e]),
-                                        limit)  # [cnt, F] routing weight before w2 (official)
-        y.index_add_(0, t, linear_reference(h.to(x.dtype), w2[e], s2[e]).float())  # in place: fine for autograd
-        a += cnt
-    return y
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Dispatch (until these become branches of the op layer's dsv4::linear / dsv4::experts): the native CPU kernels
-# (kernels/quant.py) for CPU tensors without autograd when they build, the reference otherwise.
-
-
-def _native(x: torch.Tensor):
-    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+def stacked(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """``tensors`` [E] as one zero-copy [E, ...] view when they are consecutive equal-shaped slices of one block of
+    memory (the loader's stacked FP4 experts, ``MoE.hold_fp4``), else None. Checked on every call (one pointer per
+    tensor), so replaced weights are never read through a stale stack."""
+    first = tensors[0]
+    if not first.is_contiguous():
         return None
-    from dsv4.kernels import quant as native
-
-    return native if native.available() else None
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] @ W^T in x's dtype, W plain or packed (see :func:`linear_reference`)."""
-    if scale is None and weight.dtype == x.dtype:
-        return F.linear(x, weight)
-    native = _native(x) if scale is not None else None
-    if native is not None:
-        return native.linear(x, weight, scale).to(x.dtype)
-    return linear_reference(x, weight, scale)
-
-
-def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
-            w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, limit: float) -> torch.Tensor:
-    """Routed experts on stacked packed weights -> fp32 [N, D] (see :func:`experts_reference`)."""
-    native = _native(x) if quant.is_packed_fp4(w1) else None
-    if native is not None:
-        return native.experts(x, ids, weights, w1, s1, w3, s3, w2, s2, limit)
-    return experts_reference(x, ids, weights, w1, s1, w3, s3, w2, s2, limit)
+    step = first.numel() * first.element_size()
+    p0 = first.data_ptr()
+    for e, t in enumerate(tensors):
+        if t.data_ptr() != p0 + e * step or t.shape != first.shape or t.dtype != first.dtype:
+            return None
+    return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()))
