@@ -15,8 +15,11 @@ Accepted checkpoints (the layout is detected from the tensor names):
 Loading order: headers of every shard are validated first (missing shard, truncation, unknown dtype), then the
 name/shape/dtype plan is checked against the meta model in full (missing, unexpected, wrong shape, unconvertible
 dtype, config mismatch) before a single byte of weight data is read. Then each stored tensor is read through a
-private mmap, dequantised / converted straight into a freshly allocated parameter on the target device, and its file
-pages are dropped, so peak memory stays near the size of the loaded model (tests/model/test_loader_memory.py).
+private mmap, copied as stored (packed FP8 / FP4 weights and their scales, the default ``weights="stored"``; the routed
+experts into one stacked block per layer, ``MoE.hold_fp4``), quantised (``weights="fp8"/"fp4"/"packed"`` on a plain
+checkpoint) or dequantised / converted (``"dequantized"``) straight into a freshly allocated parameter on the target
+device, and its file pages are dropped, so peak memory stays near the size of the loaded model
+(tests/model/test_loader_memory.py, tests/model/test_packed_memory.py).
 Every parameter and buffer is checked to be materialised at the end: never a half-loaded model.
 
 Deliberately not here: the file formats (checkpoint_io.py, quant.py) and the model (transformer.py).
