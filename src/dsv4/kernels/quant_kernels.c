@@ -54,9 +54,9 @@ static inline qvf q_fma(qvf a, qvf b, qvf c) { return _mm512_fmadd_ps(a, b, c); 
 static inline float q_sum(qvf a) { return _mm512_reduce_add_ps(a); }
 /* 16 e4m3 bytes -> 16 floats (value * 2^-8) */
 static inline qvf q_fp8(const uint8_t *p) {
+    /* byte b in a 16-bit lane: (b << 8) >> 1 (arithmetic) = s s E E E E M M M 0..0, then clear bit 14 */
     __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
-    __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7F)), 7),
-                                _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8));
+    __m256i h = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 1), _mm256_set1_epi16((short)0xBFFF));
     return _mm512_cvtph_ps(h);
 }
 typedef __m512 qtab;
@@ -83,8 +83,7 @@ static inline float q_sum(qvf a) {
 }
 static inline qvf q_fp8(const uint8_t *p) {
     __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
-    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x7F)), 7),
-                             _mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x80)), 8));
+    __m128i h = _mm_and_si128(_mm_srai_epi16(_mm_slli_epi16(v, 8), 1), _mm_set1_epi16((short)0xBFFF));
     return _mm256_cvtph_ps(h);
 }
 typedef __m256 qtab; /* the 8 magnitudes, scaled */
@@ -173,6 +172,28 @@ static inline __attribute__((always_inline)) void q_fp8_rows(const float *xs, co
     }
 }
 
+/* one token, four weight rows at a time: one load of x per four conversions + FMAs, four independent chains */
+static void q_fp8_rows_1x4(const float *xs, const qweight *q, int64_t n0, int64_t n1, float *y) {
+    int64_t K = q->K, kv = K / QVL * QVL, rb = q->row_bytes, n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const uint8_t *w = q->w + n * rb;
+        qvf a0 = q_zero(), a1 = q_zero(), a2 = q_zero(), a3 = q_zero();
+        for (int64_t k = 0; k < kv; k += QVL) {
+            qvf xv = q_load(xs + k);
+            a0 = q_fma(q_fp8(w + k), xv, a0);
+            a1 = q_fma(q_fp8(w + rb + k), xv, a1);
+            a2 = q_fma(q_fp8(w + 2 * rb + k), xv, a2);
+            a3 = q_fma(q_fp8(w + 3 * rb + k), xv, a3);
+        }
+        float s[4] = {q_sum(a0), q_sum(a1), q_sum(a2), q_sum(a3)};
+        for (int j = 0; j < 4; j++) {
+            for (int64_t t = kv; t < K; t++) s[j] += q_e4m3_scaled(w[j * rb + t]) * xs[t];
+            y[n + j] = s[j];
+        }
+    }
+    if (n < n1) q_fp8_rows(xs, 1, q, n, n1, y, 0);
+}
+
 /* ------------------------------------------------------------------ FP4 rows */
 
 static inline __attribute__((always_inline)) void q_fp4_rows(const float *x, int64_t ldx, const int M, const qweight *q, int64_t n0, int64_t n1, float *y,
@@ -201,6 +222,36 @@ static inline __attribute__((always_inline)) void q_fp4_rows(const float *x, int
             y[m * ldy + n] = sum;
         }
     }
+}
+
+static void q_fp4_rows_1x4(const float *x, const qweight *q, int64_t n0, int64_t n1, float *y) {
+    int64_t K = q->K, kb = K / QFP4B * QFP4B, rb = q->row_bytes, sc = q->scale_cols, n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const uint8_t *w = q->w + n * rb, *s = q->s + n * sc;
+        qvf acc[4][2];
+        for (int j = 0; j < 4; j++) acc[j][0] = acc[j][1] = q_zero();
+        for (int64_t k = 0; k < kb; k += QFP4B) {
+            qvf xv[Q_FP4_VECS];
+            for (int i = 0; i < Q_FP4_VECS; i++) xv[i] = q_load(x + k + i * QVL);
+            for (int j = 0; j < 4; j++) {
+                qvf v[Q_FP4_VECS];
+                q_fp4(w + j * rb + k / 2, q_fp4_table(q_e8m0(s[j * sc + k / QFP4B])), v);
+                for (int i = 0; i < Q_FP4_VECS; i++) acc[j][i & 1] = q_fma(v[i], xv[i], acc[j][i & 1]);
+            }
+        }
+        for (int j = 0; j < 4; j++) {
+            float sum = q_sum(acc[j][0]) + q_sum(acc[j][1]);
+            if (kb < K) {
+                float scl = q_e8m0(s[j * sc + kb / QFP4B]);
+                for (int64_t t = kb; t < K; t++) {
+                    uint8_t b = w[j * rb + t / 2];
+                    sum += q_e2m1[t & 1 ? b >> 4 : b & 15] * scl * x[t];
+                }
+            }
+            y[n + j] = sum;
+        }
+    }
+    if (n < n1) q_fp4_rows(x, 0, 1, q, n, n1, y, 0);
 }
 
 /* ------------------------------------------------------------------ dequantised tiles (many rows) */
@@ -274,7 +325,7 @@ static void q_rows(const float *x, int64_t ldx, int64_t M, const qweight *q, int
     /* the row count as a compile-time constant: accumulators stay in registers */
     if (q->fmt == Q_FP4) {
         switch (M) {
-        case 1: q_fp4_rows(x, ldx, 1, q, n0, n1, y, ldy); break;
+        case 1: q_fp4_rows_1x4(x, q, n0, n1, y); break;
         case 2: q_fp4_rows(x, ldx, 2, q, n0, n1, y, ldy); break;
         case 3: q_fp4_rows(x, ldx, 3, q, n0, n1, y, ldy); break;
         default: q_fp4_rows(x, ldx, 4, q, n0, n1, y, ldy); break;
@@ -286,7 +337,7 @@ static void q_rows(const float *x, int64_t ldx, int64_t M, const qweight *q, int
         if (b1 > n1) b1 = n1;
         q_fp8_scale_x(x, ldx, (int)M, q, b0, scratch);
         switch (M) {
-        case 1: q_fp8_rows(scratch, 1, q, b0, b1, y, ldy); break;
+        case 1: q_fp8_rows_1x4(scratch, q, b0, b1, y); break;
         case 2: q_fp8_rows(scratch, 2, q, b0, b1, y, ldy); break;
         case 3: q_fp8_rows(scratch, 3, q, b0, b1, y, ldy); break;
         default: q_fp8_rows(scratch, 4, q, b0, b1, y, ldy); break;
