@@ -115,3 +115,28 @@ def test_cpu_backend_runs_packed_ops_natively_without_autograd_only(monkeypatch)
     xg = x.clone().requires_grad_()
     ops.linear(xg, w, s).sum().backward()  # the op's autograd: d/dx through the dequantised weight
     torch.testing.assert_close(xg.grad, packed.weight_rows(w, s, 0, 256, torch.float32).sum(0).expand(2, -1))
+
+
+def test_two_threads_give_the_one_thread_results():
+    """The row split over threads changes no sum (each output row is one thread's)."""
+    gen = torch.Generator().manual_seed(11)
+    w, s = _weight(gen, "fp8", 1024, 2048)
+    w4, s4 = _weight(gen, "fp4", 1024, 2048)
+    x = torch.randn(3, 2048, generator=gen)
+    stacks = []
+    for o, i in ((512, 1024), (512, 1024), (1024, 512)):
+        ws, ss = zip(*(_weight(gen, "fp4", o, i) for _ in range(4)))
+        stacks += [torch.stack(ws), torch.stack(ss)]
+    xe = torch.randn(5, 1024, generator=gen)
+    ids = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(5)])
+    rw = torch.rand(5, 2, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append((native.linear(x, w, s), native.linear(x[:1], w4, s4), native.experts(xe, ids, rw, *stacks, 10.0)))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

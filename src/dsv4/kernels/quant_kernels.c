@@ -349,13 +349,16 @@ static void q_rows(const float *x, int64_t ldx, int64_t M, const qweight *q, int
 static int64_t q_scratch_floats(int64_t M, int64_t K) { return (M > QMR ? QTILE : QMR) * K + 64; }
 
 #define Q_CHUNK 32 /* weight rows per parallel work item */
+/* multiply-adds below which a call stays on one thread: a fork/join costs microseconds on an idle machine and up to a
+ * scheduler quantum on a loaded one, more than ~1M multiply-adds (~0.1-0.3 ms) of work gain from a second thread */
+#define Q_PAR_WORK (1 << 20)
 
 /* y[M, N] = x[M, K] @ W^T, W [N, K] FP8 (scale [ceil(N/128), ceil(K/128)]) or FP4 ([N, K/2], scale [N, ceil(K/32)]) */
 void dsv4_qlinear(const float *x, int64_t M, int64_t K, const void *w, const void *s, int fmt, int64_t N, float *y,
                   int nthreads) {
     qweight q = q_make(w, s, K, fmt);
     int64_t chunks = (N + Q_CHUNK - 1) / Q_CHUNK;
-    int par = nthreads > 1 && chunks > 1 && M * N * K >= (1 << 15);
+    int par = nthreads > 1 && chunks > 1 && M * N * K >= Q_PAR_WORK;
 #pragma omp parallel num_threads(par ? nthreads : 1)
     {
         float *scratch = malloc((size_t)q_scratch_floats(M, K) * sizeof(float));
@@ -409,7 +412,7 @@ int dsv4_qexperts(const float *x, int64_t T, int64_t D, int64_t F, const int64_t
     int64_t bytes_w13 = F * (D / 2), bytes_w2 = D * (F / 2);
     int64_t sc13 = F * ((D + QFP4B - 1) / QFP4B), sc2 = D * ((F + QFP4B - 1) / QFP4B);
     int64_t work = pairs * F * D;
-#pragma omp parallel num_threads(nthreads > 1 && work >= (1 << 15) ? nthreads : 1)
+#pragma omp parallel num_threads(nthreads > 1 && work >= Q_PAR_WORK ? nthreads : 1)
     {
         int64_t kmax = D > F ? D : F;
         float *scratch = malloc((size_t)q_scratch_floats(cap, kmax) * sizeof(float));
