@@ -315,6 +315,8 @@ class LLM:
         tokenizer: Any = None,
         dtype: torch.dtype | str = torch.bfloat16,
         device: str | torch.device = "cpu",
+        weights: str = "stored",
+        head_dtype: torch.dtype = torch.float32,
         **engine_options: Any,
     ) -> None:
         config = EngineConfig.from_kwargs(**engine_options)
@@ -325,7 +327,8 @@ class LLM:
             if isinstance(dtype, str):
                 dtype = getattr(torch, dtype)
             path = Path(model)
-            model = dsv4.load_model(path, dtype=dtype, device=device)
+            # weights / head_dtype: how the projection weights and the head are held (dsv4.load_model)
+            model = dsv4.load_model(path, dtype=dtype, device=device, weights=weights, head_dtype=head_dtype)
             if model.device.type == "cpu" and dtype != torch.float32:
                 with ops.use_backend("cpu", config.backend):
                     native = native_status()[0]

@@ -33,6 +33,7 @@ from dsv4.model.batch import BatchPlan, Group, group_rows, unpad_rows
 from dsv4.model.cache import KVCache
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
+from dsv4.model.linear import Linear
 from dsv4.model.norm import RMSNorm
 from dsv4.model.qat import Numerics, fp8_sim
 from dsv4.model.rope import Rotary
@@ -57,13 +58,13 @@ class Attention(nn.Module):
         self.n_groups, self.o_lora_rank = config.o_groups, config.o_lora_rank
         self.softmax_scale = config.softmax_scale
         d, h, c = config.dim, config.n_heads, config.head_dim
-        self.wq_a = nn.Linear(d, config.q_lora_rank, bias=False, dtype=dtype)
+        self.wq_a = Linear(d, config.q_lora_rank, dtype)
         self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-        self.wq_b = nn.Linear(config.q_lora_rank, h * c, bias=False, dtype=dtype)
-        self.wkv = nn.Linear(d, c, bias=False, dtype=dtype)
+        self.wq_b = Linear(config.q_lora_rank, h * c, dtype)
+        self.wkv = Linear(d, c, dtype)
         self.kv_norm = RMSNorm(c, config.rms_norm_eps)
-        self.wo_a = nn.Linear(h * c // self.n_groups, self.n_groups * self.o_lora_rank, bias=False, dtype=dtype)
-        self.wo_b = nn.Linear(self.n_groups * self.o_lora_rank, d, bias=False, dtype=dtype)
+        self.wo_a = Linear(h * c // self.n_groups, self.n_groups * self.o_lora_rank, dtype)
+        self.wo_b = Linear(self.n_groups * self.o_lora_rank, d, dtype)
         self.attn_sink = nn.Parameter(torch.zeros(h, dtype=torch.float32))
         self.compressor = Compressor(d, c, ratio, config.rms_norm_eps) if ratio > 0 else None
         self.indexer = Indexer(config, dtype) if ratio == CSA_RATIO else None

@@ -24,6 +24,7 @@ from torch import nn
 from dsv4 import ops
 from dsv4.config import CSA_RATIO, ModelConfig
 from dsv4.model.compressor import Compressor
+from dsv4.model.linear import Linear
 from dsv4.model.qat import fp4_sim, hadamard
 from dsv4.model.rope import apply_rope
 
@@ -34,7 +35,7 @@ class Indexer(nn.Module):
         self.n_heads = config.index_n_heads
         self.head_dim = config.index_head_dim
         self.topk = config.index_topk
-        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False, dtype=dtype)
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, dtype)
         self.weights_proj = nn.Linear(config.dim, self.n_heads, bias=False, dtype=dtype)
         self.compressor = Compressor(config.dim, self.head_dim, CSA_RATIO, config.rms_norm_eps)
         self.weight_scale = self.head_dim ** -0.5 * self.n_heads ** -0.5

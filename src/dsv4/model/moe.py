@@ -24,6 +24,9 @@ from torch import nn
 
 from dsv4 import ops
 from dsv4.config import ModelConfig
+from dsv4.model import quant
+from dsv4.model.linear import Linear
+from dsv4.ops import packed
 from dsv4.ops.reference import swiglu_expert
 
 
@@ -63,14 +66,15 @@ class Gate(nn.Module):
 class Expert(nn.Module):
     def __init__(self, dim: int, inter_dim: int, swiglu_limit: float, dtype: torch.dtype) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False, dtype=dtype)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False, dtype=dtype)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False, dtype=dtype)
+        self.w1 = Linear(dim, inter_dim, dtype)
+        self.w2 = Linear(inter_dim, dim, dtype)
+        self.w3 = Linear(dim, inter_dim, dtype)
         self.limit = swiglu_limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """x [n, D] (routing weights [n] or None) -> [n, D]: the op's expert math (expert parallelism calls it)."""
-        return swiglu_expert(x, self.w1.weight, self.w3.weight, self.w2.weight, self.limit, weights)
+        return swiglu_expert(x, self.w1.weight, self.w3.weight, self.w2.weight, self.limit, weights,
+                             (self.w1.scale, self.w3.scale, self.w2.scale))
 
 
 class MoE(nn.Module):
@@ -91,9 +95,55 @@ class MoE(nn.Module):
         ex, sh = self.experts, self.shared_experts
         lins = [(e.w1, e.w3, e.w2) for e in ex]
         shared = [sh.w1.weight, sh.w3.weight, sh.w2.weight] if sh is not None else []
-        packed = hasattr(ex[0].w1, "scale")  # packed (scaled) expert weights: one scale per weight
-        scales = [getattr(lin[i], "scale", None) for i in range(3) for lin in lins] if packed else []
-        shared_scales = [getattr(lin, "scale", None) for lin in (sh.w1, sh.w3, sh.w2)] if packed and sh else []
+        # packed (scaled) weights: one scale per weight (loader: the routed experts may be FP4 and the shared FP8)
+        scales = [lin[i].scale for i in range(3) for lin in lins] if ex[0].w1.scale is not None else []
+        shared_scales = [lin.scale for lin in (sh.w1, sh.w3, sh.w2)] if sh is not None and sh.w1.scale is not None \
+            else []
         y = ops.routed_experts(x, ids, weights, [lin[0].weight for lin in lins], [lin[1].weight for lin in lins],
                                [lin[2].weight for lin in lins], scales, shared, shared_scales, ex[0].limit)
         return y.to(x.dtype)
+
+    # ------------------------------------------------------------------ packed FP4 experts
+    _fp4: tuple[torch.Tensor, ...] | None = None  # (w1, s1, w3, s3, w2, s2) stacked over the experts
+
+    def can_stack_fp4(self) -> bool:
+        """Whole 1x32 scale blocks along both expert dims (every real config; tiny test configs may not have them,
+        and then each expert keeps its own FP4 tensors)."""
+        e0 = self.experts[0]
+        return e0.w1.in_features % quant.FP4_BLOCK == 0 and e0.w1.out_features % quant.FP4_BLOCK == 0
+
+    @torch.no_grad()
+    def hold_fp4(self, device: torch.device | str) -> None:
+        """Allocate the routed experts' weights in the published FP4 layout, stacked: ``w1, w3 [E, F, D/2]`` int8
+        with ue8m0 scales ``[E, F, D/32]``, ``w2 [E, D, F/2]`` with ``[E, D, F/32]``, and make every
+        ``experts.{e}.w{1,2,3}.weight`` / ``.scale`` a view of its slice (the checkpoint's names, one block of memory
+        per tensor kind, which the native experts kernel reads with one pointer). The loader then fills the views in
+        place; the contents start uninitialised."""
+        if not self.can_stack_fp4():
+            raise ValueError("stacked FP4 experts need dim and moe_intermediate_size to be multiples of 32")
+        e0 = self.experts[0]
+        f, d = e0.w1.out_features, e0.w1.in_features
+        e = self.n_experts
+        stacks = []
+        for rows, cols in ((f, d), (f, d), (d, f)):
+            stacks.append(torch.empty(e, rows, cols // 2, dtype=torch.int8, device=device))
+            stacks.append(torch.empty(e, rows, cols // quant.FP4_BLOCK, dtype=torch.float8_e8m0fnu, device=device))
+        for i, ex in enumerate(self.experts):
+            for j, lin in enumerate((ex.w1, ex.w3, ex.w2)):
+                lin.set_packed(stacks[2 * j][i], stacks[2 * j + 1][i])
+        self._fp4 = tuple(stacks)
+
+    def fp4_stacks(self) -> tuple[torch.Tensor, ...] | None:
+        """The stacked FP4 expert tensors while every expert parameter is still a view of them, else None (e.g. after
+        ``load_state_dict(..., assign=True)``: the experts then run from their own tensors)."""
+        if self._fp4 is None:
+            return None
+        lins = [(ex.w1, ex.w3, ex.w2) for ex in self.experts]
+        for j in range(3):
+            for i, tensors in ((2 * j, [ls[j].weight for ls in lins]), (2 * j + 1, [ls[j].scale for ls in lins])):
+                if any(t is None for t in tensors):
+                    return None
+                whole = packed.stacked(tensors)
+                if whole is None or whole.data_ptr() != self._fp4[i].data_ptr():
+                    return None
+        return self._fp4

@@ -151,6 +151,10 @@ class Transformer(nn.Module):
         plan = BatchPlan(batch, self.device, cache is not None)
         return self.mtp[depth](hidden, plan, cache, self, batch.logits_indices)
 
+    def has_packed_weights(self) -> bool:
+        """True when some projection holds a packed FP8/FP4 weight (load_model's ``weights``)."""
+        return any(getattr(m, "scale", None) is not None for m in self.modules() if isinstance(m, nn.Linear))
+
     @torch.no_grad()
     def set_activation_dtype(self, dtype: torch.dtype) -> Transformer:
         """Compute in a wider ``dtype`` from now on, in place: every narrower floating parameter (bf16 / fp16) is
@@ -165,7 +169,9 @@ class Transformer(nn.Module):
             elif isinstance(mod, Attention):
                 kept.update(id(lin.weight) for lin in (mod.wq_a, mod.wq_b, mod.wkv, mod.wo_a, mod.wo_b))
         for p in self.parameters():
-            if p.is_floating_point() and p.dtype != dtype and id(p) not in kept and p.dtype != torch.float32:
+            # packed weights and their ue8m0 scales (1-byte floats) are never converted
+            if (p.is_floating_point() and p.element_size() >= 2 and p.dtype != dtype and id(p) not in kept
+                    and p.dtype != torch.float32):
                 p.data = p.data.to(dtype)
         self.compute_dtype = dtype
         return self

@@ -46,6 +46,7 @@ from collections.abc import Iterator
 
 import torch
 
+from dsv4.ops import packed
 from dsv4.ops import reference as ref
 
 # Opt-in choices per device type: "native" = the native kernels where they load (reason logged otherwise),
@@ -165,13 +166,15 @@ def _(x, weight, scale):
 
 def _linear_setup(ctx, inputs, output) -> None:
     x, weight, scale = inputs
-    ctx.save_for_backward(x, weight)
+    ctx.save_for_backward(x, weight, scale)
     ctx.w_grad = weight.requires_grad
 
 
 def _linear_backward(ctx, g):
-    x, weight = ctx.saved_tensors
-    # plain weights only: a packed weight has no gradient (its branch raises before any backward exists)
+    x, weight, scale = ctx.saved_tensors
+    # a packed weight (scale given) is a constant: only x gets a gradient, through the weight dequantised in chunks
+    if scale is not None:
+        return (packed.grad_input(g, weight, scale) if ctx.needs_input_grad[0] else None), None, None
     gx = (g @ weight.to(g.dtype)) if ctx.needs_input_grad[0] else None
     gw = (g.flatten(0, -2).t() @ x.flatten(0, -2).to(g.dtype)).to(weight.dtype) if ctx.w_grad else None
     return gx, gw, None
@@ -196,35 +199,54 @@ def _(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit):
 @torch.library.custom_op("dsv4::routed_experts_backward", mutates_args=())
 def _routed_experts_backward(grad: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                              w1: list[torch.Tensor], w3: list[torch.Tensor], w2: list[torch.Tensor],
-                             shared: list[torch.Tensor], limit: float) -> list[torch.Tensor]:
-    """Gradients [x, weights, *w1, *w3, *w2, *shared] of routed_experts (zeros for experts no token reached).
-    An op of its own: the recomputation syncs on the per-expert counts, which a traced backward cannot."""
-    # torch.func.vjp: a kernel of an op runs below autograd, where torch.autograd would record nothing
-    def fn(x_, weights_, w1_, w3_, w2_, shared_):
-        return ref.routed_experts(x_, ids, weights_, w1_, w3_, w2_, [], shared_, [], limit)
+                             scales: list[torch.Tensor | None], shared: list[torch.Tensor],
+                             shared_scales: list[torch.Tensor | None], limit: float) -> list[torch.Tensor]:
+    """Gradients [x, weights, *w1, *w3, *w2, *shared] of routed_experts (zeros for experts no token reached); packed
+    (scaled) weights are constants and get none: the routed lists are left out when ``scales`` is given, ``shared``
+    when ``shared_scales`` is. An op of its own: the recomputation syncs on the per-expert counts, which a traced
+    backward cannot."""
+    routed_const, shared_const = bool(scales), bool(shared_scales)
 
-    _, vjp = torch.func.vjp(fn, x, weights, list(w1), list(w3), list(w2), list(shared))
-    gx, gw, g1, g3, g2, gs = vjp(grad)
-    return [gx, gw, *g1, *g3, *g2, *gs]
+    # torch.func.vjp: a kernel of an op runs below autograd, where torch.autograd would record nothing
+    def fn(x_, weights_, routed_, shared_):
+        r1, r3, r2 = (w1, w3, w2) if routed_const else routed_
+        return ref.routed_experts(x_, ids, weights_, r1, r3, r2, scales, shared if shared_const else shared_,
+                                  shared_scales, limit)
+
+    routed = [] if routed_const else [list(w1), list(w3), list(w2)]
+    _, vjp = torch.func.vjp(fn, x, weights, routed, [] if shared_const else list(shared))
+    gx, gw, gr, gs = vjp(grad)
+    return [gx, gw, *(t for ws in gr for t in ws), *gs]
 
 
 @_routed_experts_backward.register_fake
-def _(grad, x, ids, weights, w1, w3, w2, shared, limit):
-    return [torch.empty_like(t) for t in (x, weights, *w1, *w3, *w2, *shared)]
+def _(grad, x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit):
+    routed = [] if scales else [*w1, *w3, *w2]
+    return [torch.empty_like(t) for t in (x, weights, *routed, *([] if shared_scales else shared))]
 
 
 def _experts_setup(ctx, inputs, output) -> None:
     x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit = inputs
-    ctx.save_for_backward(x, ids, weights, *w1, *w3, *w2, *shared)
-    ctx.n, ctx.n_scales, ctx.n_shared_scales, ctx.limit = len(w1), len(scales), len(shared_scales), limit
+    ctx.save_for_backward(x, ids, weights, *w1, *w3, *w2, *shared, *scales, *shared_scales)
+    ctx.n, ctx.n_shared, ctx.n_scales, ctx.n_shared_scales, ctx.limit = (len(w1), len(shared), len(scales),
+                                                                         len(shared_scales), limit)
 
 
 def _experts_backward(ctx, grad):
     x, ids, weights, *ws = ctx.saved_tensors
-    n = ctx.n
-    g = _routed_experts_backward(grad, x, ids, weights, ws[:n], ws[n:2 * n], ws[2 * n:3 * n], ws[3 * n:], ctx.limit)
-    return (g[0], None, g[1], g[2:2 + n], g[2 + n:2 + 2 * n], g[2 + 2 * n:2 + 3 * n], [None] * ctx.n_scales,
-            g[2 + 3 * n:], [None] * ctx.n_shared_scales, None)
+    n, ns = ctx.n, ctx.n_shared
+    shared = ws[3 * n:3 * n + ns]
+    scales = ws[3 * n + ns:3 * n + ns + ctx.n_scales]
+    shared_scales = ws[3 * n + ns + ctx.n_scales:]
+    g = _routed_experts_backward(grad, x, ids, weights, ws[:n], ws[n:2 * n], ws[2 * n:3 * n], scales, shared,
+                                 shared_scales, ctx.limit)
+    gx, gw, rest = g[0], g[1], g[2:]
+    if scales:  # packed routed experts: constants
+        g1 = g3 = g2 = [None] * n
+    else:
+        g1, g3, g2, rest = rest[:n], rest[n:2 * n], rest[2 * n:3 * n], rest[3 * n:]
+    gs = [None] * ns if shared_scales else rest
+    return gx, None, gw, g1, g3, g2, [None] * ctx.n_scales, gs, [None] * ctx.n_shared_scales, None
 
 
 _routed_experts.register_autograd(_experts_backward, setup_context=_experts_setup)

@@ -6,6 +6,10 @@ bf16 cache for attention and the indexer, one query per sequence for the indexer
 backend is always correct, and fast where it can be. The first time the library is unavailable the reason is logged
 once (``dsv4.ops`` logger); :func:`native_status` returns it.
 
+Packed weights (FP8 / FP4 with ue8m0 scales: ``linear``, ``routed_experts`` on the loader's stacked FP4 experts,
+the projections inside ``attention_in`` / ``attention_out``) go to kernels/quant.py, the other ops' arguments to
+dsv4/kernels; each falls back to the reference the same way.
+
 Native results equal the reference up to summation order (fp32 accumulation; tests/ops). They come back in the
 reference's output dtype.
 
@@ -21,11 +25,15 @@ import threading
 import torch
 
 from dsv4 import kernels
-from dsv4.ops import backend
+from dsv4.kernels import quant as quant_kernels
+from dsv4.model.norm import rms_unweighted
+from dsv4.model.rope import apply_rope
+from dsv4.ops import backend, packed
 from dsv4.ops import reference as ref
 
 log = logging.getLogger("dsv4.ops")
 _logged = threading.Event()
+_logged_packed = threading.Event()
 _PLAIN = (torch.bfloat16, torch.float32)
 
 
@@ -54,11 +62,38 @@ def _plain(*ws: torch.Tensor) -> bool:
     return all(w.dim() == 2 and w.is_contiguous() and w.dtype == ws[0].dtype for w in ws) and ws[0].dtype in _PLAIN
 
 
+# ---- packed weights (FP8 / FP4 + ue8m0 scales): kernels/quant.py, its own library until the kernel build merges
+
+
+def _native_packed() -> bool:
+    if backend("cpu") != "native":
+        return False
+    if quant_kernels.available():
+        return True
+    if not _logged_packed.is_set():
+        _logged_packed.set()
+        log.warning("dsv4 ops: CPU ops on packed weights run their PyTorch reference (%s)",
+                    quant_kernels.why_unavailable())
+    return False
+
+
+def _packed_ok(weight: torch.Tensor, scale: torch.Tensor) -> bool:
+    return weight.is_contiguous() and scale.is_contiguous() and weight.dim() == 2 and packed.is_packed(weight)
+
+
+def _linear_any(x, weight, scale):
+    """``dsv4::linear``'s CPU kernel (also called for the projections inside the attention ops)."""
+    if scale is None:
+        if _plain(weight) and x.dtype in _PLAIN and _native():
+            return kernels.linear(x, weight).to(x.dtype)
+    elif x.dtype in _PLAIN and _packed_ok(weight, scale) and _native_packed():
+        return quant_kernels.linear(x, weight, scale).to(x.dtype)
+    return ref.linear(x, weight, scale)
+
+
 @torch.library.register_kernel("dsv4::linear", "cpu")
 def _linear(x, weight, scale):
-    if scale is None and _plain(weight) and x.dtype in _PLAIN and _native():
-        return kernels.linear(x, weight).to(x.dtype)
-    return ref.linear(x, weight, scale)
+    return _linear_any(x, weight, scale)
 
 
 @torch.library.register_kernel("dsv4::routed_experts", "cpu")
@@ -66,6 +101,20 @@ def _routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, 
     if (not any(s is not None for s in (*scales, *shared_scales)) and x.dim() == 2 and x.dtype in _PLAIN
             and _plain(*w1, *w3, *w2, *shared) and _native()):
         return kernels.moe(x, ids, weights, w1, w3, w2, shared if shared else None, limit)
+    if scales and x.dim() == 2 and x.dtype in _PLAIN and packed.is_packed(w1[0]) and _native_packed():
+        e = len(w1)
+        stacks = [packed.stacked(t) for t in (w1, scales[:e], w3, scales[e:2 * e], w2, scales[2 * e:])]
+        if all(t is not None for t in stacks) and w1[0].dtype == torch.int8:  # the loader's stacked FP4 experts
+            y = quant_kernels.experts(x, ids, weights, *stacks, limit)
+            if shared:
+                sc = tuple(shared_scales) if shared_scales else (None, None, None)
+                g = _linear_any(x, shared[0], sc[0]).float()
+                u = _linear_any(x, shared[1], sc[1]).float()
+                if limit > 0:
+                    g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+                h = (torch.nn.functional.silu(g) * u).to(x.dtype)  # the reference's shared expert, same roundings
+                y = y + _linear_any(h, shared[2], sc[2]).float()
+            return y
     return ref.routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit)
 
 
@@ -90,6 +139,13 @@ def _attention_in(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, wkv, wkv_scale,
             and _plain(wq_a, wq_b, wkv) and _native()):
         qr, q, kv = kernels.attention_in(x, wq_a, q_norm, wq_b, n_heads, wkv, kv_norm, cos, sin, eps)
         return qr.to(x.dtype), q.to(x.dtype), kv.to(x.dtype)
+    if any(s is not None for s in (wq_a_scale, wq_b_scale, wkv_scale)) and _native_packed():
+        # packed projections: the reference's steps with this backend's linear (native on the packed weights)
+        qr = ref.rms_norm(_linear_any(x, wq_a, wq_a_scale), q_norm, eps)  # [T, Q]
+        q = _linear_any(qr, wq_b, wq_b_scale).unflatten(-1, (n_heads, -1))  # [T, H, c]
+        q = apply_rope(rms_unweighted(q, eps), cos[:, None], sin[:, None])
+        kv = apply_rope(ref.rms_norm(_linear_any(x, wkv, wkv_scale), kv_norm, eps), cos, sin)  # [T, c]
+        return qr, q, kv
     return ref.attention_in(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, wkv, wkv_scale, kv_norm, cos, sin,
                             n_heads, eps)
 
@@ -98,6 +154,10 @@ def _attention_in(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, wkv, wkv_scale,
 def _attention_out(o, cos, sin, wo_a, wo_a_scale, groups, wo_b, wo_b_scale):
     if wo_a_scale is None and wo_b_scale is None and o.dtype in _PLAIN and _plain(wo_a, wo_b) and _native():
         return kernels.attention_out(o, cos, sin, wo_a, groups, wo_b).to(o.dtype)
+    if (wo_a_scale is not None or wo_b_scale is not None) and _native_packed():
+        n = o.shape[0]
+        o = apply_rope(o, cos[:, None], sin[:, None], inverse=True).reshape(n, groups, -1)  # [T, G, H*c/G]
+        return _linear_any(ref.grouped_linear(o, wo_a, wo_a_scale, _linear_any).flatten(1), wo_b, wo_b_scale)
     return ref.attention_out(o, cos, sin, wo_a, wo_a_scale, groups, wo_b, wo_b_scale)
 
 

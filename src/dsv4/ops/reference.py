@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from dsv4.model.norm import rms_unweighted
 from dsv4.model.rope import apply_rope
+from dsv4.ops import packed
 
 _NEG_INF = float("-inf")
 # bound on the elements of one attention / indexer temporary (logits of a query block, gathered keys, a score chunk):
@@ -38,9 +39,15 @@ def _plain_weight(op: str, weight: torch.Tensor, scale: torch.Tensor | None) -> 
 
 # ---------------------------------------------------------------------------------------------------- linear
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] @ weight [N, K]^T -> [..., N] in x's dtype (the weight is read in its stored dtype, widened)."""
+    """x [..., K] @ weight [N, K]^T -> [..., N] in x's dtype (the weight is read in its stored dtype, widened).
+    Packed weights (FP8 e4m3 / FP4 e2m1 with a ue8m0 ``scale``) and float weights of another dtype than x are
+    dequantised / widened a few MB of rows at a time (ops/packed.py), never whole."""
+    if scale is not None and packed.is_packed(weight):
+        return packed.linear_reference(x, weight, scale)
     _plain_weight("linear", weight, scale)
-    return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight)
+    return packed.linear_reference(x, weight, None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,17 +71,20 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------- experts
 def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, limit: float,
-            weights: torch.Tensor | None) -> torch.Tensor:
-    """Clamped SwiGLU expert: x [n, D] -> [n, D] in x's dtype; the routing weight scales h before w2 (official)."""
-    g = linear(x, w1, None).float()
-    u = linear(x, w3, None).float()
+            weights: torch.Tensor | None,
+            scales: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None)
+            ) -> torch.Tensor:
+    """Clamped SwiGLU expert: x [n, D] -> [n, D] in x's dtype; the routing weight scales h before w2 (official).
+    ``scales``: the (w1, w3, w2) scales of packed weights."""
+    g = linear(x, w1, scales[0]).float()
+    u = linear(x, w3, scales[1]).float()
     if limit > 0:
         g = g.clamp(max=limit)
         u = u.clamp(-limit, limit)
     h = F.silu(g) * u  # [n, F] fp32
     if weights is not None:
         h = weights[:, None] * h
-    return linear(h.to(x.dtype), w2, None)
+    return linear(h.to(x.dtype), w2, scales[2])
 
 
 def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: list[torch.Tensor],
@@ -83,11 +93,8 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
                    ) -> torch.Tensor:
     """The MoE after its gate: x [T, D], ids [T, k] expert ids, routing weights [T, k] -> fp32 [T, D] = sum over the
     picks of weight * expert(x) in ascending expert id, from zeros, plus the shared expert (``shared`` = its
-    [w1, w3, w2], or empty). ``scales`` / ``shared_scales``: one per weight (3E / 3) or empty = float weights."""
-    for s in (*scales, *shared_scales):
-        if s is not None:
-            raise TypeError("dsv4::routed_experts: the reference computes on float expert weights; scaled (packed) "
-                            "experts need the packed-weight branch of this op")
+    [w1, w3, w2], or empty). ``scales`` / ``shared_scales``: one per weight (3E in the order w1s, w3s, w2s / 3) or
+    empty = float weights; with scales each expert is dequantised on the fly, one at a time (ops/packed.py)."""
     n, k = ids.shape
     n_exp = len(w1)
     flat = ids.flatten()  # [T*k]
@@ -103,13 +110,15 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
     a = 0
     for e, cnt in enumerate(counts):
         if cnt:
-            outs.append(swiglu_expert(xs[a:a + cnt], w1[e], w3[e], w2[e], limit, w[a:a + cnt]))
+            sc = (scales[e], scales[n_exp + e], scales[2 * n_exp + e]) if scales else (None, None, None)
+            outs.append(swiglu_expert(xs[a:a + cnt], w1[e], w3[e], w2[e], limit, w[a:a + cnt], sc))
             a += cnt
     y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
     if outs:
         y = y.index_add(0, tok, torch.cat(outs).float())
     if shared:
-        y = y + swiglu_expert(x, shared[0], shared[1], shared[2], limit, None).float()
+        sc = tuple(shared_scales) if shared_scales else (None, None, None)
+        y = y + swiglu_expert(x, shared[0], shared[1], shared[2], limit, None, sc).float()
     return y
 
 
@@ -171,14 +180,30 @@ def attention_out(o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wo_a: t
                   wo_a_scale: torch.Tensor | None, groups: int, wo_b: torch.Tensor, wo_b_scale: torch.Tensor | None
                   ) -> torch.Tensor:
     """Inverse RoPE on o [T, H, c], grouped low-rank wo_a (per group of heads), wo_b -> [T, D] in o's dtype."""
-    _plain_weight("attention_out", wo_a, wo_a_scale)
     n = o.shape[0]
     o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)  # [T, H, c]
     o = o.reshape(n, groups, -1)  # [T, G, H*c/G]
-    w = wo_a if wo_a.dtype == o.dtype else wo_a.to(o.dtype)
-    w = w.view(groups, -1, o.shape[-1])  # [G, d_g, H*c/G]
-    o = torch.bmm(o.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)  # [T, G, d_g] (= einsum tgd,grd)
+    o = grouped_linear(o, wo_a, wo_a_scale, linear)  # [T, G, d_g]
     return linear(o.flatten(1), wo_b, wo_b_scale)
+
+
+def grouped_linear(o: torch.Tensor, wo_a: torch.Tensor, wo_a_scale: torch.Tensor | None, lin) -> torch.Tensor:
+    """o [T, G, K] -> [T, G, R]: group g through rows g*R..(g+1)*R of wo_a [G*R, K] (= einsum tgk,grk). A packed
+    wo_a whose groups are whole scale blocks (every real config: R = 1024) runs as G packed linears through ``lin``
+    (the caller's linear: this reference's or a backend's); otherwise it is dequantised (small: tiny configs)."""
+    groups = o.shape[1]
+    if wo_a_scale is not None and packed.is_packed(wo_a):
+        r = wo_a.shape[0] // groups
+        b = 128 if wo_a.dtype == torch.float8_e4m3fn else 1  # rows per scale row
+        if r % b == 0:
+            return torch.stack([lin(o[:, i], wo_a[i * r:(i + 1) * r], wo_a_scale[i * r // b:(i + 1) * r // b])
+                                for i in range(groups)], dim=1)
+        wo_a = packed.weight_rows(wo_a, wo_a_scale, 0, wo_a.shape[0], o.dtype)
+    else:
+        _plain_weight("attention_out", wo_a, wo_a_scale)
+    w = wo_a if wo_a.dtype == o.dtype else wo_a.to(o.dtype)
+    w = w.view(groups, -1, o.shape[-1])  # [G, R, K]
+    return torch.bmm(o.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)  # [T, G, R]
 
 
 def _page_rows(block_tables: torch.Tensor, i: torch.Tensor, ratio: int, rows_per_page: int
