@@ -168,7 +168,8 @@ def test_unavailable_kernels_say_why_and_the_ops_fall_back_to_the_reference():
             "from tests.conftest import make_tiny_config, random_model\n"
             "print(kernels.available(), kernels.why_unavailable()); print(native_status())\n"
             "m = random_model(make_tiny_config())\n"
-            "with torch.no_grad():\n    m(torch.zeros(1, 5, dtype=torch.long)); m(torch.zeros(1, 5, dtype=torch.long))\n"
+            "with torch.no_grad():\n"
+            "    m(torch.zeros(1, 5, dtype=torch.long)); m(torch.zeros(1, 5, dtype=torch.long))\n"
             "print('ran')\n")
     env = dict(os.environ, DSV4_NATIVE_KERNELS="0")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,

@@ -63,9 +63,11 @@ def _linear(x, weight, scale):
 
 @torch.library.register_kernel("dsv4::routed_experts", "cpu")
 def _routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit):
-    if (not any(s is not None for s in (*scales, *shared_scales)) and x.dim() == 2 and x.dtype in _PLAIN
-            and _plain(*w1, *w3, *w2, *shared) and _native()):
-        return kernels.moe(x, ids, weights, w1, w3, w2, shared if shared else None, limit)
+    if not scales and not shared_scales and x.dim() == 2 and x.dtype in _PLAIN and w1[0].dtype in _PLAIN and _native():
+        try:  # the kernel checks every weight's layout once per weight set (3E tensors: not here, per call)
+            return kernels.moe(x, ids, weights, w1, w3, w2, shared if shared else None, limit)
+        except TypeError:
+            pass  # mixed dtypes or non-contiguous weights: the reference
     return ref.routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit)
 
 
