@@ -9,7 +9,8 @@ training and inference alike; it never imports a backend.
 
 Ops (signatures: the functions below; the table with the reference and CPU kernel of each: docs/architecture.md
 sec 6): ``linear``, ``routed_experts``, ``hc_pre`` (+ the sub-layer's RMSNorm), ``hc_post``, ``attention_in``,
-``attention_out``, ``sparse_attention``, ``indexer_topk``, ``argmax``.
+``attention_out``, ``sparse_attention``, ``indexer_topk``, ``argmax``, ``compressor_decode`` (in place: a decode
+token's compressor state and entry page; no gradient, cache writes are inference-only).
 
 **Choosing among registered kernels.** A device's kernel is the one registered for its key; where a backend offers
 an opt-in choice it reads :data:`BACKENDS`, the one table of such choices (``{"cpu": "native"}``: the native CPU
@@ -314,6 +315,20 @@ def _(q, w, keys, block_tables, ratio, visible, n_entries, k):
     return q.new_empty((q.shape[0], q.shape[1], k), dtype=torch.long)
 
 
+@torch.library.custom_op("dsv4::compressor_decode", mutates_args=("state", "pages"))
+def _compressor_decode(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor,
+                       norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                       positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor, state: torch.Tensor,
+                       pages: torch.Tensor, ratio: int, overlap: bool) -> None:
+    ref.compressor_decode(x, wkv, wgate, ape, norm_weight, eps, cos, sin, positions, slots, block_tables, state,
+                          pages, ratio, overlap)
+
+
+@_compressor_decode.register_fake
+def _(x, wkv, wgate, ape, norm_weight, eps, cos, sin, positions, slots, block_tables, state, pages, ratio, overlap):
+    return None
+
+
 @torch.library.custom_op("dsv4::argmax", mutates_args=())
 def _argmax(x: torch.Tensor) -> torch.Tensor:
     return ref.argmax(x)
@@ -335,10 +350,11 @@ attention_out = _attention_out
 sparse_attention = _sparse_attention
 indexer_topk = _indexer_topk
 argmax = _argmax
+compressor_decode = _compressor_decode
 topk_lowest = ref.topk_lowest  # not an op: the tie rule, shared by the router and the reference indexer
 
 OPS = {"linear": linear, "routed_experts": routed_experts, "hc_pre": hc_pre, "hc_post": hc_post,
        "attention_in": attention_in, "attention_out": attention_out, "sparse_attention": sparse_attention,
-       "indexer_topk": indexer_topk, "argmax": argmax}
+       "indexer_topk": indexer_topk, "argmax": argmax, "compressor_decode": compressor_decode}
 
 from dsv4.ops import cpu as _cpu  # noqa: E402,F401  registers the CPU backend's kernels

@@ -145,3 +145,15 @@ def _argmax(x):
     if x.dim() == 2 and x.dtype == torch.float32 and _native():
         return kernels.argmax_rows(x)
     return ref.argmax(x)
+
+
+@torch.library.register_kernel("dsv4::compressor_decode", "cpu")
+def _compressor_decode(x, wkv, wgate, ape, norm_weight, eps, cos, sin, positions, slots, block_tables, state, pages,
+                       ratio, overlap):
+    if (all(t.dtype == torch.float32 and t.is_contiguous() for t in (wkv, wgate, ape, state, pages))
+            and x.dtype in _PLAIN and 2 * cos.shape[-1] <= pages.shape[-1] and _native()):
+        kernels.compress_decode(x, wkv, wgate, ape, ratio, overlap, positions, slots, state, norm_weight, eps, cos,
+                                sin, pages, block_tables)
+        return
+    ref.compressor_decode(x, wkv, wgate, ape, norm_weight, eps, cos, sin, positions, slots, block_tables, state,
+                          pages, ratio, overlap)
