@@ -102,7 +102,7 @@ def test_moe_matches_the_pytorch_experts(dtype, tokens, act):
 
 def test_moe_reads_replaced_weights():
     """Weights swapped in the module (load_state_dict(assign=True)) are the ones the native kernel reads, although
-    it caches the experts' pointer arrays (kernels._ptr_cache): the old weights are still alive here (``keep``), so
+    it caches the experts' pointer arrays (kernels._moe_arrays): the old weights are still alive here (``keep``), so
     only a key on the current tensors' addresses can tell the sets apart."""
     cfg = make_tiny_config(num_hash_layers=0)
     model = random_model(cfg)
@@ -242,16 +242,18 @@ def test_native_decode_with_a_bf16_cache_matches_the_reference(monkeypatch):
     model = random_model(cfg)
     seq = torch.randint(0, cfg.vocab_size, (36,), generator=torch.Generator().manual_seed(5)).tolist()
     seen: list[tuple[str, torch.dtype]] = []
-    for name in ("chunk_attention", "indexer_topk"):
+    cache_arg = {"chunk_attention": lambda keys, rest: rest[1], "indexer_topk": lambda keys, rest: keys,
+                 "compress_decode": lambda keys, rest: rest[10]}  # the ring / the indexer keys / the entry pages
+    for name, arg in cache_arg.items():
         fn = getattr(kernels, name)
 
-        def spy(q, w, keys, *rest, _fn=fn, _name=name):
-            seen.append((_name, (keys if _name == "indexer_topk" else rest[1]).dtype))  # indexer keys / ring
+        def spy(q, w, keys, *rest, _fn=fn, _name=name, _arg=arg):
+            seen.append((_name, _arg(keys, rest).dtype))
             return _fn(q, w, keys, *rest)
 
         monkeypatch.setattr(kernels, name, spy)
     got = _cached_logits(model, cfg, seq, torch.bfloat16)
-    assert ("chunk_attention", torch.bfloat16) in seen and ("indexer_topk", torch.bfloat16) in seen
+    assert {(name, torch.bfloat16) for name in cache_arg} <= set(seen)
     close(got, _cached_logits(model, cfg, seq, torch.bfloat16, backend="reference"), rel=1e-3)
     assert (got - _cached_logits(model, cfg, seq, torch.float32)).abs().max() > 0
 
@@ -313,7 +315,8 @@ def test_unavailable_kernels_say_why_and_the_ops_fall_back_to_the_reference(isa)
             "from tests.conftest import make_tiny_config, random_model\n"
             "print(kernels.available(), kernels.why_unavailable()); print(native_status())\n"
             "m = random_model(make_tiny_config())\n"
-            "with torch.no_grad():\n    m(torch.zeros(1, 5, dtype=torch.long)); m(torch.zeros(1, 5, dtype=torch.long))\n"
+            "with torch.no_grad():\n"
+            "    m(torch.zeros(1, 5, dtype=torch.long)); m(torch.zeros(1, 5, dtype=torch.long))\n"
             "print('ran')\n")
     env = dict(os.environ, DSV4_NATIVE_KERNELS="0")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.backends.debugging import aot_eager
 
 from dsv4 import kernels, ops
 from dsv4.model.batch import ForwardBatch
@@ -28,20 +29,27 @@ def test_compiled_decode_step_equals_eager(backend):
     model = random_model(cfg)
     seq = torch.randint(0, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(2)).tolist()
     caches = [KVCache(cfg, num_slots=1, num_pages=4, page_size=16, dtype=torch.float32) for _ in range(2)]
-    step = torch.compile(model.forward_batch, backend="aot_eager")
+    graphs = []
+
+    def counting(gm, example_inputs):  # aot_eager, counting the graphs of each compiled step
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    step = torch.compile(model.forward_batch, backend=counting)
     if backend == "native" and not kernels.available():
         pytest.skip(f"native backend not run: {kernels.why_unavailable()}")
     with torch.no_grad(), ops.use_backend("cpu", backend):
         for cache in caches:
             model.forward_batch(_batch(seq, 0, 20), cache)
+        first = None
         for p in (20, 21):  # decode steps: eager on one cache, compiled on the other
+            torch._dynamo.utils.counters.clear()
             want = model.forward_batch(_batch(seq, p, p + 1), caches[0]).logits
             got = step(_batch(seq, p, p + 1), caches[1]).logits
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        explain = torch._dynamo.explain(model.forward_batch)(_batch(seq, 22, 23), caches[1])
+            if first is None:  # the first compiled step: its graphs and break reasons
+                breaks = torch._dynamo.utils.counters["graph_break"]
+                first = (len(graphs), {k.splitlines()[0]: v for k, v in breaks.items()})
     # one break remains: _check_cache reading the block table's values (a host-side guard before the layers)
-    where = [(r.user_stack[-1].filename.rsplit("/", 1)[-1], r.user_stack[-1].name) for r in explain.break_reasons]
-    assert explain.graph_break_count <= 1 and set(where) <= {("transformer.py", "_check_cache")}, where
-    print(f"graphs {explain.graph_count}, breaks {explain.graph_break_count}:",
-          sorted({(r.user_stack[-1].filename.rsplit('/', 1)[-1], r.user_stack[-1].lineno, r.reason.splitlines()[0])
-                  for r in explain.break_reasons if r.user_stack}))
+    print(f"graphs of a compiled step: {first[0]}; graph breaks: {first[1]}")
+    assert 1 <= first[0] <= 2 and len(first[1]) <= 1, first

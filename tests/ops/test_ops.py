@@ -278,6 +278,69 @@ def test_exact_ties_go_to_the_lowest_index(backend):
     assert run(backend, ops.argmax, x).tolist() == [0, 7, 3]
 
 
+# ------------------------------------------------------------------------------------------------ compressor
+def _compressor_case(g: torch.Generator, ratio: int, d: int = D, c: int = C, b: int = 4):
+    overlap = ratio == 4
+    cc = (2 if overlap else 1) * c
+    x = torch.randn(b, d, generator=g)
+    wkv, wgate = torch.randn(cc, d, generator=g) * d ** -0.5, torch.randn(cc, d, generator=g) * d ** -0.5
+    ape, nw = torch.randn(ratio, cc, generator=g), 1 + 0.1 * torch.randn(c, generator=g)
+    # completes a block / mid-block / the first block (CSA: no previous block) / deep in the context
+    positions = torch.tensor([ratio - 1, 5 * ratio + 1, 2 * ratio - 1, 4000 * ratio - 1])[:b]
+    cos, sin = cos_sin(b, g)
+    cos, sin = cos[:, : min(R, c // 2) // 2], sin[:, : min(R, c // 2) // 2]  # rope dims <= c
+    slots = torch.tensor([3, 0, 2, 1])[:b]
+    state = torch.randn(5, 2, (2 if overlap else 1) * ratio, cc, generator=g)
+    n = int((positions // ratio).max()) + 1
+    pages, tables = _paged(g, n, ratio, b, c)
+    return (x, wkv, wgate, ape, nw, 1e-6, cos, sin, positions, slots, tables, state, pages, ratio, overlap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # weights and entry pages
+@pytest.mark.parametrize("ratio", [4, 128])
+def test_compressor_decode(backend, ratio, dtype):
+    args = list(_compressor_case(gen(11), ratio))
+    args[1], args[2], args[12] = args[1].to(dtype), args[2].to(dtype), args[12].to(dtype)
+    want = list(args)
+    want[11], want[12] = args[11].clone(), args[12].clone()
+    ref.compressor_decode(*want)
+    got = list(args)
+    got[11], got[12] = args[11].clone(), args[12].clone()
+    run(backend, ops.compressor_decode, *got)
+    # the state a later step reads: everything but the tail row of a token that completed its block (dead: the
+    # next block's tokens overwrite it before any read; the native kernel skips that write)
+    pos, slots, off = args[8], args[9], ratio if ratio == 4 else 0
+    live = torch.ones_like(want[11], dtype=torch.bool)
+    done = (pos + 1) % ratio == 0
+    live[slots[done], :, off + pos[done] % ratio] = False
+    close(got[11][live], want[11][live])
+    # entry pages: bf16 ones rounded once from fp32 entries that differ in their last bits (one bf16 step apart)
+    close(got[12], want[12], rel=1e-4 if dtype == torch.float32 else 2 ** -7)
+    assert not torch.equal(want[12], args[12])  # entries were written
+
+
+def test_reference_decode_steps_equal_the_full_forward():
+    """Prefill then decode through the cache on the reference ops == the cache-free forward (the reference
+    compressor_decode against the general compressor path)."""
+    from dsv4.model.batch import ForwardBatch
+    from dsv4.model.cache import KVCache
+    from tests.conftest import make_tiny_config, random_model
+
+    cfg = make_tiny_config()
+    model = random_model(cfg)
+    seq = torch.randint(0, cfg.vocab_size, (40,), generator=gen(12)).tolist()
+    cache = KVCache(cfg, num_slots=1, num_pages=4, page_size=16, dtype=torch.float32)
+    rows = []
+    with torch.no_grad(), ops.use_backend("cpu", "reference"):
+        full = model(torch.tensor([seq]))[0]
+        for a, b in [(0, 9)] + [(i, i + 1) for i in range(9, len(seq))]:
+            batch = ForwardBatch(input_ids=torch.tensor(seq[a:b]), positions=torch.arange(a, b), start_pos=[a],
+                                 seq_lens=[b - a], slots=[0], block_tables=torch.arange(4)[None],
+                                 logits_indices=torch.arange(b - a))
+            rows.append(model.forward_batch(batch, cache).logits)
+    torch.testing.assert_close(torch.cat(rows), full, atol=1e-4, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ autograd
 def test_gradients_through_the_ops_equal_plain_autograd():
     """The registered backward (recomputation; linear's formula) gives plain autograd's gradients."""
@@ -339,6 +402,7 @@ def _small_args() -> dict:
         "indexer_topk": (torch.randn(b, s, 2, c, generator=g), torch.randn(b, s, 2, generator=g), pages, tables, 4,
                          torch.tensor([[3, 3, 3], [1, 1, 2]]), 3, 2),
         "argmax": (torch.randn(3, 50, generator=g),),
+        "compressor_decode": _compressor_case(g, 4, d=16, c=8),
     }
 
 

@@ -1,7 +1,7 @@
 """Optional native CPU kernels: the hot spots of the model's inference path fused in C (``cpu_kernels.c``) and
 called through ctypes: linear layers (the output head, attention projections), the routed + shared experts, mHC
 (``hc_pre`` + the following RMSNorm, ``hc_post``), attention over the window ring and the compressed pages (decode
-tokens and prefill chunks), the Lightning Indexer's top-k and the greedy argmax.
+tokens and prefill chunks), the Lightning Indexer's top-k, the compressors' decode update, and the greedy argmax.
 The op layer (dsv4/ops/cpu.py) registers them as the CPU kernels of its ops; docs/architecture.md sec 6.
 
 ``build.py`` compiles them once per machine with the system C compiler (an AVX-512 and an AVX2 build from one
@@ -13,7 +13,8 @@ never a requirement. :func:`isa` names the build in use.
 
 Numerics: activations fp32 or bf16 (widened), every sum fp32, results fp32; weights are read in place (bf16 or fp32,
 row-major), a bf16 weight widened exactly; the KV cache (window ring, compressed entries, indexer keys) is read in
-place in fp32 or bf16. Results equal the PyTorch fp32 computation of the same stored values up to summation order
+place in fp32 or bf16, and the compressor writes its entries rounded once to the pages' dtype, as the reference
+does. Results equal the PyTorch fp32 computation of the same stored values up to summation order
 (tests/model/test_kernels.py, once per ISA build). Products with 64 or more rows go to the BLAS ``sgemm`` in torch's
 own library when it exports one (``DSV4_KERNEL_BLAS=0``: never). Not here: the build and the ctypes signatures
 (``build.py``), any choice of when the model uses the kernels (ops/cpu.py).
@@ -23,7 +24,6 @@ Shape legend: M rows (tokens), K in-features, N out-features, D dim, F expert di
 from __future__ import annotations
 
 import ctypes
-import weakref
 
 import torch
 
@@ -66,55 +66,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], n)
 
 
-class _ExpertPtrs:
-    """The C pointer arrays of one set of expert weights, and what the checks of that set established."""
-
-    __slots__ = ("w1", "w3", "w2", "shared", "bf16", "dim", "inter", "shared_inter", "refs", "__weakref__")
-
-
-# Pointer arrays of the expert sets seen, keyed by every tensor's data_ptr (routed w1, w3, w2, then shared) plus the
-# first one's dtype and shape. Building the arrays and checking 3 x 256 weights costs ~1.9 ms per layer and call at
-# V4-Flash width; the key ~0.1 ms. An entry holds only weak references to its tensors, each with a callback that drops
-# the entry, so an entry exists only while all its tensors are alive: an equal address then means the same storage,
-# and replaced weights (``load_state_dict(..., assign=True)``, ``param.data = ...``) change the key, so stale
-# pointers are never used, and replaced weights are never kept alive by this cache.
-_ptr_cache: dict[tuple, _ExpertPtrs] = {}
-_PTR_CACHE_MAX = 4096  # entries (one per MoE layer and weight set in use); cleared when exceeded
-
-
-def _expert_ptrs(w1: list[torch.Tensor], w3: list[torch.Tensor], w2: list[torch.Tensor],
-                 shared: list[torch.Tensor]) -> _ExpertPtrs:
-    tensors = [*w1, *w3, *w2, *shared]
-    first = tensors[0]
-    key = (*map(torch.Tensor.data_ptr, tensors), len(w1), first.dtype, first.shape)
-    hit = _ptr_cache.get(key)
-    if hit is not None:
-        return hit
-    for w in tensors:
-        _check_weight(w)
-    if len({w.dtype for w in tensors}) != 1:
-        raise ValueError("all expert weights must share one dtype (bf16 or fp32) for the native MoE kernel")
-    n_exp = len(w1)
-
-    def ptrs(ws: list[torch.Tensor]) -> ctypes.Array:
-        return (ctypes.c_void_p * n_exp)(*[_ptr(w) for w in ws])
-
-    ent = _ExpertPtrs()
-    ent.w1, ent.w3, ent.w2 = ptrs(w1), ptrs(w3), ptrs(w2)
-    ent.shared = tuple(_ptr(w) for w in shared) if shared else (None, None, None)
-    ent.bf16 = first.dtype == torch.bfloat16
-    ent.inter, ent.dim = w1[0].shape
-    ent.shared_inter = shared[0].shape[0] if shared else ent.inter
-    if len(_ptr_cache) >= _PTR_CACHE_MAX:
-        _ptr_cache.clear()
-
-    def drop(_: weakref.ref, key: tuple = key, ent: weakref.ref = weakref.ref(ent)) -> None:
-        if _ptr_cache.get(key) is ent():
-            _ptr_cache.pop(key, None)
-
-    ent.refs = [weakref.ref(w, drop) for w in tensors]  # dropped with the entry (then no callback fires)
-    _ptr_cache[key] = ent
-    return ent
+# pointer arrays of the last expert sets seen, keyed by their first tensor; valid only while every address matches
+_moe_arrays: dict[int, tuple] = {}
 
 
 def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: list[torch.Tensor], w3: list[torch.Tensor],
@@ -122,23 +75,44 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: list[torc
         swiglu_limit: float) -> torch.Tensor:
     """Routed experts (per token in ascending expert id, fp32 sums from zero) plus the shared expert, as the
     ``dsv4::routed_experts`` op: x [T, D], ids [T, k], routing weights [T, k]; the routed experts' ``w1, w3 [F, D]``,
-    ``w2 [D, F]`` and the shared expert's (or None), all of one dtype -> fp32 [T, D]. The weights are the tensors
-    passed in this call: their pointer arrays are cached by address (``_ptr_cache``), so weights replaced in the
-    model (``load_state_dict(assign=True)``) are the ones used."""
+    ``w2 [D, F]`` and the shared expert's (or None), all of one dtype -> fp32 [T, D]. The weight pointers are read
+    at every call and compared with the cached pointer arrays', so weights replaced in the model
+    (``load_state_dict(assign=True)``) are the ones used. TypeError: weights the kernel cannot read (layout, dtype);
+    ValueError: expert ids out of range."""
     lib = _lib_or_raise()
-    ex = _expert_ptrs(w1, w3, w2, list(shared or ()))
+    tensors = [*w1, *w3, *w2, *(shared or ())]
+    ptrs = [w.data_ptr() for w in tensors]  # the weights' addresses now (never cached on their own)
+    key = (ptrs, tensors[0].dtype, tuple(w1[0].shape), len(w1))
+    hit = _moe_arrays.get(id(w1[0]))
+    if hit is None or hit[0] != key:  # new or moved weights: check them and build the pointer arrays once
+        try:
+            for w in tensors:
+                _check_weight(w)
+        except ValueError as e:
+            raise TypeError(str(e)) from None  # a layout the kernel does not read (ValueError: bad expert ids)
+        if len({w.dtype for w in tensors}) != 1:
+            raise TypeError("all expert weights must share one dtype (bf16 or fp32) for the native MoE kernel")
+        n = len(w1)
+        arrays = tuple((ctypes.c_void_p * n)(*ptrs[i * n:(i + 1) * n]) for i in range(3))
+        if len(_moe_arrays) > 4096:
+            _moe_arrays.clear()
+        # NOTE: no reference to the tensors: the arrays are used only while every current address equals theirs
+        hit = _moe_arrays[id(w1[0])] = (key, arrays)
+    w1p, w3p, w2p = hit[1]
+    n_exp, (inter, dim) = len(w1), w1[0].shape
     xf = x.float().contiguous()
     t, d = xf.shape
-    if d != ex.dim:
-        raise ValueError(f"moe: x has dim {d}, the experts {ex.dim}")
+    if d != dim:
+        raise ValueError(f"moe: x has dim {d}, the experts {dim}")
     ids = ids.to(torch.int64).contiguous()
     weights = weights.float().contiguous()
     y = torch.empty(t, d, dtype=torch.float32)
-    rc = lib.dsv4_moe(_ptr(xf), t, d, ex.inter, ex.shared_inter, _ptr(ids), _ptr(weights), ids.shape[1], len(w1),
-                      ex.w1, ex.w3, ex.w2, *ex.shared, int(ex.bf16), float(swiglu_limit), _ptr(y),
-                      torch.get_num_threads())
+    sh = tuple(ptrs[3 * n_exp:]) if shared else (None, None, None)
+    rc = lib.dsv4_moe(_ptr(xf), t, d, inter, shared[0].shape[0] if shared else inter, _ptr(ids), _ptr(weights),
+                      ids.shape[1], n_exp, w1p, w3p, w2p, *sh, int(tensors[0].dtype == torch.bfloat16),
+                      float(swiglu_limit), _ptr(y), torch.get_num_threads())
     if rc != 0:
-        raise ValueError(f"moe: expert ids must lie in [0, {len(w1)})")
+        raise ValueError(f"moe: expert ids must lie in [0, {n_exp})")
     return y
 
 
@@ -257,6 +231,33 @@ def indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, block_tab
     lib.dsv4_indexer_topk(_ptr(qf), _ptr(wf), b, h, i, _ptr(keys), keys_dt, _ptr(tables), tables.shape[1], ratio,
                           keys.shape[1] * ratio, _ptr(vis), k, _ptr(top), torch.get_num_threads())
     return top
+
+
+def compress_decode(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor, ratio: int,
+                    overlap: bool, positions: torch.Tensor, slots: torch.Tensor, state: torch.Tensor,
+                    norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, pages: torch.Tensor,
+                    block_tables: torch.Tensor) -> None:
+    """``Compressor.project`` + ``group_entries`` (with a cache) for one new token per sequence, in place: x [B, D]
+    at ``positions`` [B]; the tail state [slots, 2, rows, C] and, for tokens that complete a block, the entry pages
+    [pages, page_size // ratio, c] are updated. cos/sin [B, R/2] at the entry position (pos // ratio) * ratio.
+    wkv/wgate fp32 or bf16 (one dtype), state fp32, pages fp32 or bf16 (the fp32 entry rounded once)."""
+    lib = _lib_or_raise()
+    w_dt = _same_dtype(wkv, wgate)
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"the native compressor updates a contiguous fp32 tail state in place, got {state.dtype}")
+    pages_dt = _cache_dt(pages, "compressed entry pages")
+    ape = ape.float().contiguous()
+    xf = x.float().contiguous()
+    b, d = xf.shape
+    c = pages.shape[-1]
+    pos, slots = positions.to(torch.int64).contiguous(), slots.to(torch.int64).contiguous()
+    tables = block_tables.to(torch.int64).contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    norm_w = norm_weight.float().contiguous()
+    lib.dsv4_compress_decode(_ptr(xf), b, d, _ptr(wkv), _ptr(wgate), w_dt, _ptr(ape), wkv.shape[0], c, ratio,
+                             int(overlap), _ptr(pos), _ptr(slots), _ptr(state), state.shape[2], _ptr(norm_w), eps,
+                             _ptr(cos), _ptr(sin), cos.shape[-1], _ptr(pages), pages_dt, _ptr(tables),
+                             tables.shape[1], pages.shape[1] * ratio, torch.get_num_threads())
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

@@ -629,6 +629,75 @@ void dsv4_indexer_topk(const float *q, const float *w, int64_t B, int64_t H, int
     free(sc);
 }
 
+/* ---------------------------------------------------------------- compressor decode update (model/compressor.py) */
+
+/* Compressor.project + group_entries for one new token per sequence (position pos[b]), as the PyTorch path does it:
+ * kv = x wkv^T, z = x wgate^T + ape[pos % r] ([B, C], C = coff * c); the token's row goes to the slot's tail state
+ * (rows [off + pos % r], off = r when overlapping); when it completes its block (pos + 1 divisible by r) the block is
+ * pooled instead: per channel a softmax over the gate values of its r rows (overlap: 2r, the previous block's [:c]
+ * half, from state rows [0, r), then this block's [c:] half) weights the values; the entry is RMS-normed (norm_w),
+ * RoPE-rotated at position (pos / r) * r (cos/sin [B, half]) and written to its page row; an overlapping compressor
+ * then keeps the block's rows as state rows [0, r) for the next entry. state: [slots, 2, rows, C] (kv, z) fp32;
+ * wkv/wgate fp32 or bf16 (w_dt); pages fp32 or bf16 (pages_dt: the fp32 entry rounded to nearest even once, as the
+ * PyTorch path's .to(pages.dtype)). */
+void dsv4_compress_decode(const float *x, int64_t B, int64_t D, const void *wkv, const void *wgate, int w_dt,
+                          const float *ape, int64_t C, int64_t c, int64_t r, int overlap, const int64_t *pos,
+                          const int64_t *slots, float *state, int64_t rows, const float *norm_w, float eps,
+                          const float *cos, const float *sin, int64_t half, void *pages, int pages_dt,
+                          const int64_t *tables, int64_t ncols, int64_t page_size, int nthreads) {
+    float *kv = malloc((size_t)B * C * sizeof(float)), *z = malloc((size_t)B * C * sizeof(float));
+    float *pooled = malloc((size_t)c * sizeof(float));
+    dsv4_linear(x, B, D, wkv, w_dt == DSV4_BF16, C, kv, nthreads);
+    dsv4_linear(x, B, D, wgate, w_dt == DSV4_BF16, C, z, nthreads);
+    int64_t off = overlap ? r : 0, nslot = overlap ? 2 * r : r;
+    float *wts = malloc((size_t)nslot * sizeof(float));
+    const float **vk = malloc((size_t)nslot * sizeof(float *)), **vz = malloc((size_t)nslot * sizeof(float *));
+    for (int64_t b = 0; b < B; b++) {
+        int64_t p = pos[b];
+        float *kvb = kv + b * C, *zb = z + b * C;
+        const float *a = ape + (p % r) * C;
+        for (int64_t i = 0; i < C; i++) zb[i] += a[i];
+        float *st_kv = state + slots[b] * 2 * rows * C, *st_z = st_kv + rows * C;
+        if ((p + 1) % r != 0) { /* the block goes on: remember the token */
+            memcpy(st_kv + (off + p % r) * C, kvb, (size_t)C * sizeof(float));
+            memcpy(st_z + (off + p % r) * C, zb, (size_t)C * sizeof(float));
+            continue;
+        }
+        int64_t entry = p / r, n = 0, col = overlap ? c : 0;
+        if (overlap && entry > 0) /* the previous block's [:c] half */
+            for (int64_t j = 0; j < r; j++, n++) {
+                vk[n] = st_kv + j * C;
+                vz[n] = st_z + j * C;
+            }
+        for (int64_t j = 0; j < r; j++, n++) { /* this block (its last row is the new token) */
+            vk[n] = (j == r - 1 ? kvb : st_kv + (off + j) * C) + col;
+            vz[n] = (j == r - 1 ? zb : st_z + (off + j) * C) + col;
+        }
+        for (int64_t ch = 0; ch < c; ch++) {
+            float mx = -INFINITY, den = 0.0f, acc = 0.0f;
+            for (int64_t j = 0; j < n; j++) mx = vz[j][ch] > mx ? vz[j][ch] : mx;
+            for (int64_t j = 0; j < n; j++) den += (wts[j] = expf(vz[j][ch] - mx));
+            for (int64_t j = 0; j < n; j++) acc += (wts[j] / den) * vk[j][ch];
+            pooled[ch] = acc;
+        }
+        rms_rows(pooled, 1, c, norm_w, eps);
+        rope_rows(pooled, 1, c, cos + b * half, sin + b * half, half, 1.0f);
+        int64_t page = tables[b * ncols + entry * r / page_size];
+        int64_t prow = page * (page_size / r) + (entry * r % page_size) / r;
+        if (pages_dt == DSV4_BF16)
+            for (int64_t i = 0; i < c; i++) ((bf16 *)pages)[prow * c + i] = f32_to_bf16(pooled[i]);
+        else
+            memcpy((float *)pages + prow * c, pooled, (size_t)c * sizeof(float));
+        if (overlap) { /* this block becomes "the previous block" of the next entry */
+            for (int64_t j = 0; j < r; j++) {
+                memmove(st_kv + j * C, j == r - 1 ? kvb : st_kv + (off + j) * C, (size_t)C * sizeof(float));
+                memmove(st_z + j * C, j == r - 1 ? zb : st_z + (off + j) * C, (size_t)C * sizeof(float));
+            }
+        }
+    }
+    free(kv); free(z); free(pooled); free(wts); free(vk); free(vz);
+}
+
 /* ---------------------------------------------------------------- greedy sampling (engine/sampler.py) */
 
 /* first index k >= 0 of row[0..V) with row[k] == t (NaN: row[k] != row[k]), V when none */

@@ -79,11 +79,14 @@ class Attention(nn.Module):
                                      self.kv_norm.weight, cos, sin, self.n_heads, self.eps)  # [N,Q], [N,H,c], [N,c]
         if qat:
             kv = self._kv_post(kv)
-        if self.compressor is not None:
+        # a decode-only step updates the compressors with one op per compressor (projection included)
+        decode = cache is not None and not qat and len(plan.groups) == 1 and plan.groups[0].is_decode
+        if self.compressor is not None and not decode:
             ckv, cz = self.compressor.project(x, plan.positions)  # [N, C] fp32
         if self.indexer is not None:
             iq, iw = self.indexer.queries(x, qr, cos, sin, qat)  # [N, H_I, I], [N, H_I]
-            ikv, iz = self.indexer.compressor.project(x, plan.positions)
+            if not decode:
+                ikv, iz = self.indexer.compressor.project(x, plan.positions)
         lid, r = self.layer_id, self.ratio
         page_size = cache.page_size if cache is not None else 0
 
@@ -97,16 +100,24 @@ class Attention(nn.Module):
             entries = tables = topk = None
             n_entries = 0
             if self.compressor is not None:
-                entries, tables = self.compressor.group_entries(
-                    ckv, cz, grp, self.rotary, x.dtype, self._kv_post if qat else None,
-                    cache.comp_state[lid] if cache is not None else None,
-                    cache.entries[lid] if cache is not None else None, page_size)  # [R, P, c], [Bg, pages]
+                if decode:
+                    entries, tables = self.compressor.decode(x, grp, self.rotary, cache.comp_state[lid],
+                                                             cache.entries[lid])
+                else:
+                    entries, tables = self.compressor.group_entries(
+                        ckv, cz, grp, self.rotary, x.dtype, self._kv_post if qat else None,
+                        cache.comp_state[lid] if cache is not None else None,
+                        cache.entries[lid] if cache is not None else None, page_size)  # [R, P, c], [Bg, pages]
                 n_entries = max(grp.end_list) // r  # the most entries any query of the group sees
             if self.indexer is not None:
-                keys, key_tables = self.indexer.compressor.group_entries(
-                    ikv, iz, grp, self.rotary, x.dtype, Indexer.key_post(qat),
-                    cache.idx_state[lid] if cache is not None else None,
-                    cache.idx_entries[lid] if cache is not None else None, page_size)  # [R, P, I]
+                if decode:
+                    keys, key_tables = self.indexer.compressor.decode(x, grp, self.rotary, cache.idx_state[lid],
+                                                                      cache.idx_entries[lid])
+                else:
+                    keys, key_tables = self.indexer.compressor.group_entries(
+                        ikv, iz, grp, self.rotary, x.dtype, Indexer.key_post(qat),
+                        cache.idx_state[lid] if cache is not None else None,
+                        cache.idx_entries[lid] if cache is not None else None, page_size)  # [R, P, I]
                 vis = grp.memoize(("visible", r), lambda: (grp.pos + 1) // r)  # [Bg, S]; padding (-1) sees 0
                 topk = self.indexer.select(group_rows(iq, grp), group_rows(iw, grp), keys, key_tables, vis,
                                            n_entries)  # [Bg, S, k]

@@ -29,7 +29,7 @@ from torch import nn
 
 from dsv4 import ops
 from dsv4.config import CSA_RATIO
-from dsv4.model.batch import Group, pad_rows
+from dsv4.model.batch import Group, group_rows, pad_rows
 from dsv4.model.norm import RMSNorm
 from dsv4.model.rope import Rotary, apply_rope
 
@@ -116,6 +116,18 @@ class Compressor(nn.Module):
             # the unfinished tail: new tokens past the last complete block
             state[lay.tail_slots, 0, lay.tail_rows] = kv[lay.tail_tok]
             state[lay.tail_slots, 1, lay.tail_rows] = z[lay.tail_tok]
+        return pages, grp.block_tables
+
+    def decode(self, x: torch.Tensor, grp: Group, rotary: Rotary, state: torch.Tensor, pages: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``project`` + ``group_entries`` (with a cache, no QAT rounding) for a decode group, one token per
+        sequence: the op ``dsv4::compressor_decode``. Returns (pages, block tables) like ``group_entries``."""
+        pos, r = grp.pos[:, 0], self.ratio
+        # the RoPE of the entry a token may complete: the same for every layer (and indexer) of this ratio
+        cos, sin = grp.memoize(("entry_rope", r), lambda: rotary.cos_sin(pos // r * r))
+        ops.compressor_decode(group_rows(x, grp)[:, 0], self.wkv.weight, self.wgate.weight, self.ape,
+                              self.norm.weight, self.norm.eps, cos, sin, pos, grp.slots, grp.block_tables, state,
+                              pages, r, self.overlap)
         return pages, grp.block_tables
 
 

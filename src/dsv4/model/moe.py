@@ -88,19 +88,29 @@ class MoE(nn.Module):
         self.shared_experts = (Expert(config.dim, config.shared_inter_dim, config.swiglu_limit, dtype)
                                if config.n_shared_experts > 0 else None)
 
+    def _lins(self) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
+        """The experts' (w1, w3, w2) Linear modules (the modules, not their weights, are memoised)."""
+        cached = self.__dict__.get("_lin_cache")
+        if cached is None or cached[0] is not self.experts:
+            cached = (self.experts, [(e.w1, e.w3, e.w2) for e in self.experts])
+            self.__dict__["_lin_cache"] = cached
+        return cached[1]
+
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x [N, D] -> [N, D]."""
         weights, ids = self.gate(x, input_ids)  # [N, k]
-        # the weight lists are built per call (no cached pointers: replaced weights are always the ones used)
-        ex, sh = self.experts, self.shared_experts
-        lins = [(e.w1, e.w3, e.w2) for e in ex]
+        # the weight lists are read per call (no cached tensors or pointers: replaced weights are the ones used);
+        # _parameters lookups, not nn.Module attribute access: 3E of them per layer and token batch
+        lins = self._lins()
+        w1, w3, w2 = ([lin[i]._parameters["weight"] for lin in lins] for i in range(3))
+        sh = self.shared_experts
         shared = [sh.w1.weight, sh.w3.weight, sh.w2.weight] if sh is not None else []
         # packed (scaled) weights: one scale per weight (loader: the routed experts may be FP4 and the shared FP8)
-        scales = [lin[i].scale for i in range(3) for lin in lins] if ex[0].w1.scale is not None else []
+        scales = [lin[i]._parameters["scale"] for i in range(3) for lin in lins] if lins[0][0].scale is not None \
+            else []
         shared_scales = [lin.scale for lin in (sh.w1, sh.w3, sh.w2)] if sh is not None and sh.w1.scale is not None \
             else []
-        y = ops.routed_experts(x, ids, weights, [lin[0].weight for lin in lins], [lin[1].weight for lin in lins],
-                               [lin[2].weight for lin in lins], scales, shared, shared_scales, ex[0].limit)
+        y = ops.routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, self.experts[0].limit)
         return y.to(x.dtype)
 
     # ------------------------------------------------------------------ packed FP4 experts

@@ -7,17 +7,10 @@ every device. Backends register a kernel for their dispatch key: ops/cpu.py regi
 same way (docs/architecture.md sec 6 "How to add a backend"). The model calls these functions unconditionally, for
 training and inference alike; it never imports a backend.
 
-| op | what | reference | cpu backend |
-|---|---|---|---|
-| linear(x, weight, scale) | x W^T on the stored weight | F.linear | dsv4_linear |
-| routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit) | MoE after the gate | sort by expert + per-expert SwiGLU | dsv4_moe |
-| hc_pre(x, fn, base, scale, norm_weight, iters, hc_eps, norm_eps, out_eps) | mHC pre-mix + RMSNorm | Sinkhorn in torch | dsv4_hc_pre |
-| hc_post(f, res, post, comb) | mHC post-mix | bmm | dsv4_hc_post |
-| attention_in(x, wq_a, s, q_norm, wq_b, s, wkv, s, kv_norm, cos, sin, n_heads, eps) | q, kv projections | linears + norms + RoPE | dsv4_attn_in |
-| attention_out(o, cos, sin, wo_a, s, groups, wo_b, s) | output projection | inverse RoPE + grouped bmm | dsv4_attn_out |
-| sparse_attention(q, kv, start, lens, ring, slots, entries, block_tables, ratio, n_entries, topk, sink, scale) | window + compressed entries + sink | query blocks, paged gathers | dsv4_chunk_attn |
-| indexer_topk(q, w, keys, block_tables, ratio, visible, n_entries, k) | Lightning Indexer picks | chunked scores, running top-k | dsv4_indexer_topk (decode) |
-| argmax(x) | greedy token | max(dim=-1) | dsv4_argmax_rows |
+Ops (signatures: the functions below; the table with the reference and CPU kernel of each: docs/architecture.md
+sec 6): ``linear``, ``routed_experts``, ``hc_pre`` (+ the sub-layer's RMSNorm), ``hc_post``, ``attention_in``,
+``attention_out``, ``sparse_attention``, ``indexer_topk``, ``argmax``, ``compressor_decode`` (in place: a decode
+token's compressor state and entry page; no gradient, cache writes are inference-only).
 
 **Choosing among registered kernels.** A device's kernel is the one registered for its key; where a backend offers
 an opt-in choice it reads :data:`BACKENDS`, the one table of such choices (``{"cpu": "native"}``: the native CPU
@@ -344,6 +337,20 @@ def _(q, w, keys, block_tables, ratio, visible, n_entries, k):
     return q.new_empty((q.shape[0], q.shape[1], k), dtype=torch.long)
 
 
+@torch.library.custom_op("dsv4::compressor_decode", mutates_args=("state", "pages"))
+def _compressor_decode(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor,
+                       norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                       positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor, state: torch.Tensor,
+                       pages: torch.Tensor, ratio: int, overlap: bool) -> None:
+    ref.compressor_decode(x, wkv, wgate, ape, norm_weight, eps, cos, sin, positions, slots, block_tables, state,
+                          pages, ratio, overlap)
+
+
+@_compressor_decode.register_fake
+def _(x, wkv, wgate, ape, norm_weight, eps, cos, sin, positions, slots, block_tables, state, pages, ratio, overlap):
+    return None
+
+
 @torch.library.custom_op("dsv4::argmax", mutates_args=())
 def _argmax(x: torch.Tensor) -> torch.Tensor:
     return ref.argmax(x)
@@ -365,10 +372,11 @@ attention_out = _attention_out
 sparse_attention = _sparse_attention
 indexer_topk = _indexer_topk
 argmax = _argmax
+compressor_decode = _compressor_decode
 topk_lowest = ref.topk_lowest  # not an op: the tie rule, shared by the router and the reference indexer
 
 OPS = {"linear": linear, "routed_experts": routed_experts, "hc_pre": hc_pre, "hc_post": hc_post,
        "attention_in": attention_in, "attention_out": attention_out, "sparse_attention": sparse_attention,
-       "indexer_topk": indexer_topk, "argmax": argmax}
+       "indexer_topk": indexer_topk, "argmax": argmax, "compressor_decode": compressor_decode}
 
 from dsv4.ops import cpu as _cpu  # noqa: E402,F401  registers the CPU backend's kernels

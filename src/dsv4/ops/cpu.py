@@ -98,9 +98,11 @@ def _linear(x, weight, scale):
 
 @torch.library.register_kernel("dsv4::routed_experts", "cpu")
 def _routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit):
-    if (not any(s is not None for s in (*scales, *shared_scales)) and x.dim() == 2 and x.dtype in _PLAIN
-            and _plain(*w1, *w3, *w2, *shared) and _native()):
-        return kernels.moe(x, ids, weights, w1, w3, w2, shared if shared else None, limit)
+    if not scales and not shared_scales and x.dim() == 2 and x.dtype in _PLAIN and w1[0].dtype in _PLAIN and _native():
+        try:  # the kernel checks every weight's layout once per weight set (3E tensors: not here, per call)
+            return kernels.moe(x, ids, weights, w1, w3, w2, shared if shared else None, limit)
+        except TypeError:
+            pass  # mixed dtypes or non-contiguous weights: the reference
     if scales and x.dim() == 2 and x.dtype in _PLAIN and packed.is_packed(w1[0]) and _native_packed():
         e = len(w1)
         stacks = [packed.stacked(t) for t in (w1, scales[:e], w3, scales[e:2 * e], w2, scales[2 * e:])]
@@ -203,3 +205,16 @@ def _argmax(x):
     if x.dim() == 2 and x.dtype == torch.float32 and _native():
         return kernels.argmax_rows(x)
     return ref.argmax(x)
+
+
+@torch.library.register_kernel("dsv4::compressor_decode", "cpu")
+def _compressor_decode(x, wkv, wgate, ape, norm_weight, eps, cos, sin, positions, slots, block_tables, state, pages,
+                       ratio, overlap):
+    # weights fp32 or bf16 (one dtype), the tail state fp32, the pages fp32 or bf16 (the entry rounded once)
+    if (_plain(wkv, wgate) and state.dtype == torch.float32 and state.is_contiguous() and pages.dtype in _PLAIN
+            and pages.is_contiguous() and x.dtype in _PLAIN and 2 * cos.shape[-1] <= pages.shape[-1] and _native()):
+        kernels.compress_decode(x, wkv, wgate, ape, ratio, overlap, positions, slots, state, norm_weight, eps, cos,
+                                sin, pages, block_tables)
+        return
+    ref.compressor_decode(x, wkv, wgate, ape, norm_weight, eps, cos, sin, positions, slots, block_tables, state,
+                          pages, ratio, overlap)

@@ -329,3 +329,45 @@ def indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, block_tab
             best_i = cand_i.gather(-1, pos)
         out.append(torch.where(best_i >= vis, -1, best_i))
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------- compressor
+def compressor_decode(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor,
+                      norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                      positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor, state: torch.Tensor,
+                      pages: torch.Tensor, ratio: int, overlap: bool) -> None:
+    """One new token per sequence through a compressor, in place (what Compressor.project + group_entries do for a
+    decode step): x [B, D] at ``positions`` [B] projects to (kv, z = gate + ape[pos % r]) [B, C] fp32, written to
+    its tail row of ``state`` [slots, 2, coff * r, C]; a token that completes its block pools the block (CSA:
+    overlapping with the previous block's first half) into an entry, RMS-normed (``norm_weight``, in x's dtype) and
+    rotated by ``cos``/``sin`` [B, R/2] (at the entry position (pos // r) * r), written to its row of ``pages``
+    [R, P, c] (paging as :func:`sparse_attention`). CSA then keeps the completed block as the previous one."""
+    r = ratio
+    c = pages.shape[-1]
+    off = r if overlap else 0
+    xf = x.float()
+    kv = linear(xf, wkv, None)  # [B, C]
+    z = linear(xf, wgate, None) + ape.float()[positions % r]
+    row = off + positions % r
+    state[slots, 0, row] = kv
+    state[slots, 1, row] = z
+    done = (positions + 1) % r == 0  # [B] the token completes its block
+    blk = state[slots, :, off:off + r]  # [B, 2, r, C] the block, this token included
+    if overlap:
+        prev = state[slots, :, :r, :c]  # [B, 2, r, c] the previous block's first half
+        first = (positions // r == 0)[:, None, None]
+        prev_kv = torch.where(first, 0.0, prev[:, 0])
+        prev_z = torch.where(first, _NEG_INF, prev[:, 1])
+        pool_kv = torch.cat([prev_kv, blk[:, 0, :, c:]], dim=1)  # [B, 2r, c]
+        pool_z = torch.cat([prev_z, blk[:, 1, :, c:]], dim=1)
+    else:
+        pool_kv, pool_z = blk[:, 0], blk[:, 1]  # [B, r, c]
+    pooled = (pool_z.softmax(dim=1) * pool_kv).sum(dim=1)  # [B, c] fp32
+    entry = apply_rope(rms_norm(pooled.to(x.dtype), norm_weight, eps), cos, sin)
+    # NOTE: rows of blocks still open are rewritten with their own value (no data-dependent indexing): a sequence's
+    # open entry lives in its own last page, never shared
+    page, prow = _page_rows(block_tables, (positions // r)[:, None], r, pages.shape[1])
+    page, prow = page[:, 0], prow[:, 0]
+    pages[page, prow] = torch.where(done[:, None], entry.to(pages.dtype), pages[page, prow])
+    if overlap:  # the completed block becomes the previous one for the next entry
+        state[slots, :, :r] = torch.where(done[:, None, None, None], blk, state[slots, :, :r])
