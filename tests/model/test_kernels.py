@@ -170,8 +170,8 @@ def test_hc_pre_with_norm_and_hc_post_match_pytorch(tokens, act):
         norm.weight.copy_(1 + 0.1 * torch.randn(d, generator=g))
         y, post, comb = ref.hc_pre(x, fn, base, scale, norm.weight, cfg.hc_sinkhorn_iters, cfg.hc_eps,
                                    cfg.rms_norm_eps, norm.eps)
-        ny, npost, ncomb = kernels.hc_pre(x.to(act), fn, base, scale, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps,
-                                          norm.weight, norm.eps)
+        ny, npost, ncomb = kernels.hc_pre(x.to(act), fn, base, scale, cfg.hc_sinkhorn_iters, cfg.hc_eps,
+                                          cfg.rms_norm_eps, norm.weight, norm.eps)
         close(ny, y)
     close(npost, post)
     close(ncomb, comb)
