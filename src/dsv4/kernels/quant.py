@@ -5,12 +5,9 @@
 * :func:`experts` ``(x, ids, weights, w1, s1, w3, s3, w2, s2, limit)``: the routed experts on stacked FP4 weights
   (``MoE.fp4_stacks``) -> fp32, summed per token in ascending expert id like the reference.
 
-The C file is compiled with the other kernel sources by ``dsv4/kernels/build.py`` when that module exists (one
-library per ISA, AVX-512 or AVX2, picked from the CPU flags). Without it (before that build lands) this module
-compiles ``quant_kernels.c`` alone, the same way: ``cc -O3 -fopenmp`` + the ISA flags, cached under
-``$DSV4_KERNEL_CACHE`` (default ``~/.cache/dsv4/kernels``) keyed by source, compiler and flags, written atomically.
-``DSV4_NATIVE_KERNELS=0`` disables it; :func:`why_unavailable` says why it is off. Not here: when the model uses it
-(``dsv4.ops``).
+The C file is compiled with the other kernel sources by ``dsv4/kernels/build.py`` (one library per ISA, AVX-512
+or AVX2, picked from the CPU flags; file lock, cached failures). ``DSV4_NATIVE_KERNELS=0`` disables it;
+:func:`why_unavailable` says why it is off. Not here: the build, when the model uses it (``dsv4.ops``).
 
 Shape legend: M rows, K in-features, N out-features, T tokens, k experts per token, E experts, D dim, F expert dim.
 """
@@ -18,23 +15,17 @@ Shape legend: M rows, K in-features, N out-features, T tokens, k experts per tok
 from __future__ import annotations
 
 import contextlib
-import functools
 import ctypes
-import hashlib
-import importlib.util
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from dsv4.kernels import build
 from dsv4.model import quant
 
-_SRC = Path(__file__).with_name("quant_kernels.c")
 _P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
     "dsv4_quant_isa": ([], _C),
@@ -42,12 +33,6 @@ SIGNATURES = {
     "dsv4_qlinear": ([_P, _I, _I, _P, _P, _C, _I, _P, _C], None),
     "dsv4_qexperts": ([_P, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _F, _P, _C], _C),
 }
-ISA_FLAGS = {
-    "avx512": ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"),
-    "avx2": ("-mavx2", "-mfma", "-mf16c"),
-}
-_CPU_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"},
-              "avx2": {"avx2", "fma", "f16c"}}
 _FP8, _FP4 = 0, 1
 
 _lock = threading.Lock()
@@ -57,45 +42,9 @@ _forced: list[str] = []  # use_isa stack
 _default: list[ctypes.CDLL] = []  # the library picked for this CPU, once resolved
 
 
-def _project_build():
-    """dsv4/kernels/build.py (one library of every *.c per ISA) when this checkout has it, else None."""
-    if importlib.util.find_spec("dsv4.kernels.build") is None:
-        return None
-    from dsv4.kernels import build
-
-    return build
-
-
-@functools.cache
 def supported_isas() -> list[str]:
-    """The ISA builds this CPU can execute, best first."""
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
-        flags = set(line.split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        cap = torch.backends.cpu.get_cpu_capability()
-        return ["avx512", "avx2"] if cap == "AVX512" else ["avx2"] if cap == "AVX2" else []
-    return [isa for isa in ISA_FLAGS if _CPU_FLAGS[isa] <= flags]
-
-
-def _compile(isa: str) -> Path:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH; install one (e.g. apt-get install gcc)")
-    flags = ["-O3", "-fopenmp", "-shared", "-fPIC", *ISA_FLAGS[isa]]
-    key = hashlib.sha256(_SRC.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("DSV4_KERNEL_CACHE") or Path.home() / ".cache" / "dsv4" / "kernels")
-    so = cache / f"dsv4_quant_{isa}_{key}.so"
-    if not so.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
-        proc = subprocess.run([cc, *flags, "-o", tmp, str(_SRC), "-lm"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(f"{cc} failed to build {_SRC.name} for {isa}: {proc.stderr.strip()[-400:]}")
-        os.replace(tmp, so)  # atomic: concurrent builders each write their own file
-    return so
+    """The ISA builds this CPU can execute, best first (build.py's)."""
+    return build.supported_isas()
 
 
 def _torch_sgemm() -> int | None:
@@ -109,8 +58,7 @@ def _torch_sgemm() -> int | None:
 
 
 def _load(isa: str) -> ctypes.CDLL:
-    build = _project_build()
-    lib = build.load(isa) if build is not None else ctypes.CDLL(str(_compile(isa)))
+    lib = build.load(isa)
     for name, (args, res) in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
