@@ -1,6 +1,6 @@
 """The engine on a tiny random fp32 V4 model (SWA + CSA + HCA layers, hash layer, mHC, MTP) against plain decoding:
 a full, cache-free forward of the whole sequence at every step (issue 4, item 7). Every test runs on the PyTorch
-path and on the native-kernel fast path (Transformer.use_native_kernels) where the kernels build."""
+path and on the ops' native CPU kernels (dsv4/ops, backend 'native') where the kernels build."""
 
 from __future__ import annotations
 
@@ -27,17 +27,20 @@ TINY = dict(
 PAGE = 16
 
 
-@pytest.fixture(scope="module", params=["torch", "native"])
+@pytest.fixture(scope="module", params=["reference", "native"])
 def model(request):
+    """The model, with the ops' CPU backend set for the module's tests (the engine and the reference decoding)."""
+    from dsv4 import kernels, ops
+
+    if request.param == "native" and not kernels.available():
+        pytest.skip(f"native kernels: {kernels.why_unavailable()}")
     torch.manual_seed(0)
     m = Transformer(ModelConfig.from_dict(TINY), dtype=torch.float32).init_weights(0).eval()
-    if request.param == "native":
-        from dsv4 import kernels
-
-        if not kernels.available():
-            pytest.skip(f"native kernels: {kernels.why_unavailable()}")
-        m.use_native_kernels()
-    return m
+    saved = dict(ops.BACKENDS)
+    ops.BACKENDS["cpu"] = request.param
+    yield m
+    ops.BACKENDS.clear()
+    ops.BACKENDS.update(saved)
 
 
 @torch.inference_mode()
@@ -225,9 +228,6 @@ def test_llm_from_checkpoint_directory(model, tmp_path):
     cio.save_checkpoint(tmp_path, model.state_dict(), ModelConfig.from_dict(TINY), quantize=False,
                         dtype=torch.float32)
     llm = LLM(str(tmp_path), dtype=torch.float32, page_size=PAGE, max_num_seqs=2, cache_memory_gb=0.01)
-    from dsv4 import kernels
-
-    assert llm.engine.model.native == kernels.available()  # a checkpoint the engine loads itself: auto fast path
     p = prompts(1, 12, 12, seed=9)[0]
     (out,) = llm.generate([p], greedy(5))
     assert out.outputs[0].token_ids == plain_greedy(model, [p], [5])[0]

@@ -96,7 +96,7 @@ def test_published_checkpoint_is_sharded_and_quantised_like_the_release(hf_refer
 @pytest.mark.parametrize("layout", ["published", "hf_default", "hf_native"])
 def test_every_layout_loads_the_same_weights_and_matches_transformers(hf_reference, layout):
     root, official, ids, hf_logits = hf_reference
-    model = load_model(root / layout, dtype=torch.float32, progress=False)
+    model = load_model(root / layout, dtype=torch.float32, progress=False, weights="dequantized")
     loaded = model.state_dict()
     assert set(loaded) == set(official)
     for name, t in official.items():
@@ -110,8 +110,8 @@ def test_every_layout_loads_the_same_weights_and_matches_transformers(hf_referen
 
 def test_bf16_load_is_the_exact_rounding_of_the_fp32_load(hf_reference):
     root = hf_reference[0]
-    fp32 = load_model(root / "published", dtype=torch.float32, progress=False).state_dict()
-    bf16 = load_model(root / "published", dtype=torch.bfloat16, progress=False).state_dict()
+    fp32 = load_model(root / "published", dtype=torch.float32, progress=False, weights="dequantized").state_dict()
+    bf16 = load_model(root / "published", dtype=torch.bfloat16, progress=False, weights="dequantized").state_dict()
     assert any(t.dtype == torch.bfloat16 for t in bf16.values())
     for name, t in bf16.items():
         # every stored value is representable in bf16 (bf16/fp8/fp4 release kinds), fp32 kinds stay fp32
@@ -128,7 +128,7 @@ def test_writer_round_trip_with_mtp(tmp_path, quantize):
     sd = representable(model.state_dict()) if quantize else model.state_dict()
     assert any(n.startswith("mtp.0.") for n in sd)
     cio.save_checkpoint(tmp_path, sd, config, quantize=quantize, dtype=torch.float32)
-    loaded = load_model(tmp_path, dtype=torch.float32, progress=False).state_dict()
+    loaded = load_model(tmp_path, dtype=torch.float32, progress=False, weights="dequantized").state_dict()
     assert set(loaded) == set(sd)
     for name, t in sd.items():
         assert torch.equal(loaded[name], t.to(loaded[name].dtype)), name
@@ -158,6 +158,6 @@ def test_single_file_with_float4_experts_like_convert_py(hf_reference, tmp_path)
     assert n_fp4 > 0
     save_file(stored, str(tmp_path / "model0-mp1.safetensors"))
     (tmp_path / "config.json").write_text((root / "published" / "config.json").read_text())
-    loaded = load_model(tmp_path, dtype=torch.float32, progress=False).state_dict()
+    loaded = load_model(tmp_path, dtype=torch.float32, progress=False, weights="dequantized").state_dict()
     for name, t in official.items():
         assert torch.equal(loaded[name].to(t.dtype), t), name

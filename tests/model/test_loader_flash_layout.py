@@ -129,9 +129,11 @@ def test_flash_layout_passes_every_check(tmp_path, monkeypatch, layout):
     assert sum(n.startswith("layers.2.ffn.experts.") for n in files) == 6 * N_EXPERTS
     write_sparse_checkpoint(tmp_path / "ckpt", files, n_shards=5)
     streamed: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    packed: dict[str, str] = {}
 
-    def record_plan(model, plan, expected, opened, device, progress):  # everything up to the data copy ran already
+    def record_plan(model, plan, expected, opened, device, progress, formats):  # all up to the data copy ran
         streamed.update({n: (expected[n].dtype, tuple(expected[n].shape)) for n in plan})
+        packed.update(formats)
 
     monkeypatch.setattr(loader, "_stream", record_plan)
     monkeypatch.setattr(loader, "_check_materialised", lambda model, root: None)
@@ -142,6 +144,11 @@ def test_flash_layout_passes_every_check(tmp_path, monkeypatch, layout):
     assert streamed["layers.3.ffn.experts.255.w2.weight"] == (torch.bfloat16, (4096, 2048))
     assert streamed["layers.2.attn.indexer.compressor.ape"] == (torch.float32, (4, 256))
     assert streamed["mtp.0.e_proj.weight"] == (torch.bfloat16, (4096, 4096))
+    # the default keeps every quantised projection packed as stored (wo_a: FP8 in the release, bf16 after convert.py)
+    stored_quantised = {n[: -len("scale")] + "weight" for n in files if n.endswith(".scale")}
+    assert set(packed) == stored_quantised
+    assert packed["layers.3.ffn.experts.255.w2.weight"] == "fp4" and packed["layers.2.attn.wq_b.weight"] == "fp8"
+    assert ("layers.2.attn.wo_a.weight" in packed) == (layout == "release")
 
 
 def test_a_wrong_scale_shape_in_the_flash_layout_is_caught(tmp_path):

@@ -118,35 +118,3 @@ def test_meta_build_and_init_weights() -> None:
     with torch.no_grad():
         out = model(torch.tensor([[1, 2, 3]]))
     assert torch.isfinite(out).all()
-
-
-def test_packed_experts_equal_per_expert_loop(monkeypatch) -> None:
-    from dsv4.model.moe import MoE
-
-    calls = []
-    real = MoE._routed_batched
-    monkeypatch.setattr(MoE, "_routed_batched", lambda self, *a: calls.append(1) or real(self, *a))
-    cfg = make_tiny_config()
-    ref = random_model(cfg, seed=34)
-    packed = random_model(cfg, seed=34).pack_experts()
-    assert packed.layers[1].ffn._packed is not None
-    g = torch.Generator().manual_seed(3)
-    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (17, 30, 1)]
-    with torch.no_grad():
-        a = ref.forward_batch(ForwardBatch.from_sequences(seqs), None).logits
-        b = packed.forward_batch(ForwardBatch.from_sequences(seqs), None).logits
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert set(packed.state_dict()) == set(ref.state_dict())
-    assert calls  # the batched-matmul path ran for the multi-sequence batch
-    one = [torch.tensor([7])]  # 2 of 8 experts hit: the per-expert fused w1|w3 path
-    with torch.no_grad():
-        torch.testing.assert_close(packed.forward_batch(ForwardBatch.from_sequences(one), None).logits,
-                                   ref.forward_batch(ForwardBatch.from_sequences(one), None).logits,
-                                   atol=1e-5, rtol=1e-5)
-
-
-def test_numpy_sinkhorn_equals_torch() -> None:
-    from dsv4.model.hyper import _sinkhorn_numpy, sinkhorn
-
-    logits = torch.randn(7, 4, 4, generator=torch.Generator().manual_seed(4)) * 3
-    torch.testing.assert_close(_sinkhorn_numpy(logits, 20, 1e-6), sinkhorn(logits, 20, 1e-6), atol=1e-6, rtol=1e-5)

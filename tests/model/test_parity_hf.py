@@ -74,13 +74,17 @@ def dsv4_from_hf(cfg: ModelConfig, hf_model) -> Transformer:
     return ours
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
 @pytest.mark.parametrize("seed,seq", [(0, 45), (1, 70)])
-def test_logits_match_transformers(seed: int, seq: int) -> None:
+def test_logits_match_transformers(seed: int, seq: int, backend: str) -> None:
+    """On the CPU backend's native kernels (the reference where they do not load) and on the reference ops."""
+    from dsv4 import ops
+
     cfg = make_tiny_config(num_nextn_predict_layers=0)
     hf = random_hf_model(cfg, seed)
     ours = dsv4_from_hf(cfg, hf)
     ids = torch.randint(0, cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
+    with torch.no_grad(), ops.use_backend("cpu", backend):
         want = hf(ids).logits.float()
         got = ours(ids)
     assert got.dtype == torch.float32 and got.shape == want.shape

@@ -45,7 +45,14 @@ def test_resume_is_exact(train_assets, tmp_path):
     assert [r["expert_load"] for r in a] == [r["expert_load"] for r in b]
 
 
-def test_export_loads_in_dsv4_and_transformers(train_assets, tmp_path):
+def _topk_lowest_index(self, k, dim=-1, largest=True, sorted=True):
+    """Tensor.topk with dsv4's tie rule (exact ties to the lowest index; torch leaves the order unspecified)."""
+    assert largest and dim in (-1, self.dim() - 1)
+    v, i = torch.sort(self, dim=-1, descending=True, stable=True)
+    return torch.return_types.topk((v[..., :k], i[..., :k]))
+
+
+def test_export_loads_in_dsv4_and_transformers(train_assets, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = parse_args(base_args(train_assets, out, steps=8, lr=1e-2, export="true", **{"export-dtype": "float32"}))
     t = Trainer(cfg)
@@ -69,8 +76,12 @@ def test_export_loads_in_dsv4_and_transformers(train_assets, tmp_path):
         export, torch_dtype=torch.float32, output_loading_info=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    # the trained 2-head indexer scores many entries exactly 0 (ReLU): transformers must break those ties as dsv4
+    # does (lowest entry id) for the same picks
+    monkeypatch.setattr(torch.Tensor, "topk", _topk_lowest_index)
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+    monkeypatch.undo()
     # fine-tuning starts from the exported weights: its first loss continues the trained run, not a fresh init
     ft = tmp_path / "ft"
     main(base_args(train_assets, ft, steps=1, **{"init-from": export, "model-config": ""}))

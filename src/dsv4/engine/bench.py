@@ -197,9 +197,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = torch.bfloat16  # the checkpoint's dtype
-    from dsv4 import kernels
+    from dsv4 import kernels, ops
 
     native = kernels.available() if args.native == "auto" else args.native == "on"
+    # the engine's ops run on the native CPU kernels or on their plain-PyTorch reference
+    ops.BACKENDS["cpu"] = "native" if native else "reference"
     res: dict[str, Any] = {"threads": args.threads, "torch": torch.__version__, "cpu": platform.processor() or
                            platform.machine(), "engine_path": "native kernels" if native else "pytorch",
                            "engine_dtype": "float32" if native else args.dtype, "hf_dtype": args.hf_dtype}
@@ -210,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bf16_model = model
     if native:
         # fp32 activations; experts and attention projections stay bf16 (read as bf16), the head fp32 (official)
-        model = build_model(0, dtype, args.weights_cache).use_native_kernels()
+        model = build_model(0, dtype, args.weights_cache).set_activation_dtype(torch.float32)
     elif args.dtype != "bfloat16":
         # NOTE: bf16 weights upcast losslessly; activations are then computed in this dtype (see the report: on
         # CPUs without AMX, torch's bf16 matmuls are 2-5x slower than fp32 at decode sizes).

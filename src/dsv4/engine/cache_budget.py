@@ -55,7 +55,7 @@ def build_cache(model: Any, c: EngineConfig, device: torch.device) -> tuple[Any,
     """-> (KVCache, num_pages, total bytes accounted)."""
     from dsv4.model.cache import KVCache
 
-    dtype = cache_dtype(model)
+    dtype = getattr(torch, c.kv_cache_dtype) if c.kv_cache_dtype else cache_dtype(model)
     mtp = bool(c.speculative)
     num_pages, slot_b, page_b = plan_pages(model.config, c, dtype, mtp)
     cache = KVCache(model.config, c.max_num_seqs, num_pages, c.page_size, dtype=dtype, device=device, mtp=mtp)

@@ -25,10 +25,15 @@ class EngineConfig:
     speculative: bool = False  # MTP speculative decoding (draft 1 token with mtp.0, verify with the main model)
     seed: int = 0  # seeds the per-request generators of requests without their own seed
     num_threads: int | None = None  # torch.set_num_threads; None leaves torch's default
-    # CPU fast path (dsv4/kernels, Transformer.use_native_kernels; docs/architecture.md sec 6): native kernels, fp32
-    # activations. None = on when LLM loads the checkpoint itself onto the CPU and the kernels build here (a model
-    # object you pass is never converted unless you ask with True); True = required; False = PyTorch path.
-    native_kernels: bool | None = None
+    # which kernels the ops run on a CPU (dsv4/ops; docs/architecture.md sec 6): "native" = the native kernels
+    # (dsv4/kernels) where they load here, else the reference with the reason logged once; "reference" = the plain
+    # PyTorch ops; None = the ops' default table (native). A checkpoint LLM loads onto a CPU with native kernels in
+    # use computes in fp32 (the kernels' precision; bf16 weights stay bf16).
+    backend: str | None = None
+    # dtype of the KV cache (window rings, compressed entries, indexer keys; the compressor tails stay fp32):
+    # "bfloat16" halves its memory whatever the activations (the official cache is bf16), "float32" keeps it exact
+    # for fp32 activations; None = the activation dtype.
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -52,6 +57,11 @@ class EngineConfig:
             raise bad("max_prefix_snapshots", "it must be >= 1 (disable prefix caching with enable_prefix_caching)")
         if self.prefix_snapshot_interval < 1:
             raise bad("prefix_snapshot_interval", "it must be >= 1 page")
+        if self.kv_cache_dtype not in (None, "bfloat16", "float32"):
+            raise bad("kv_cache_dtype", 'choose "bfloat16", "float32" or None (the activation dtype)')
+        if self.backend not in (None, "native", "reference"):
+            raise bad("backend", 'choose "native" (the native CPU kernels where they load), "reference" (plain '
+                      "PyTorch) or None (the default: native)")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

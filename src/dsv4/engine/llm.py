@@ -16,12 +16,13 @@ import logging
 import random
 import threading
 from collections.abc import Sequence as SequenceABC
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dsv4 import ops
 from dsv4.engine.block_manager import BlockManager
 from dsv4.engine.config import EngineConfig
 from dsv4.engine.prefix_cache import PrefixCache
@@ -30,6 +31,7 @@ from dsv4.engine.runner import ModelRunner
 from dsv4.engine.sampler import Sampler
 from dsv4.engine.sampling import SamplingParams
 from dsv4.engine.scheduler import Scheduler, SchedulerOutput
+from dsv4.ops.cpu import native_status
 
 PromptType = str | list[int]
 _log = logging.getLogger("dsv4.engine")
@@ -84,8 +86,6 @@ class LLMEngine:
         param = next(model.parameters())
         self.device = param.device
         c = self.config
-        if c.native_kernels and not getattr(model, "native", False):
-            model.use_native_kernels()  # before the cache is sized: it takes the activation dtype (fp32)
 
         from dsv4.engine.cache_budget import build_cache  # sizing lives next to the cache maths
 
@@ -216,10 +216,11 @@ class LLMEngine:
                         "chunk; raise cache_memory_gb / num_pages or lower max_num_batched_tokens"
                     )
                 return []
-            try:
-                touched = self._execute(out)
-            except Exception as err:  # noqa: BLE001 - whatever broke, it must not outlive this step's requests
-                touched = self._fail_step(out, err)
+            with ops.use_backend("cpu", self.config.backend):  # the ops' CPU kernels for this engine's steps
+                try:
+                    touched = self._execute(out)
+                except Exception as err:  # noqa: BLE001 - whatever broke, it must not outlive this step's requests
+                    touched = self._fail_step(out, err)
             self._fail_siblings(touched)
             self.scheduler.finish_step(out)
             self.stats["steps"] += 1
@@ -376,6 +377,8 @@ class LLM:
         tokenizer: Any = None,
         dtype: torch.dtype | str = torch.bfloat16,
         device: str | torch.device = "cpu",
+        weights: str = "stored",
+        head_dtype: torch.dtype = torch.float32,
         **engine_options: Any,
     ) -> None:
         config = EngineConfig.from_kwargs(**engine_options)
@@ -386,11 +389,13 @@ class LLM:
             if isinstance(dtype, str):
                 dtype = getattr(torch, dtype)
             path = Path(model)
-            model = dsv4.load_model(path, dtype=dtype, device=device)
-            if config.native_kernels is None and model.device.type == "cpu":
-                from dsv4 import kernels
-
-                config = replace(config, native_kernels=kernels.available())
+            # weights / head_dtype: how the projection weights and the head are held (dsv4.load_model)
+            model = dsv4.load_model(path, dtype=dtype, device=device, weights=weights, head_dtype=head_dtype)
+            if model.device.type == "cpu" and dtype != torch.float32:
+                with ops.use_backend("cpu", config.backend):
+                    native = native_status()[0]
+                if native:  # the native kernels compute in fp32: fp32 activations (and KV cache) save conversions
+                    model.set_activation_dtype(torch.float32)
             if tokenizer is None:
                 from dsv4.chat import load_tokenizer
 

@@ -2,141 +2,50 @@
 called through ctypes: linear layers (the output head, attention projections), the routed + shared experts, mHC
 (``hc_pre`` + the following RMSNorm, ``hc_post``), attention over the window ring and the compressed pages (decode
 tokens and prefill chunks), the Lightning Indexer's top-k, the compressors' decode update, and the greedy argmax.
-``Transformer.use_native_kernels`` switches a model onto them; docs/architecture.md sec 6 describes the path.
+The op layer (dsv4/ops/cpu.py) registers them as the CPU kernels of its ops; docs/architecture.md sec 6.
 
-They are built on first use with the system C compiler (``cc -O3 -march=native -fopenmp``; about 2 s) into
-``$DSV4_KERNEL_CACHE`` (default ``~/.cache/dsv4/kernels``), keyed by the source and the CPU. When that is not
-possible (no compiler, no AVX-512, or ``DSV4_NATIVE_KERNELS=0``) :func:`available` is False, :func:`why_unavailable`
-says why, and the model keeps its plain-PyTorch path: the kernels are a speed-up, never a requirement.
+``build.py`` compiles them once per machine with the system C compiler (an AVX-512 and an AVX2 build from one
+source, picked from the CPU flags; ``DSV4_KERNEL_ISA=avx512|avx2`` forces one) into ``$DSV4_KERNEL_CACHE`` (default
+``~/.cache/dsv4/kernels``), under a file lock, a failed build cached with its reason (``DSV4_KERNEL_REBUILD=1``
+retries). When that is not possible (no compiler, neither ISA, or ``DSV4_NATIVE_KERNELS=0``) :func:`available` is
+False, :func:`why_unavailable` says why, and the model keeps its plain-PyTorch path: the kernels are a speed-up,
+never a requirement. :func:`isa` names the build in use.
 
-Numerics: fp32 activations and sums; weights are read in place (bf16 or fp32, row-major), a bf16 weight widened
-exactly. Results equal the PyTorch fp32 path up to summation order (tests/model/test_kernels.py). Products with 64 or
-more rows go to the BLAS ``sgemm`` in torch's own library when it exports one (``DSV4_KERNEL_BLAS=0``: never).
+Numerics: activations fp32 or bf16 (widened), every sum fp32, results fp32; weights are read in place (bf16 or fp32,
+row-major), a bf16 weight widened exactly; the KV cache (window ring, compressed entries, indexer keys) is read in
+place in fp32 or bf16, and the compressor writes its entries rounded once to the pages' dtype, as the reference
+does. Results equal the PyTorch fp32 computation of the same stored values up to summation order
+(tests/model/test_kernels.py, once per ISA build). Products with 64 or more rows go to the BLAS ``sgemm`` in torch's
+own library when it exports one (``DSV4_KERNEL_BLAS=0``: never). Not here: the build and the ctypes signatures
+(``build.py``), any choice of when the model uses the kernels (ops/cpu.py).
 Shape legend: M rows (tokens), K in-features, N out-features, D dim, F expert dim.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-_SRC = Path(__file__).with_name("cpu_kernels.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+from dsv4.kernels import build
+from dsv4.kernels.build import available, isa, loaded, why_unavailable  # noqa: F401 (the public API)
 
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
-_tried = False
-
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_SIGNATURES = {
-    "dsv4_linear": [_P, _I, _I, _P, ctypes.c_int, _I, _P, ctypes.c_int],
-    "dsv4_moe": [_P, _I, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int, _F, _P, ctypes.c_int],
-    "dsv4_chunk_attn": [_P, _P, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I, _P, _F, _P, ctypes.c_int],
-    "dsv4_attn_in": [_P, _I, _I, _P, _I, _P, _P, _I, _I, _P, _P, _P, _P, _I, _F, ctypes.c_int, _P, _P, _P,
-                     ctypes.c_int],
-    "dsv4_attn_out": [_P, _I, _I, _I, _P, _P, _I, _P, _I, _I, _P, _I, ctypes.c_int, _P, ctypes.c_int],
-    "dsv4_hc_post": [_P, _P, _P, _P, _I, _I, _I, _P, ctypes.c_int],
-    "dsv4_indexer_topk": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _I, _P, ctypes.c_int],
-    "dsv4_compress_decode": [_P, _I, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _I, _P, _F, _P, _P, _I,
-                             _P, _P, _I, _I, ctypes.c_int],
-    "dsv4_argmax_rows": [_P, _I, _I, _P, ctypes.c_int],
-    "dsv4_hc_pre": [_P, _I, _I, _I, _P, _P, _P, ctypes.c_int, _F, _F, _P, _F, _P, _P, _P, ctypes.c_int],
-}
-
-
-def _cpu_key() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = ""
-    return flags
-
-
-def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH; install one (e.g. apt-get install gcc) to build them")
-    src = _SRC.read_bytes()
-    key = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode() + _cpu_key().encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("DSV4_KERNEL_CACHE") or Path.home() / ".cache" / "dsv4" / "kernels")
-    so = cache / f"dsv4_cpu_{key}.so"
-    if not so.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
-        proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC), "-lm"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(f"{cc} failed to build {_SRC.name} (this CPU may lack AVX-512): "
-                               f"{proc.stderr.strip()[-400:]}")
-        os.replace(tmp, so)  # atomic: concurrent builders each write their own temp file
-    lib = ctypes.CDLL(str(so))
-    for name, args in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, (ctypes.c_int if name == "dsv4_moe" else None)
-    lib.dsv4_set_sgemm.argtypes, lib.dsv4_set_sgemm.restype = [_P], None
-    lib.dsv4_set_sgemm(_torch_sgemm())
-    return lib
-
-
-def _torch_sgemm() -> int | None:
-    """Address of the BLAS ``sgemm_`` that torch's CPU library exports (MKL in the x86 wheels), or None: the kernels
-    then use their own micro-kernels for every size. ``DSV4_KERNEL_BLAS=0`` opts out."""
-    if os.environ.get("DSV4_KERNEL_BLAS", "1") == "0":
-        return None
-    try:
-        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        return ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p).value
-    except (OSError, AttributeError):
-        return None
-
-
-def _load() -> ctypes.CDLL | None:
-    global _lib, _error, _tried
-    if not _tried:
-        _tried = True
-        if os.environ.get("DSV4_NATIVE_KERNELS", "1") == "0":
-            _error = "disabled by DSV4_NATIVE_KERNELS=0"
-        else:
-            try:
-                _lib = _build()
-            except (RuntimeError, OSError) as e:
-                _error = str(e)
-    return _lib
-
-
-def loaded() -> bool:
-    """True when the kernels are already built and loaded in this process (no build is attempted)."""
-    return _lib is not None
-
-
-def available() -> bool:
-    """True when the native kernels are built (or can be) for this CPU."""
-    return _load() is not None
-
-
-def why_unavailable() -> str | None:
-    """None when :func:`available`, else the reason in one line."""
-    _load()
-    return _error
-
-
-def _lib_or_raise() -> ctypes.CDLL:
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"dsv4 native CPU kernels are unavailable: {_error}")
-    return lib
+_lib_or_raise = build.lib_or_raise
+# dtype codes of the C ABI (simd.h)
+_DT = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
+
+
+def _cache_dt(t: torch.Tensor, what: str) -> int:
+    """The dtype code of a cache tensor the kernels read (or write) in place: fp32 or bf16, contiguous, on the CPU."""
+    if t.dtype not in _DT or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(f"the native kernels read the {what} in place as a contiguous fp32 or bf16 CPU tensor, "
+                         f"got {t.dtype} (contiguous={t.is_contiguous()}) on {t.device}; build the KVCache with "
+                         f"dtype=torch.bfloat16 or torch.float32")
+    return _DT[t.dtype]
 
 
 def _check_weight(w: torch.Tensor) -> None:
@@ -157,48 +66,53 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], n)
 
 
-class ExpertWeights:
-    """Pointers to the routed experts' ``w1, w3 [F, D]``, ``w2 [D, F]`` and the shared expert's, for :func:`moe`.
-    Holds references to the tensors, so the pointers stay valid; rebuild it if the weights are replaced."""
-
-    def __init__(self, routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                 shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, swiglu_limit: float) -> None:
-        tensors = [w for ex in routed for w in ex] + list(shared or ())
-        for w in tensors:
-            _check_weight(w)
-        if len({w.dtype for w in tensors}) != 1:
-            raise ValueError("all expert weights must share one dtype (bf16 or fp32) for the native MoE kernel")
-        self.tensors = tensors  # keeps the storage alive
-        self.bf16 = tensors[0].dtype == torch.bfloat16
-        self.n_experts = len(routed)
-        self.dim = routed[0][0].shape[1]
-        self.inter = routed[0][0].shape[0]
-        self.shared_inter = shared[0].shape[0] if shared is not None else self.inter
-        self.limit = float(swiglu_limit)
-
-        def ptrs(i: int) -> ctypes.Array:
-            return (ctypes.c_void_p * len(routed))(*[_ptr(ex[i]) for ex in routed])
-
-        self.w1, self.w3, self.w2 = ptrs(0), ptrs(1), ptrs(2)
-        self.shared = tuple(_ptr(w) for w in shared) if shared is not None else (None, None, None)
+# pointer arrays of the last expert sets seen, keyed by their first tensor; valid only while every address matches
+_moe_arrays: dict[int, tuple] = {}
 
 
-def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: ExpertWeights) -> torch.Tensor:
-    """Routed experts (per token in ascending expert id, fp32 sums from zero) plus the shared expert, as
-    ``MoE.forward`` computes them after the gate: x [T, D], ids [T, k], routing weights [T, k] -> fp32 [T, D]."""
+def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: list[torch.Tensor], w3: list[torch.Tensor],
+        w2: list[torch.Tensor], shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | list[torch.Tensor] | None,
+        swiglu_limit: float) -> torch.Tensor:
+    """Routed experts (per token in ascending expert id, fp32 sums from zero) plus the shared expert, as the
+    ``dsv4::routed_experts`` op: x [T, D], ids [T, k], routing weights [T, k]; the routed experts' ``w1, w3 [F, D]``,
+    ``w2 [D, F]`` and the shared expert's (or None), all of one dtype -> fp32 [T, D]. The weight pointers are read
+    at every call and compared with the cached pointer arrays', so weights replaced in the model
+    (``load_state_dict(assign=True)``) are the ones used. TypeError: weights the kernel cannot read (layout, dtype);
+    ValueError: expert ids out of range."""
     lib = _lib_or_raise()
+    tensors = [*w1, *w3, *w2, *(shared or ())]
+    ptrs = [w.data_ptr() for w in tensors]  # the weights' addresses now (never cached on their own)
+    key = (ptrs, tensors[0].dtype, tuple(w1[0].shape), len(w1))
+    hit = _moe_arrays.get(id(w1[0]))
+    if hit is None or hit[0] != key:  # new or moved weights: check them and build the pointer arrays once
+        try:
+            for w in tensors:
+                _check_weight(w)
+        except ValueError as e:
+            raise TypeError(str(e)) from None  # a layout the kernel does not read (ValueError: bad expert ids)
+        if len({w.dtype for w in tensors}) != 1:
+            raise TypeError("all expert weights must share one dtype (bf16 or fp32) for the native MoE kernel")
+        n = len(w1)
+        arrays = tuple((ctypes.c_void_p * n)(*ptrs[i * n:(i + 1) * n]) for i in range(3))
+        if len(_moe_arrays) > 4096:
+            _moe_arrays.clear()
+        # NOTE: no reference to the tensors: the arrays are used only while every current address equals theirs
+        hit = _moe_arrays[id(w1[0])] = (key, arrays)
+    w1p, w3p, w2p = hit[1]
+    n_exp, (inter, dim) = len(w1), w1[0].shape
     xf = x.float().contiguous()
     t, d = xf.shape
-    if d != ex.dim:
-        raise ValueError(f"moe: x has dim {d}, the experts {ex.dim}")
+    if d != dim:
+        raise ValueError(f"moe: x has dim {d}, the experts {dim}")
     ids = ids.to(torch.int64).contiguous()
     weights = weights.float().contiguous()
     y = torch.empty(t, d, dtype=torch.float32)
-    rc = lib.dsv4_moe(_ptr(xf), t, d, ex.inter, ex.shared_inter, _ptr(ids), _ptr(weights), ids.shape[1],
-                      ex.n_experts, ex.w1, ex.w3, ex.w2, *ex.shared, int(ex.bf16), ex.limit, _ptr(y),
-                      torch.get_num_threads())
+    sh = tuple(ptrs[3 * n_exp:]) if shared else (None, None, None)
+    rc = lib.dsv4_moe(_ptr(xf), t, d, inter, shared[0].shape[0] if shared else inter, _ptr(ids), _ptr(weights),
+                      ids.shape[1], n_exp, w1p, w3p, w2p, *sh, int(tensors[0].dtype == torch.bfloat16),
+                      float(swiglu_limit), _ptr(y), torch.get_num_threads())
     if rc != 0:
-        raise ValueError(f"moe: expert ids must lie in [0, {ex.n_experts})")
+        raise ValueError(f"moe: expert ids must lie in [0, {n_exp})")
     return y
 
 
@@ -225,14 +139,15 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
 def chunk_attention(q: torch.Tensor, kv: torch.Tensor, start: torch.Tensor, lens: torch.Tensor, ring: torch.Tensor,
                     slots: torch.Tensor, entries: torch.Tensor | None, entry_rows: torch.Tensor | None,
                     sink: torch.Tensor, scale: float) -> torch.Tensor:
-    """``attention.sparse_attention`` for a group's chunks, keys read in place (fp32): q [B, S, H, c], the chunks'
-    own keys kv [B, S, c]; query s of sequence b sits at ``start[b] + s`` (s < lens[b]); its window comes from the
-    chunk and, before ``start[b]``, from ``ring`` [slots, w, c] (call before writing the chunk to the ring); its
-    compressed keys are rows ``entry_rows`` [B, S, E] (-1 = none) of ``entries`` viewed [rows, c]. -> [B, S, H, c]."""
+    """``attention.sparse_attention`` for a group's chunks, keys read in place: q [B, S, H, c], the chunks' own keys
+    kv [B, S, c]; query s of sequence b sits at ``start[b] + s`` (s < lens[b]); its window comes from the chunk and,
+    before ``start[b]``, from ``ring`` [slots, w, c] (call before writing the chunk to the ring); its compressed keys
+    are rows ``entry_rows`` [B, S, E] (-1 = none) of ``entries`` viewed [rows, c]. q/kv in any float dtype; ring and
+    entries fp32 or bf16 (read as stored, widened exactly); all sums fp32. -> fp32 [B, S, H, c]."""
     lib = _lib_or_raise()
     b, s, h, c = q.shape
-    if ring.dtype != torch.float32 or (entries is not None and entries.dtype != torch.float32):
-        raise ValueError("the native attention reads an fp32 cache (build the KVCache with dtype=float32)")
+    ring_dt = _cache_dt(ring, "window ring")
+    ent_dt = _cache_dt(entries, "compressed entries") if entries is not None else 0
     qf, kvf = q.float().contiguous(), kv.float().contiguous()
     start, lens = start.to(torch.int64).contiguous(), lens.to(torch.int64).contiguous()
     slots = slots.to(torch.int64).contiguous()
@@ -241,8 +156,8 @@ def chunk_attention(q: torch.Tensor, kv: torch.Tensor, start: torch.Tensor, lens
         entry_rows = entry_rows.to(torch.int64).contiguous()
         e = entry_rows.shape[-1]
     out = torch.empty(b, s, h, c, dtype=torch.float32)
-    lib.dsv4_chunk_attn(_ptr(qf), _ptr(kvf), b, s, h, c, _ptr(start), _ptr(lens), _ptr(ring), ring.shape[1],
-                        _ptr(slots), _ptr(entries) if e else None, _ptr(entry_rows) if e else None, e,
+    lib.dsv4_chunk_attn(_ptr(qf), _ptr(kvf), b, s, h, c, _ptr(start), _ptr(lens), _ptr(ring), ring_dt, ring.shape[1],
+                        _ptr(slots), _ptr(entries) if e else None, ent_dt, _ptr(entry_rows) if e else None, e,
                         _ptr(sink.float().contiguous()), scale, _ptr(out), torch.get_num_threads())
     return out
 
@@ -251,7 +166,8 @@ def _same_dtype(*ws: torch.Tensor) -> int:
     for w in ws:
         _check_weight(w)
     if len({w.dtype for w in ws}) != 1:
-        raise ValueError("the native attention projections take weights of one dtype (bf16 or fp32)")
+        raise ValueError(f"the native kernels take the weights of one call in one dtype (bf16 or fp32), got "
+                         f"{sorted(str(w.dtype) for w in ws)}")
     return int(ws[0].dtype == torch.bfloat16)
 
 
@@ -303,17 +219,16 @@ def hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.
 def indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, block_tables: torch.Tensor, ratio: int,
                  visible: torch.Tensor, k: int) -> torch.Tensor:
     """``Indexer.select`` for one decode query per sequence, reading the indexer keys in place from their pages:
-    q [B, H, I], w [B, H], keys = the cache's [pages, page_size // ratio, I] fp32, block_tables [B, P], visible [B]
-    -> [B, k] entry ids, best first, -1 where fewer than k are visible."""
+    q [B, H, I], w [B, H], keys = the cache's [pages, page_size // ratio, I] fp32 or bf16, block_tables [B, P],
+    visible [B] -> [B, k] entry ids, best first, -1 where fewer than k are visible."""
     lib = _lib_or_raise()
-    if keys.dtype != torch.float32 or not keys.is_contiguous():
-        raise ValueError("the native indexer reads a contiguous fp32 cache (build the KVCache with dtype=float32)")
+    keys_dt = _cache_dt(keys, "indexer keys")
     qf, wf = q.float().contiguous(), w.float().contiguous()
     b, h, i = qf.shape
     tables = block_tables.to(torch.int64).contiguous()
     vis = visible.to(torch.int64).contiguous()
     top = torch.empty(b, k, dtype=torch.int64)
-    lib.dsv4_indexer_topk(_ptr(qf), _ptr(wf), b, h, i, _ptr(keys), _ptr(tables), tables.shape[1], ratio,
+    lib.dsv4_indexer_topk(_ptr(qf), _ptr(wf), b, h, i, _ptr(keys), keys_dt, _ptr(tables), tables.shape[1], ratio,
                           keys.shape[1] * ratio, _ptr(vis), k, _ptr(top), torch.get_num_threads())
     return top
 
@@ -324,11 +239,14 @@ def compress_decode(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape
                     block_tables: torch.Tensor) -> None:
     """``Compressor.project`` + ``group_entries`` (with a cache) for one new token per sequence, in place: x [B, D]
     at ``positions`` [B]; the tail state [slots, 2, rows, C] and, for tokens that complete a block, the entry pages
-    [pages, page_size // ratio, c] are updated. cos/sin [B, R/2] at the entry position (pos // ratio) * ratio."""
+    [pages, page_size // ratio, c] are updated. cos/sin [B, R/2] at the entry position (pos // ratio) * ratio.
+    wkv/wgate fp32 or bf16 (one dtype), state fp32, pages fp32 or bf16 (the fp32 entry rounded once)."""
     lib = _lib_or_raise()
-    for t in (wkv, wgate, ape, state, pages):
-        if t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError("the native compressor takes contiguous fp32 weights, state and pages")
+    w_dt = _same_dtype(wkv, wgate)
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"the native compressor updates a contiguous fp32 tail state in place, got {state.dtype}")
+    pages_dt = _cache_dt(pages, "compressed entry pages")
+    ape = ape.float().contiguous()
     xf = x.float().contiguous()
     b, d = xf.shape
     c = pages.shape[-1]
@@ -336,10 +254,10 @@ def compress_decode(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape
     tables = block_tables.to(torch.int64).contiguous()
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     norm_w = norm_weight.float().contiguous()
-    lib.dsv4_compress_decode(_ptr(xf), b, d, _ptr(wkv), _ptr(wgate), _ptr(ape), wkv.shape[0], c, ratio,
+    lib.dsv4_compress_decode(_ptr(xf), b, d, _ptr(wkv), _ptr(wgate), w_dt, _ptr(ape), wkv.shape[0], c, ratio,
                              int(overlap), _ptr(pos), _ptr(slots), _ptr(state), state.shape[2], _ptr(norm_w), eps,
-                             _ptr(cos), _ptr(sin), cos.shape[-1], _ptr(pages), _ptr(tables), tables.shape[1],
-                             pages.shape[1] * ratio, torch.get_num_threads())
+                             _ptr(cos), _ptr(sin), cos.shape[-1], _ptr(pages), pages_dt, _ptr(tables),
+                             tables.shape[1], pages.shape[1] * ratio, torch.get_num_threads())
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

@@ -1,89 +1,82 @@
-/* dsv4 native CPU kernels (x86-64 with AVX-512F): the inference hot spots of the plain-PyTorch model, fused.
+/* dsv4 native CPU kernels (x86-64, AVX-512 F/BW/DQ/VL or AVX2 + FMA + F16C): the inference hot spots of the
+ * plain-PyTorch model, fused.
  *
- * Built on first use by dsv4/kernels/__init__.py with the system C compiler (-O3 -march=native -fopenmp) and called
- * through ctypes; the model keeps its PyTorch path when this cannot be built. Each kernel computes what the PyTorch
- * code at its call site computes, in fp32, and is tested against it (tests/model/test_kernels.py).
+ * Built once per machine by dsv4/kernels/build.py with the system C compiler (-O3 -fopenmp + one ISA's flags; one
+ * library per ISA, picked at load from the CPU flags) and called through ctypes; the model keeps its PyTorch path when
+ * this cannot be built. The vector code is written against simd.h (VL lanes: 16 with AVX-512, 8 with AVX2), so both
+ * builds come from this one source. Each kernel computes what the PyTorch code at its call site computes, in fp32,
+ * and is tested against it under each build (tests/model/test_kernels.py).
  *
  * Weights are read in place, row-major [N, K], in bf16 or fp32 (a bf16 weight is widened exactly); activations and
- * sums are fp32. Up to 63 rows, one output element is 16 FMA lane sums over k (ascending) reduced in a fixed order,
- * whatever the number of rows; from 64 rows the BLAS sgemm of torch's own library does the product when available.
+ * sums are fp32 (the wrappers widen bf16 activations). The KV cache (window ring, compressed entries, indexer keys)
+ * is read in place in fp32 or bf16 (dtype codes DSV4_F32 = 0 / DSV4_BF16 = 1, simd.h). Up to 63 rows, one output
+ * element is VL FMA lane sums over k (ascending) reduced in a fixed order, whatever the number of rows (so the two
+ * builds differ only in summation order); from 64 rows the BLAS sgemm of torch's own library does the product when
+ * available.
  *
  * Threads: OpenMP, sharing torch's libgomp (same soname, so one pool); the caller passes torch's thread count.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h"
+
+/* register blocking: MR token rows x NB weight rows of accumulators. AVX-512: 24 + NB weight vectors + one x vector
+ * of 32 zmm. AVX2 keeps the same blocking though 24 accumulators exceed its 16 ymm (some live in L1): the weights,
+ * read from memory once per MR rows, dominate (measured on the AVX2 build, 16 experts top-6: MR = 2 took 1.5x the time
+ * of MR = 3 or 4 on 4 tokens, and MR = 3 or 4 1.3x that of MR = 6 on 16 tokens) */
 #define MR 6 /* token rows per micro-kernel call */
 #ifndef PF_ROWS
 #define PF_ROWS 16 /* software prefetch distance, in weight rows (four blocks ahead) */
 #endif
-#define NB 4 /* weight rows per micro-kernel call: MR x NB = 24 accumulators + NB weight registers */
+#define NB 4 /* weight rows per micro-kernel call */
 
-typedef uint16_t bf16;
+/* the build's vector width in bits (512 or 256): lets the caller check which ISA build it loaded */
+int dsv4_isa(void) { return DSV4_ISA_BITS; }
 
-static inline __m512 load_bf16(const bf16 *p) {
-    __m256i v = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-static inline __m512 load_bf16_tail(const bf16 *p, __mmask16 m) {
-    __m256i v = _mm256_maskz_loadu_epi16(m, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-static inline __m512 load_f32(const float *p) { return _mm512_loadu_ps(p); }
-static inline __m512 load_f32_tail(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline vf load_f32(const float *p) { return vload(p); }
+static inline vf load_f32_tail(const float *p, int64_t n) { return vload_tail(p, n); }
 
-/* the four horizontal sums of a, b, c, d at once (a fixed order, ~half the shuffles of four separate ones) */
-static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
-    __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
-    __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
-    __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
-    __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, d8));
-    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
-/* out[i, j] = dot(x[i, :], w[j, :]) for i < mr, j < nb (compile-time constants after inlining). Each dot is 16 lane
+/* out[i, j] = dot(x[i, :], w[j, :]) for i < mr, j < nb (compile-time constants after inlining). Each dot is VL lane
  * sums over k (FMA, k ascending) reduced in a fixed order, so a result does not depend on the other rows. */
 #define MICRO(NAME, WT, LOAD, LOAD_TAIL)                                                                            \
     static inline __attribute__((always_inline)) void NAME(const float *x, int64_t ldx, const int mr, const WT *w,  \
                                                            int64_t ldw, const int nb, int64_t K, float *out,       \
                                                            int64_t ldo) {                                          \
-        __m512 acc[MR][NB];                                                                                        \
+        vf acc[MR][NB];                                                                                            \
         for (int i = 0; i < mr; i++)                                                                               \
-            for (int j = 0; j < nb; j++) acc[i][j] = _mm512_setzero_ps();                                          \
+            for (int j = 0; j < nb; j++) acc[i][j] = vzero();                                                      \
         int64_t k = 0;                                                                                             \
-        for (; k + 16 <= K; k += 16) {                                                                             \
-            __m512 wv[NB];                                                                                         \
+        for (; k + VL <= K; k += VL) {                                                                             \
+            vf wv[NB];                                                                                             \
             for (int j = 0; j < nb; j++) {                                                                         \
                 _mm_prefetch((const char *)(w + (j + PF_ROWS) * ldw + k), _MM_HINT_T0);                            \
                 wv[j] = LOAD(w + j * ldw + k);                                                                     \
             }                                                                                                      \
             for (int i = 0; i < mr; i++) {                                                                         \
-                __m512 xv = _mm512_loadu_ps(x + i * ldx + k);                                                      \
-                for (int j = 0; j < nb; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);                    \
+                vf xv = vload(x + i * ldx + k);                                                                    \
+                for (int j = 0; j < nb; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);                               \
             }                                                                                                      \
         }                                                                                                          \
         if (k < K) {                                                                                               \
-            __mmask16 m = (__mmask16)((1u << (K - k)) - 1u);                                                       \
-            __m512 wv[NB];                                                                                         \
-            for (int j = 0; j < nb; j++) wv[j] = LOAD_TAIL(w + j * ldw + k, m);                                    \
+            vf wv[NB];                                                                                             \
+            for (int j = 0; j < nb; j++) wv[j] = LOAD_TAIL(w + j * ldw + k, K - k);                                \
             for (int i = 0; i < mr; i++) {                                                                         \
-                __m512 xv = _mm512_maskz_loadu_ps(m, x + i * ldx + k);                                             \
-                for (int j = 0; j < nb; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);                    \
+                vf xv = vload_tail(x + i * ldx + k, K - k);                                                        \
+                for (int j = 0; j < nb; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);                               \
             }                                                                                                      \
         }                                                                                                          \
         for (int i = 0; i < mr; i++) {                                                                             \
             if (nb == 4)                                                                                           \
-                _mm_storeu_ps(out + i * ldo, hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));                   \
+                _mm_storeu_ps(out + i * ldo, vhsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));                  \
             else                                                                                                   \
-                for (int j = 0; j < nb; j++) out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]);                   \
+                for (int j = 0; j < nb; j++) out[i * ldo + j] = vsum(acc[i][j]);                                   \
         }                                                                                                          \
     }
 
-MICRO(micro_bf16, bf16, load_bf16, load_bf16_tail)
+MICRO(micro_bf16, bf16, vload_bf16, vload_bf16_tail)
 MICRO(micro_f32, float, load_f32, load_f32_tail)
 
 /* all M rows against nb (<= NB) weight rows; mr and nb become constants in each switch arm */
@@ -136,11 +129,8 @@ static void blas_nt(const float *x, int64_t M, int64_t K, const float *w, int64_
 /* dst[0..n) = src widened to fp32 (exact) */
 static void widen_bf16(const bf16 *src, int64_t n, float *dst) {
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load_bf16(src + i));
-    for (; i < n; i++) {
-        uint32_t bits = (uint32_t)src[i] << 16;
-        memcpy(dst + i, &bits, 4);
-    }
+    for (; i + VL <= n; i += VL) vstore(dst + i, vload_bf16(src + i));
+    for (; i < n; i++) dst[i] = bf16_to_f32(src[i]);
 }
 
 /* weight block b (rows b*NB ..) of one row block; scratch: NB*K floats when a bf16 W is widened (mc > MR) */
@@ -201,38 +191,20 @@ void dsv4_linear(const float *x, int64_t M, int64_t K, const void *w, int w_bf16
 
 /* ---------------------------------------------------------------- routed + shared experts (model/moe.py) */
 
-/* exp on 16 lanes (Cephes expf: range reduction by ln 2, degree-5 polynomial, about 1 ulp on [-87, 88]; inputs are
- * clamped there, which keeps silu finite for any finite input) */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* g[i] = r * (silu(min(g, L)) * clamp(u, -L, L)) (r = 1: no routing weight; L <= 0: no clamp), as Expert.forward */
-static void swiglu(float *g, const float *u, int64_t n, float limit, float r) {
-    __m512 lim = _mm512_set1_ps(limit), nlim = _mm512_set1_ps(-limit), one = _mm512_set1_ps(1.0f);
-    __m512 rv = _mm512_set1_ps(r);
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
-        __m512 gi = _mm512_maskz_loadu_ps(m, g + i), ui = _mm512_maskz_loadu_ps(m, u + i);
-        if (limit > 0) {
-            gi = _mm512_min_ps(gi, lim);
-            ui = _mm512_min_ps(_mm512_max_ps(ui, nlim), lim);
-        }
-        __m512 silu = _mm512_div_ps(gi, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gi))));
-        _mm512_mask_storeu_ps(g + i, m, _mm512_mul_ps(rv, _mm512_mul_ps(silu, ui))); /* weight before w2 */
+static inline vf swiglu_vec(vf gi, vf ui, float limit, vf rv) {
+    if (limit > 0) {
+        gi = vmin(gi, vset1(limit));
+        ui = vmin(vmax(ui, vset1(-limit)), vset1(limit));
     }
+    vf silu = vdiv(gi, vadd(vset1(1.0f), vexp(vsub(vzero(), gi))));
+    return vmul(rv, vmul(silu, ui)); /* weight before w2 */
+}
+static void swiglu(float *g, const float *u, int64_t n, float limit, float r) {
+    vf rv = vset1(r);
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) vstore(g + i, swiglu_vec(vload(g + i), vload(u + i), limit, rv));
+    if (i < n) vstore_tail(g + i, swiglu_vec(vload_tail(g + i, n - i), vload_tail(u + i, n - i), limit, rv), n - i);
 }
 
 /* One expert (Expert.forward) on `cnt` rows: h = rw * (silu(min(g, L)) * clamp(u, -L, L)), out = h @ w2^T, with
@@ -315,12 +287,12 @@ int dsv4_moe(const float *x, int64_t T, int64_t D, int64_t F, int64_t Fs, const 
 
 /* ---------------------------------------------------------------- mHC (model/hyper.py) */
 
-/* a . b over n floats: 16 FMA lanes, reduced, then the tail */
+/* a . b over n floats: VL FMA lanes, reduced, then the tail */
 static inline float dot(const float *a, const float *b, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
+    vf acc = vzero();
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    float s = _mm512_reduce_add_ps(acc);
+    for (; i + VL <= n; i += VL) acc = vfma(vload(a + i), vload(b + i), acc);
+    float s = vsum(acc);
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
@@ -395,20 +367,56 @@ void dsv4_hc_pre(const float *x, int64_t N, int64_t M, int64_t D, const float *f
 
 /* ---------------------------------------------------------------- decode attention (model/attention.py) */
 
+/* a key of the attention: fp32 or bf16 (bf: widened exactly as it is loaded; the fp32 code is the original one) */
+static inline vf load_key(const void *key, int bf, int64_t i) {
+    return bf ? vload_bf16((const bf16 *)key + i) : vload((const float *)key + i);
+}
+
+/* a . key over n: dot() for an fp32 key, the same order for a bf16 one */
+static inline float dot_key(const float *a, const void *key, int bf, int64_t n) {
+    if (!bf) return dot(a, (const float *)key, n);
+    const bf16 *k = key;
+    vf acc = vzero();
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) acc = vfma(vload(a + i), vload_bf16(k + i), acc);
+    float s = vsum(acc);
+    for (; i < n; i++) s += a[i] * bf16_to_f32(k[i]);
+    return s;
+}
+
+/* o[0..c) += p * key */
+static inline void axpy_key(float *o, float p, const void *key, int bf, int64_t c) {
+    if (!bf) {
+        const float *k = key;
+        for (int64_t i = 0; i < c; i++) o[i] += p * k[i];
+        return;
+    }
+    const bf16 *k = key;
+    vf pv = vset1(p);
+    int64_t i = 0;
+    for (; i + VL <= c; i += VL) vstore(o + i, vfma(pv, vload_bf16(k + i), vload(o + i)));
+    for (; i < c; i++) o[i] += p * bf16_to_f32(k[i]);
+}
+
 /* Attention of a chunk of S query tokens per sequence (S = 1: decode), as attention.sparse_attention computes it:
  * out[b, s, h] = softmax([q.k for the window keys, q.k for the compressed keys, sink[h]]) without the sink column,
  * times the same keys (K = V: one shared KV head, so each key is read once for all heads). Query s of sequence b sits
  * at t = start[b] + s (s < len[b]; later rows are padding and get zeros). Window keys: positions max(0, t-w+1) .. t,
  * from the chunk's own keys kv [B, S, c] for positions >= start[b], else from the ring (row slot[b] * w + p % w,
- * written before this chunk). Compressed keys: rows ent_rows[b, s, 0..E) of `entries` [*, c], -1 = none. */
+ * written before this chunk). Compressed keys: rows ent_rows[b, s, 0..E) of `entries` [*, c], -1 = none. The ring
+ * and the entries are fp32 or bf16 (ring_dt, ent_dt: DSV4_F32 / DSV4_BF16); a bf16 key is read as stored and widened
+ * exactly in registers (half the bytes of an fp32 cache), so the sums are the fp32 ones either way. */
 void dsv4_chunk_attn(const float *q, const float *kv, int64_t B, int64_t S, int64_t H, int64_t c, const int64_t *start,
-                     const int64_t *len, const float *ring, int64_t w, const int64_t *slots, const float *entries,
-                     const int64_t *ent_rows, int64_t E, const float *sink, float scale, float *out, int nthreads) {
+                     const int64_t *len, const void *ring, int ring_dt, int64_t w, const int64_t *slots,
+                     const void *entries, int ent_dt, const int64_t *ent_rows, int64_t E, const float *sink,
+                     float scale, float *out, int nthreads) {
     int par = nthreads > 1 && B * S >= 2;
+    int64_t es_ring = ring_dt == DSV4_BF16 ? 2 : 4, es_ent = ent_dt == DSV4_BF16 ? 2 : 4;
 #pragma omp parallel num_threads(par ? nthreads : 1)
     {
         float *logit = malloc((size_t)H * (w + E) * sizeof(float) + 64), *mx = malloc((size_t)H * sizeof(float));
-        const float **keys = malloc((size_t)(w + E) * sizeof(float *));
+        const void **keys = malloc((size_t)(w + E) * sizeof(void *));
+        char *kbf = malloc((size_t)(w + E) + 64); /* per key: 1 = bf16 (read as stored), 0 = fp32 */
 #pragma omp for schedule(static) collapse(2)
         for (int64_t b = 0; b < B; b++)
             for (int64_t s = 0; s < S; s++) {
@@ -416,35 +424,44 @@ void dsv4_chunk_attn(const float *q, const float *kv, int64_t B, int64_t S, int6
                 memset(ob, 0, (size_t)H * c * sizeof(float));
                 if (s >= len[b]) continue;
                 int64_t t = start[b] + s, nk = 0, p0 = t - w + 1 < 0 ? 0 : t - w + 1;
-                for (int64_t p = p0; p <= t; p++)
-                    keys[nk++] = p >= start[b] ? kv + (b * S + p - start[b]) * c : ring + (slots[b] * w + p % w) * c;
+                for (int64_t p = p0; p <= t; p++, nk++) {
+                    int own = p >= start[b];
+                    keys[nk] = own ? (const void *)(kv + (b * S + p - start[b]) * c)
+                                   : (const char *)ring + (slots[b] * w + p % w) * c * es_ring;
+                    kbf[nk] = !own && ring_dt == DSV4_BF16;
+                }
                 const int64_t *rows = ent_rows ? ent_rows + (b * S + s) * E : NULL;
-                for (int64_t e = 0; e < E; e++)
-                    if (rows[e] >= 0) keys[nk++] = entries + rows[e] * c;
+                for (int64_t e = 0; e < E; e++) {
+                    if (rows[e] < 0) continue;
+                    keys[nk] = (const char *)entries + rows[e] * c * es_ent;
+                    kbf[nk++] = ent_dt == DSV4_BF16;
+                }
                 const float *qb = q + (b * S + s) * H * c;
                 for (int64_t h = 0; h < H; h++) mx[h] = sink[h];
                 for (int64_t j = 0; j < nk; j++) {
                     int64_t h = 0;
-                    if (c % 16 == 0)
+                    const void *key = keys[j];
+                    int bf = kbf[j];
+                    if (c % VL == 0)
                         for (; h + 4 <= H; h += 4) { /* four heads per pass: one key load, one 4-way sum */
                             const float *q0 = qb + h * c;
-                            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                            for (int64_t i = 0; i < c; i += 16) {
-                                __m512 kv16 = _mm512_loadu_ps(keys[j] + i);
-                                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + i), kv16, a0);
-                                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + c + i), kv16, a1);
-                                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 2 * c + i), kv16, a2);
-                                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 3 * c + i), kv16, a3);
+                            vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
+                            for (int64_t i = 0; i < c; i += VL) {
+                                vf kvv = load_key(key, bf, i);
+                                a0 = vfma(vload(q0 + i), kvv, a0);
+                                a1 = vfma(vload(q0 + c + i), kvv, a1);
+                                a2 = vfma(vload(q0 + 2 * c + i), kvv, a2);
+                                a3 = vfma(vload(q0 + 3 * c + i), kvv, a3);
                             }
                             float d4[4];
-                            _mm_storeu_ps(d4, hsum4(a0, a1, a2, a3));
+                            _mm_storeu_ps(d4, vhsum4(a0, a1, a2, a3));
                             for (int u = 0; u < 4; u++) {
                                 float l = logit[(h + u) * nk + j] = d4[u] * scale;
                                 mx[h + u] = l > mx[h + u] ? l : mx[h + u];
                             }
                         }
                     for (; h < H; h++) {
-                        float l = logit[h * nk + j] = dot(qb + h * c, keys[j], c) * scale;
+                        float l = logit[h * nk + j] = dot_key(qb + h * c, key, bf, c) * scale;
                         mx[h] = l > mx[h] ? l : mx[h];
                     }
                 }
@@ -454,14 +471,12 @@ void dsv4_chunk_attn(const float *q, const float *kv, int64_t B, int64_t S, int6
                     for (int64_t j = 0; j < nk; j++) lh[j] /= den;
                 }
                 for (int64_t j = 0; j < nk; j++)
-                    for (int64_t h = 0; h < H; h++) {
-                        float pj = logit[h * nk + j], *o = ob + h * c;
-                        for (int64_t i = 0; i < c; i++) o[i] += pj * keys[j][i];
-                    }
+                    for (int64_t h = 0; h < H; h++) axpy_key(ob + h * c, logit[h * nk + j], keys[j], kbf[j], c);
             }
         free(logit);
         free(mx);
         free(keys);
+        free(kbf);
     }
 }
 
@@ -573,28 +588,38 @@ static void select_best(scored *a, int64_t n, int64_t k) {
 
 /* For one decode query per sequence: score_e = sum_h w[b, h] * relu(q[b, h] . key_e) over the visible entries
  * e < vis[b] (keys read in place: entry e of sequence b is row (page * (P / r) + (e * r % P) / r) of `keys` [*, I]
- * with page = tables[b, e * r / P]); top[b, 0..k) = the k best ids, best first, -1 past the visible count
- * (Indexer.select for S = 1). */
-void dsv4_indexer_topk(const float *q, const float *w, int64_t B, int64_t H, int64_t I, const float *keys,
+ * with page = tables[b, e * r / P]; fp32 or bf16 per keys_dt, a bf16 key widened exactly); top[b, 0..k) = the k
+ * best ids, best first, -1 past the visible count (Indexer.select for S = 1). */
+void dsv4_indexer_topk(const float *q, const float *w, int64_t B, int64_t H, int64_t I, const void *keys, int keys_dt,
                        const int64_t *tables, int64_t ncols, int64_t ratio, int64_t page_size, const int64_t *vis,
                        int64_t k, int64_t *top, int nthreads) {
-    int64_t per_page = page_size / ratio, nmax = 1;
+    int64_t per_page = page_size / ratio, nmax = 1, es = keys_dt == DSV4_BF16 ? 2 : 4;
     for (int64_t b = 0; b < B; b++) nmax = vis[b] > nmax ? vis[b] : nmax;
     scored *sc = malloc((size_t)nmax * sizeof(scored));
     for (int64_t b = 0; b < B; b++) {
         int64_t n = vis[b];
         int par = nthreads > 1 && n * H * I >= (1 << 15);
-#pragma omp parallel for schedule(static) num_threads(par ? nthreads : 1)
-        for (int64_t e = 0; e < n; e++) {
-            int64_t page = tables[b * ncols + e * ratio / page_size];
-            const float *key = keys + (page * per_page + (e * ratio % page_size) / ratio) * I;
-            float s = 0.0f;
-            for (int64_t h = 0; h < H; h++) {
-                float d = dot(q + (b * H + h) * I, key, I);
-                s += (d > 0.0f ? d : 0.0f) * w[b * H + h];
+#pragma omp parallel num_threads(par ? nthreads : 1)
+        {
+            float *wide = keys_dt == DSV4_BF16 ? malloc((size_t)I * sizeof(float) + 64) : NULL;
+#pragma omp for schedule(static)
+            for (int64_t e = 0; e < n; e++) {
+                int64_t page = tables[b * ncols + e * ratio / page_size];
+                const char *src = (const char *)keys + (page * per_page + (e * ratio % page_size) / ratio) * I * es;
+                const float *key = (const float *)src;
+                if (wide) {
+                    widen_bf16((const bf16 *)src, I, wide);
+                    key = wide;
+                }
+                float s = 0.0f;
+                for (int64_t h = 0; h < H; h++) {
+                    float d = dot(q + (b * H + h) * I, key, I);
+                    s += (d > 0.0f ? d : 0.0f) * w[b * H + h];
+                }
+                sc[e].s = s;
+                sc[e].i = e;
             }
-            sc[e].s = s;
-            sc[e].i = e;
+            free(wide);
         }
         int64_t m = n < k ? n : k;
         if (n > k) select_best(sc, n, k);
@@ -612,16 +637,18 @@ void dsv4_indexer_topk(const float *q, const float *w, int64_t B, int64_t H, int
  * pooled instead: per channel a softmax over the gate values of its r rows (overlap: 2r, the previous block's [:c]
  * half, from state rows [0, r), then this block's [c:] half) weights the values; the entry is RMS-normed (norm_w),
  * RoPE-rotated at position (pos / r) * r (cos/sin [B, half]) and written to its page row; an overlapping compressor
- * then keeps the block's rows as state rows [0, r) for the next entry. state: [slots, 2, rows, C] (kv, z). */
-void dsv4_compress_decode(const float *x, int64_t B, int64_t D, const float *wkv, const float *wgate, const float *ape,
-                          int64_t C, int64_t c, int64_t r, int overlap, const int64_t *pos, const int64_t *slots,
-                          float *state, int64_t rows, const float *norm_w, float eps, const float *cos,
-                          const float *sin, int64_t half, float *pages, const int64_t *tables, int64_t ncols,
-                          int64_t page_size, int nthreads) {
+ * then keeps the block's rows as state rows [0, r) for the next entry. state: [slots, 2, rows, C] (kv, z) fp32;
+ * wkv/wgate fp32 or bf16 (w_dt); pages fp32 or bf16 (pages_dt: the fp32 entry rounded to nearest even once, as the
+ * PyTorch path's .to(pages.dtype)). */
+void dsv4_compress_decode(const float *x, int64_t B, int64_t D, const void *wkv, const void *wgate, int w_dt,
+                          const float *ape, int64_t C, int64_t c, int64_t r, int overlap, const int64_t *pos,
+                          const int64_t *slots, float *state, int64_t rows, const float *norm_w, float eps,
+                          const float *cos, const float *sin, int64_t half, void *pages, int pages_dt,
+                          const int64_t *tables, int64_t ncols, int64_t page_size, int nthreads) {
     float *kv = malloc((size_t)B * C * sizeof(float)), *z = malloc((size_t)B * C * sizeof(float));
     float *pooled = malloc((size_t)c * sizeof(float));
-    dsv4_linear(x, B, D, wkv, 0, C, kv, nthreads);
-    dsv4_linear(x, B, D, wgate, 0, C, z, nthreads);
+    dsv4_linear(x, B, D, wkv, w_dt == DSV4_BF16, C, kv, nthreads);
+    dsv4_linear(x, B, D, wgate, w_dt == DSV4_BF16, C, z, nthreads);
     int64_t off = overlap ? r : 0, nslot = overlap ? 2 * r : r;
     float *wts = malloc((size_t)nslot * sizeof(float));
     const float **vk = malloc((size_t)nslot * sizeof(float *)), **vz = malloc((size_t)nslot * sizeof(float *));
@@ -656,7 +683,11 @@ void dsv4_compress_decode(const float *x, int64_t B, int64_t D, const float *wkv
         rms_rows(pooled, 1, c, norm_w, eps);
         rope_rows(pooled, 1, c, cos + b * half, sin + b * half, half, 1.0f);
         int64_t page = tables[b * ncols + entry * r / page_size];
-        memcpy(pages + (page * (page_size / r) + (entry * r % page_size) / r) * c, pooled, (size_t)c * sizeof(float));
+        int64_t prow = page * (page_size / r) + (entry * r % page_size) / r;
+        if (pages_dt == DSV4_BF16)
+            for (int64_t i = 0; i < c; i++) ((bf16 *)pages)[prow * c + i] = f32_to_bf16(pooled[i]);
+        else
+            memcpy((float *)pages + prow * c, pooled, (size_t)c * sizeof(float));
         if (overlap) { /* this block becomes "the previous block" of the next entry */
             for (int64_t j = 0; j < r; j++) {
                 memmove(st_kv + j * C, j == r - 1 ? kvb : st_kv + (off + j) * C, (size_t)C * sizeof(float));
@@ -671,12 +702,11 @@ void dsv4_compress_decode(const float *x, int64_t B, int64_t D, const float *wkv
 
 /* first index k >= 0 of row[0..V) with row[k] == t (NaN: row[k] != row[k]), V when none */
 static int64_t find_first(const float *row, int64_t V, float t, int nan) {
-    __m512 tv = _mm512_set1_ps(t);
     int64_t k = 0;
-    for (; k + 16 <= V; k += 16) {
-        __m512 v = _mm512_loadu_ps(row + k);
-        __mmask16 m = nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, tv, _CMP_EQ_OQ);
-        if (m) return k + __builtin_ctz((unsigned)m);
+    for (; k + VL <= V; k += VL) {
+        vf v = vload(row + k);
+        unsigned m = nan ? vnan_bits(v) : veq_bits(v, t);
+        if (m) return k + __builtin_ctz(m);
     }
     for (; k < V; k++)
         if (nan ? row[k] != row[k] : row[k] == t) return k;
@@ -690,18 +720,18 @@ void dsv4_argmax_rows(const float *x, int64_t M, int64_t V, int64_t *out, int nt
 #pragma omp parallel for schedule(static) num_threads(par ? nthreads : 1)
     for (int64_t i = 0; i < M; i++) {
         const float *row = x + i * V;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
+        vf mx = vset1(-INFINITY);
         int nan = 0;
         int64_t j = 0;
-        for (; j + 16 <= V; j += 16) {
-            __m512 v = _mm512_loadu_ps(row + j);
-            if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) {
+        for (; j + VL <= V; j += VL) {
+            vf v = vload(row + j);
+            if (vnan_bits(v)) {
                 nan = 1;
                 break;
             }
-            mx = _mm512_max_ps(mx, v);
+            mx = vmax(mx, v);
         }
-        float best = _mm512_reduce_max_ps(mx);
+        float best = vmax_all(mx);
         for (; j < V && !nan; j++) {
             if (row[j] != row[j]) nan = 1;
             else if (row[j] > best) best = row[j];

@@ -133,7 +133,9 @@ def unpad_rows(y: torch.Tensor, grp: Group, n: int, out: torch.Tensor | None) ->
         return y.reshape((n,) + y.shape[2:])
     if out is None:
         out = y.new_zeros((n,) + y.shape[2:])
-    return out.index_put((grp.tok_idx[grp.valid],), y[grp.valid])
+    # the valid rows' indices once per forward (boolean indexing is a host sync; this runs in every layer)
+    rows, tok = grp.memoize(("valid_rows",), lambda: (grp.valid.nonzero(as_tuple=True), grp.tok_idx[grp.valid]))
+    return out.index_put((tok,), y[rows])
 
 
 class BatchPlan:

@@ -25,10 +25,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dsv4 import kernels
+from dsv4 import ops
 from dsv4.config import CSA_RATIO
 from dsv4.model.batch import Group, group_rows, pad_rows
 from dsv4.model.norm import RMSNorm
@@ -53,18 +52,21 @@ class Compressor(nn.Module):
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (kv, z) [N, C] fp32, z already including the positional bias ape[pos % r]."""
         xf = x.float()
-        kv = F.linear(xf, self.wkv.weight.float())
-        z = F.linear(xf, self.wgate.weight.float()) + self.ape.float()[positions % self.ratio]
+        kv = ops.linear(xf, self.wkv.weight, None)
+        z = ops.linear(xf, self.wgate.weight, None) + self.ape.float()[positions % self.ratio]
         return kv, z
 
     def group_entries(self, kv: torch.Tensor, z: torch.Tensor, grp: Group, rotary: Rotary, out_dtype: torch.dtype,
                       post: Callable[[torch.Tensor], torch.Tensor] | None, state: torch.Tensor | None,
-                      pages: torch.Tensor | None, page_size: int, read: bool = True) -> torch.Tensor | None:
-        """Pool the blocks this chunk completes; return all entries each sequence can see after it: [Bg, E, c].
+                      pages: torch.Tensor | None, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool the blocks this chunk completes; return where every entry the sequences can see after it lives, as
+        the ops read them: (entry pages [R, P, c], block tables [Bg, pages]) with entry i of sequence b at row
+        (i * r % (P * r)) // r of page block_tables[b, i * r // (P * r)] (docs/contracts.md).
 
-        Entry ``i`` of sequence ``b`` is meaningful for ``i < end_b // r``; rows past that are padding (queries never
-        see them: visibility is ``i < (t + 1) // r <= end_b // r``). With a cache the new entries and tails are
-        written first; ``read=False`` then skips gathering the entries (the caller reads only what it needs).
+        With a cache the new entries and tails are written to the cache's pages and state and those pages are
+        returned (nothing is gathered). Without one every sequence starts at 0 and the new entries are all of them:
+        [Bg, E, c] returned as Bg pages of E rows (pure, differentiable). Entry ``i`` of sequence ``b`` is
+        meaningful for ``i < end_b // r`` (queries never see later rows: visibility is ``i < (t + 1) // r``).
         """
         r, c = self.ratio, self.head_dim
         cached = state is not None
@@ -100,11 +102,13 @@ class Compressor(nn.Module):
             entries = torch.where(lay.done[..., None], e, 0.0)
 
         if not cached:
-            # pure path: every sequence starts at 0, so the new entries are all of them
-            return entries if entries is not None else kv.new_zeros(grp.size, 0, c).to(out_dtype)
+            # pure path: every sequence starts at 0, so the new entries are all of them; sequence b's page is b
+            if entries is None:
+                entries = kv.new_zeros(grp.size, 0, c).to(out_dtype)
+            return entries, grp.memoize(("own_pages",), lambda: torch.arange(grp.size, device=kv.device)[:, None])
         with torch.no_grad():
             if entries is not None:
-                pages[lay.w_page, lay.w_row] = entries[lay.done].to(pages.dtype)
+                pages[lay.w_page, lay.w_row] = entries[lay.done_idx].to(pages.dtype)
                 if self.overlap:  # remember the last complete block for the next chunk's first entry
                     last = lay.last_rows[..., None]
                     state[lay.slots, 0, :r] = ext_kv.gather(1, last.expand(-1, -1, ext_kv.shape[-1]))
@@ -112,18 +116,19 @@ class Compressor(nn.Module):
             # the unfinished tail: new tokens past the last complete block
             state[lay.tail_slots, 0, lay.tail_rows] = kv[lay.tail_tok]
             state[lay.tail_slots, 1, lay.tail_rows] = z[lay.tail_tok]
-        return pages[lay.read_page, lay.read_row] if read else None  # [Bg, E, c]
+        return pages, grp.block_tables
 
-    def decode_native(self, x: torch.Tensor, grp: Group, rotary: Rotary, state: torch.Tensor, pages: torch.Tensor
-                      ) -> None:
-        """``project`` + ``group_entries(read=False)`` for a decode group (one token per sequence) as one native
-        call (dsv4/kernels; the model's fast path, fp32, no QAT rounding)."""
+    def decode(self, x: torch.Tensor, grp: Group, rotary: Rotary, state: torch.Tensor, pages: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``project`` + ``group_entries`` (with a cache, no QAT rounding) for a decode group, one token per
+        sequence: the op ``dsv4::compressor_decode``. Returns (pages, block tables) like ``group_entries``."""
         pos, r = grp.pos[:, 0], self.ratio
         # the RoPE of the entry a token may complete: the same for every layer (and indexer) of this ratio
         cos, sin = grp.memoize(("entry_rope", r), lambda: rotary.cos_sin(pos // r * r))
-        kernels.compress_decode(group_rows(x, grp)[:, 0], self.wkv.weight, self.wgate.weight, self.ape, r,
-                                self.overlap, pos, grp.slots, state, self.norm.weight, self.norm.eps, cos, sin, pages,
-                                grp.block_tables)
+        ops.compressor_decode(group_rows(x, grp)[:, 0], self.wkv.weight, self.wgate.weight, self.ape,
+                              self.norm.weight, self.norm.eps, cos, sin, pos, grp.slots, grp.block_tables, state,
+                              pages, r, self.overlap)
+        return pages, grp.block_tables
 
 
 class _Layout:
@@ -160,16 +165,19 @@ class _Layout:
                 self.state_rows = (r if overlap else 0) + p % r
                 self.has_prev = (start // r > 0)[:, None, None, None]
                 page, row = _page_row(grp.block_tables[sel_t], ent, r, page_size)
-                self.w_page, self.w_row = page[self.done], row[self.done]
+                # the completed (sequence, block) pairs, from the host lists (no nonzero: no sync, fixed shape)
+                self.done_idx = (torch.tensor([i for i, b in enumerate(sel) for _ in range(nb[b])], dtype=torch.long,
+                                              device=dev),
+                                 torch.tensor([k for b in sel for k in range(nb[b])], dtype=torch.long, device=dev))
+                self.w_page, self.w_row = page[self.done_idx], row[self.done_idx]
                 self.last_rows = (n_blocks - 1)[:, None] * r + torch.arange(r, device=dev)  # [Bs, r]
-        if cached:
-            tail = grp.valid & (grp.pos >= (grp.end // r * r)[:, None])
-            self.tail_tok = grp.tok_idx[tail]
-            self.tail_slots = grp.slots[:, None].expand_as(grp.pos)[tail]
-            self.tail_rows = (r if overlap else 0) + grp.pos[tail] % r
-            e_max = max(e // r for e in ends)
-            i = torch.arange(e_max, device=dev)[None].expand(grp.size, -1)
-            self.read_page, self.read_row = _page_row(grp.block_tables, i, r, page_size)
+        if cached:  # the unfinished tail: positions [max(start, end // r * r), end) of each sequence (host lists)
+            tail = [(b, p) for b, (st, e) in enumerate(zip(starts, ends)) for p in range(max(st, e // r * r), e)]
+            tb = torch.tensor([b for b, _ in tail], dtype=torch.long, device=dev)
+            tp = torch.tensor([p for _, p in tail], dtype=torch.long, device=dev)
+            self.tail_tok = grp.tok_idx[tb, tp - grp.start[tb]]
+            self.tail_slots = grp.slots[tb]
+            self.tail_rows = (r if overlap else 0) + tp % r
 
 
 def _page_row(block_tables: torch.Tensor, i: torch.Tensor, r: int, page_size: int

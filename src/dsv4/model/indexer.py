@@ -3,9 +3,10 @@
 
 Index score ``I[t, s] = sum_h w[t, h] * ReLU(qI[t, h] . K[s])`` between the query's ``n_I`` small heads (from the
 shared low-rank query ``qr``) and the indexer's own compressed keys (a second, ``index_head_dim``-wide CSA
-compressor). Each query keeps the top ``index_topk`` *visible* entries (``s < (t + 1) // 4``); picks that are not
-visible (early queries with few entries) become -1. The indexer scores every visible key, so its cost grows with the
-context; the main attention then reads only the picked entries.
+compressor). Each query keeps the top ``index_topk`` *visible* entries (``s < (t + 1) // 4``; exact ties to the lowest
+id); picks that are not visible (early queries with few entries) become -1. The indexer scores every visible key, so
+its cost grows with the context; the main attention then reads only the picked entries. The scoring and top-k are
+the op ``dsv4::indexer_topk`` (dsv4/ops: keys read from their pages in chunks, a running top-k).
 
 With ``Numerics.qat_sim`` the official Hadamard rotation + FP4 rounding is applied to q and to the keys when they are
 compressed. Scores are computed in the activation dtype (official: a bf16 einsum).
@@ -18,11 +19,12 @@ Shape legend: N flat tokens, Bg sequences, S chunk width, H = index_n_heads, I =
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dsv4 import ops
 from dsv4.config import CSA_RATIO, ModelConfig
 from dsv4.model.compressor import Compressor
+from dsv4.model.linear import Linear
 from dsv4.model.qat import fp4_sim, hadamard
 from dsv4.model.rope import apply_rope
 
@@ -33,7 +35,7 @@ class Indexer(nn.Module):
         self.n_heads = config.index_n_heads
         self.head_dim = config.index_head_dim
         self.topk = config.index_topk
-        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False, dtype=dtype)
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, dtype)
         self.weights_proj = nn.Linear(config.dim, self.n_heads, bias=False, dtype=dtype)
         self.compressor = Compressor(config.dim, self.head_dim, CSA_RATIO, config.rms_norm_eps)
         self.weight_scale = self.head_dim ** -0.5 * self.n_heads ** -0.5
@@ -41,28 +43,22 @@ class Indexer(nn.Module):
     def queries(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qat: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (qI [N, H, I] rotated, w [N, H] head weights incl. both softmax scales)."""
-        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [N, H, I]
+        q = ops.linear(qr, self.wq_b.weight, getattr(self.wq_b, "scale", None))
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))  # [N, H, I]
         q = apply_rope(q, cos[:, None], sin[:, None])
         if qat:
             q = fp4_sim(hadamard(q))
-        w = self.weights_proj(x) * self.weight_scale  # [N, H]
+        w = ops.linear(x, self.weights_proj.weight, getattr(self.weights_proj, "scale", None)) * self.weight_scale
         return q, w
 
     @staticmethod
     def key_post(qat: bool):
         return (lambda k: fp4_sim(hadamard(k))) if qat else None
 
-    def select(self, qg: torch.Tensor, wg: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Top-k visible entries per query: qg [Bg, S, H, I], wg [Bg, S, H], keys [Bg, E, I], ``visible`` [Bg, S] =
-        number of entries each query may see, (t + 1) // 4 -> [Bg, S, k] entry ids, -1 where fewer are visible."""
-        e = keys.shape[1]
-        k = min(self.topk, e)
-        vis = visible[..., None]  # [Bg, S, 1]
-        if k == 0:
-            return torch.zeros(qg.shape[0], qg.shape[1], 0, dtype=torch.long, device=keys.device)
-        scores = torch.einsum("bshi,bei->bshe", qg, keys.to(qg.dtype))  # [Bg, S, H, E]
-        scores = (F.relu(scores) * wg[..., None]).sum(dim=2)  # [Bg, S, E]
-        ids = torch.arange(e, device=keys.device)
-        scores = scores.masked_fill(ids >= vis, float("-inf"))
-        top = scores.topk(k, dim=-1).indices  # [Bg, S, k]
-        return torch.where(top >= vis, -1, top)
+    def select(self, qg: torch.Tensor, wg: torch.Tensor, keys: torch.Tensor, block_tables: torch.Tensor,
+               visible: torch.Tensor, n_entries: int) -> torch.Tensor:
+        """Top-k visible entries per query: qg [Bg, S, H, I], wg [Bg, S, H], the indexer keys' pages [R, P, I] and
+        block tables (Compressor.group_entries), ``visible`` [Bg, S] = number of entries each query may see,
+        (t + 1) // 4, ``n_entries`` = the most any query sees -> [Bg, S, k] entry ids, -1 where fewer are visible."""
+        k = min(self.topk, n_entries)
+        return ops.indexer_topk(qg, wg, keys, block_tables, CSA_RATIO, visible, n_entries, k)

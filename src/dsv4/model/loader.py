@@ -15,8 +15,11 @@ Accepted checkpoints (the layout is detected from the tensor names):
 Loading order: headers of every shard are validated first (missing shard, truncation, unknown dtype), then the
 name/shape/dtype plan is checked against the meta model in full (missing, unexpected, wrong shape, unconvertible
 dtype, config mismatch) before a single byte of weight data is read. Then each stored tensor is read through a
-private mmap, dequantised / converted straight into a freshly allocated parameter on the target device, and its file
-pages are dropped, so peak memory stays near the size of the loaded model (tests/model/test_loader_memory.py).
+private mmap, copied as stored (packed FP8 / FP4 weights and their scales, the default ``weights="stored"``; the routed
+experts into one stacked block per layer, ``MoE.hold_fp4``), quantised (``weights="fp8"/"fp4"/"packed"`` on a plain
+checkpoint) or dequantised / converted (``"dequantized"``) straight into a freshly allocated parameter on the target
+device, and its file pages are dropped, so peak memory stays near the size of the loaded model
+(tests/model/test_loader_memory.py, tests/model/test_packed_memory.py).
 Every parameter and buffer is checked to be materialised at the end: never a half-loaded model.
 
 Deliberately not here: the file formats (checkpoint_io.py, quant.py) and the model (transformer.py).
@@ -37,7 +40,7 @@ from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.model import hf_mapping, quant
-from dsv4.model.checkpoint_io import CONFIG_NAME, CheckpointError, SafetensorsFile, find_weight_files
+from dsv4.model.checkpoint_io import CONFIG_NAME, CheckpointError, SafetensorsFile, find_weight_files, tensor_kind
 
 if TYPE_CHECKING:
     from dsv4.model.transformer import Transformer
@@ -50,6 +53,8 @@ _EXPERT_RE = re.compile(r"\.ffn\.experts\.(\d+)\.")
 _SHARED_MTP_RE = re.compile(r"^mtp\.\d+\.(.*emb.*|(.*\.)?head\.weight)$")
 _MAX_LISTED = 6
 _CHUNK_BYTES = 8 * 2**20  # file bytes copied per step while streaming one tensor
+# How load_model holds the projection weights (its docstring).
+WEIGHT_MODES = ("stored", "dequantized", "fp8", "fp4", "packed")
 
 
 @dataclass(frozen=True)
@@ -272,16 +277,29 @@ def load_model(
     device: str | torch.device = "cpu",
     *,
     progress: bool = True,
+    weights: str = "stored",
+    head_dtype: torch.dtype = torch.float32,
     **model_options: Any,
 ) -> Transformer:
     """Load a DeepSeek-V4 checkpoint directory into a ``Transformer`` in eval mode (see the module docstring).
 
     ``dtype`` is the compute dtype (bf16 or fp32); parameters the model keeps in fp32 by design stay fp32.
+    ``weights`` says how the projection weights are held (``WEIGHT_MODES``): ``"stored"`` (default) keeps FP8 / FP4
+    weights packed as the checkpoint stores them, ``"dequantized"`` dequantises them into ``dtype`` at load (the
+    behaviour before packed weights; needed to train them), ``"fp8"`` / ``"fp4"`` / ``"packed"`` additionally
+    quantise a bf16/fp32 checkpoint at load with the release's rules (FP8 for the dense projections the release
+    stores in FP8, FP4 for the routed experts, or both). ``head_dtype=torch.bfloat16`` stores the fp32 output head
+    in bf16 (half its memory and read bandwidth; the logits change by the head's rounding).
     ``progress=False`` hides the progress bar. ``model_options`` go to ``Transformer(config, ...)``.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
         raise ValueError(f"load_model: dtype must be a compute dtype such as torch.bfloat16 or torch.float32, "
                          f"got {dtype!r}")
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"load_model: weights must be one of {', '.join(map(repr, WEIGHT_MODES))}, got {weights!r}")
+    if head_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"load_model: head_dtype must be torch.float32 (as published) or torch.bfloat16, "
+                         f"got {head_dtype!r}")
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(
@@ -308,9 +326,13 @@ def load_model(
                         " (transformers does not save it)" if hf else "")
             config = config.replace(num_nextn_predict_layers=0)
         model = _build_model(config, dtype, model_options)
+        if head_dtype != model.head.weight.dtype:
+            model.head.weight = nn.Parameter(torch.empty_like(model.head.weight, dtype=head_dtype),
+                                             requires_grad=model.head.weight.requires_grad)
         expected = dict(model.state_dict(keep_vars=True))
         _check_plan(plan, expected, opened, config, config_path)
-        _stream(model, plan, expected, opened, device, progress)
+        formats = _packed_formats(model, plan, opened, weights)
+        _stream(model, plan, expected, opened, device, progress, formats)
     finally:
         for f in opened.values():
             f.close()
@@ -320,11 +342,13 @@ def load_model(
 
 def _stream(
     model: nn.Module, plan: dict[str, _Source], expected: dict[str, torch.Tensor],
-    opened: dict[Path, SafetensorsFile], device: torch.device, progress: bool,
+    opened: dict[Path, SafetensorsFile], device: torch.device, progress: bool, formats: dict[str, str],
 ) -> None:
-    """Read each stored tensor once, in file order, into every parameter it feeds; then drop its pages."""
+    """Read each stored tensor once, in file order, into every parameter it feeds (packed as ``formats`` says);
+    then drop its pages."""
     from tqdm.auto import tqdm
 
+    _hold_fp4_experts(model, formats, device)
     by_stored: dict[tuple[Path, str], list[str]] = defaultdict(list)
     for name, src in plan.items():
         by_stored[(src.file, src.key)].append(name)
@@ -336,6 +360,9 @@ def _stream(
             stored = f.tensor(key)
             for name in by_stored[(file, key)]:
                 src, param = plan[name], expected[name]
+                if name in formats:
+                    _fill_packed(model, name, formats[name], src, stored, opened, device)
+                    continue
                 out = torch.empty(param.shape, dtype=param.dtype, device=device)
                 if src.view is not None:
                     out.copy_(stored.as_strided(*src.view))
@@ -352,6 +379,72 @@ def _stream(
             del stored
             f.release(key)
             bar.update(f.entries[key].end - f.entries[key].begin)
+
+
+def _packed_formats(model: nn.Module, plan: dict[str, _Source], opened: dict[Path, SafetensorsFile], mode: str
+                    ) -> dict[str, str]:
+    """Official weight name -> "fp8" / "fp4" for every projection weight held packed under ``mode``: stored
+    quantised weights keep their format (unless "dequantized"); plain ones are quantised where the mode asks for the
+    format the release uses for that name (checkpoint_io.tensor_kind). Only ``Linear`` modules hold packed weights;
+    anything else quantised in a checkpoint is dequantised as before."""
+    from dsv4.model.linear import Linear
+
+    if mode == "dequantized":
+        return {}
+    wanted = {"stored": (), "fp8": ("fp8",), "fp4": ("fp4",), "packed": ("fp8", "fp4")}[mode]
+    formats = {}
+    for name, src in plan.items():
+        module_name, _, leaf = name.rpartition(".")
+        if leaf != "weight" or not isinstance(model.get_submodule(module_name), Linear):
+            continue
+        if src.scale_key is not None:
+            dtype = opened[src.file].entries[src.key].dtype
+            formats[name] = "fp8" if quant.is_fp8(dtype) else "fp4"
+        elif tensor_kind(name) in wanted:
+            formats[name] = tensor_kind(name)
+    return formats
+
+
+def _hold_fp4_experts(model: nn.Module, formats: dict[str, str], device: torch.device) -> None:
+    """Stacked FP4 storage (MoE.hold_fp4) for every MoE whose routed experts are all held in FP4."""
+    from dsv4.model.moe import MoE
+
+    for prefix, module in model.named_modules():
+        if isinstance(module, MoE):
+            names = [f"{prefix}.experts.{e}.{w}.weight" for e in range(module.n_experts) for w in ("w1", "w2", "w3")]
+            if module.can_stack_fp4() and all(formats.get(n) == "fp4" for n in names):
+                module.hold_fp4(device)
+
+
+def _fill_packed(model: nn.Module, name: str, fmt: str, src: _Source, stored: torch.Tensor,
+                 opened: dict[Path, SafetensorsFile], device: torch.device) -> None:
+    """Hold ``name`` packed: the stored bytes and scale copied as they are, or a plain stored weight quantised
+    with the release's rules (quant.quantize_fp8 / quantize_fp4: one weight's fp32 copy as temporary)."""
+    module = model.get_submodule(name.rpartition(".")[0])
+    if src.scale_key is not None:
+        weight = stored.view(torch.int8) if fmt == "fp4" else stored
+        scale_f = opened[src.scale_file]
+        scale = scale_f.tensor(src.scale_key).view(torch.float8_e8m0fnu)
+        try:  # the format's own check (no NaN scale byte) before the bytes are kept
+            quant.e8m0_to_float(scale)
+        except quant.QuantFormatError as e:
+            raise CheckpointError(f"tensor {src.key!r} in {src.file}: {e}") from None
+    else:
+        value = stored.as_strided(*src.view) if src.view is not None else stored
+        try:
+            weight, scale = quant.quantize_fp8(value) if fmt == "fp8" else quant.quantize_fp4(value)
+        except quant.QuantFormatError as e:
+            raise CheckpointError(f"cannot quantise {name!r} to {fmt} at load: {e}; load with "
+                                  f"weights='stored' or 'dequantized'") from None
+        scale_f = None
+    held = module.weight
+    if not held.is_meta and tuple(held.shape) == tuple(weight.shape) and held.dtype == weight.dtype:
+        held.copy_(weight)  # a slice of the MoE's stacked FP4 storage
+        module.scale.copy_(scale)
+    else:
+        module.set_packed(weight.to(device, copy=True), scale.to(device, copy=True))
+    if scale_f is not None:
+        scale_f.release(src.scale_key)
 
 
 def _fill_chunked(out: torch.Tensor, stored: torch.Tensor, scale: torch.Tensor | None, f: SafetensorsFile,

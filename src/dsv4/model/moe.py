@@ -7,8 +7,9 @@
   routing weight applied to the activation *before* ``w2`` (official), routed outputs accumulated in fp32, plus
   one always-on shared expert (also clamped).
 
-Each expert runs only on the tokens routed to it (tokens sorted by expert; one loop over the experts that got any
-token). On the native fast path (``MoE.use_native_kernels``) everything after the gate is one dsv4/kernels call.
+Everything after the gate is one op, ``dsv4::routed_experts`` (dsv4/ops; the reference runs each expert only on
+the tokens routed to it, the CPU backend one native call), for training and inference alike. Router top-k ties go to
+the lowest expert id (``ops.topk_lowest``, the rule of every top-k in dsv4).
 Deliberately not here: expert parallelism, the kernels themselves, the training-time balance loss and the bias
 update (train/).
 
@@ -21,8 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4 import kernels
+from dsv4 import ops
 from dsv4.config import ModelConfig
+from dsv4.model import quant
+from dsv4.model.linear import Linear
+from dsv4.ops import packed
+from dsv4.ops.reference import swiglu_expert
 
 
 class Gate(nn.Module):
@@ -51,7 +56,7 @@ class Gate(nn.Module):
         if self.hash:
             ids = self.tid2eid[input_ids].long()
         else:
-            ids = (scores + self.bias.float()).topk(self.topk, dim=-1).indices
+            ids = ops.topk_lowest(scores + self.bias.float(), self.topk)[1]
         weights = scores.gather(1, ids)
         if self.score_func != "softmax":
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -61,22 +66,15 @@ class Gate(nn.Module):
 class Expert(nn.Module):
     def __init__(self, dim: int, inter_dim: int, swiglu_limit: float, dtype: torch.dtype) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False, dtype=dtype)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False, dtype=dtype)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False, dtype=dtype)
+        self.w1 = Linear(dim, inter_dim, dtype)
+        self.w2 = Linear(inter_dim, dim, dtype)
+        self.w3 = Linear(dim, inter_dim, dtype)
         self.limit = swiglu_limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        # F.linear on the weights: the same math as calling the nn.Linear modules, without their dispatch cost
-        g = F.linear(x, self.w1.weight).float()
-        u = F.linear(x, self.w3.weight).float()
-        if self.limit > 0:
-            g = g.clamp(max=self.limit)
-            u = u.clamp(-self.limit, self.limit)
-        h = F.silu(g) * u  # [n, F] fp32
-        if weights is not None:
-            h = weights[:, None] * h  # routing weight before w2 (official)
-        return F.linear(h.to(x.dtype), self.w2.weight)
+        """x [n, D] (routing weights [n] or None) -> [n, D]: the op's expert math (expert parallelism calls it)."""
+        return swiglu_expert(x, self.w1.weight, self.w3.weight, self.w2.weight, self.limit, weights,
+                             (self.w1.scale, self.w3.scale, self.w2.scale))
 
 
 class MoE(nn.Module):
@@ -90,139 +88,72 @@ class MoE(nn.Module):
         self.shared_experts = (Expert(config.dim, config.shared_inter_dim, config.swiglu_limit, dtype)
                                if config.n_shared_experts > 0 else None)
 
+    def _lins(self) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
+        """The experts' (w1, w3, w2) Linear modules (the modules, not their weights, are memoised)."""
+        cached = self.__dict__.get("_lin_cache")
+        if cached is None or cached[0] is not self.experts:
+            cached = (self.experts, [(e.w1, e.w3, e.w2) for e in self.experts])
+            self.__dict__["_lin_cache"] = cached
+        return cached[1]
+
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x [N, D] -> [N, D]."""
-        n, k = x.shape[0], self.gate.topk
         weights, ids = self.gate(x, input_ids)  # [N, k]
-        if self._native is not None and not torch.is_grad_enabled():
-            return kernels.moe(x, ids, weights, self._native).to(x.dtype)
-        if n == 1 and self._packed is None and not torch.is_grad_enabled():
-            return self._one_token(x, weights, ids)
-        flat = ids.flatten()  # [N*k]
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()  # one host sync per layer
-        tok = order // k
-        w = weights.flatten()[order]
-        packed = self._packed if self._packed is not None and not torch.is_grad_enabled() else None
-        if packed is not None and packed[0].data_ptr() != self.experts[0].w1.weight.data_ptr():
-            packed = None  # the expert weights were replaced (e.g. reloaded): the stacks are stale
-        # batched matmuls pay for padding every expert to the busiest one: worth it while that waste is < 2x
-        if packed is not None and self.n_experts * max(counts) <= 2 * n * k:
-            y = self._routed_batched(x, flat[order], tok, w, counts, packed)
-        elif packed is not None:  # skewed or sparse load: one fused w1|w3 matmul per expert that got tokens
-            y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
-            w13, w2 = packed
-            f = w2.shape[2]
-            limit = self.experts[0].limit
-            a = 0
-            for e, cnt in enumerate(counts):
-                if cnt == 0:
-                    continue
-                t = tok[a:a + cnt]
-                gu = F.linear(x[t], w13[e]).float()  # [cnt, 2F]
-                g, u = gu[:, :f], gu[:, f:]
-                if limit > 0:
-                    g = g.clamp(max=limit)
-                    u = u.clamp(-limit, limit)
-                h = w[a:a + cnt, None] * (F.silu(g) * u)
-                y.index_add_(0, t, F.linear(h.to(x.dtype), w2[e]).float())
-                a += cnt
-        elif torch.is_grad_enabled():  # training: per-expert gathers (the gradient accumulation order is kept)
-            y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
-            a = 0
-            for e, cnt in enumerate(counts):
-                if cnt == 0:
-                    continue
-                t = tok[a:a + cnt]
-                y.index_add_(0, t, Expert.forward(self.experts[e], x[t], w[a:a + cnt]).float())  # y: not a leaf
-                a += cnt
-        else:
-            # one gather of the pairs' inputs and one index_add_ of all outputs (pairs in expert order, so each row
-            # accumulates in the same order as one index_add_ per expert), contiguous slices per expert
-            xs = x[tok]  # [N*k, D]
-            outs = []
-            a = 0
-            for e, cnt in enumerate(counts):
-                if cnt == 0:
-                    continue
-                outs.append(Expert.forward(self.experts[e], xs[a:a + cnt], w[a:a + cnt]))
-                a += cnt
-            y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
-            y.index_add_(0, tok, torch.cat(outs).float())
-        if self.shared_experts is not None:
-            y = y + Expert.forward(self.shared_experts, x).float()
+        # the weight lists are read per call (no cached tensors or pointers: replaced weights are the ones used);
+        # _parameters lookups, not nn.Module attribute access: 3E of them per layer and token batch
+        lins = self._lins()
+        w1, w3, w2 = ([lin[i]._parameters["weight"] for lin in lins] for i in range(3))
+        sh = self.shared_experts
+        shared = [sh.w1.weight, sh.w3.weight, sh.w2.weight] if sh is not None else []
+        # packed (scaled) weights: one scale per weight (loader: the routed experts may be FP4 and the shared FP8)
+        scales = [lin[i]._parameters["scale"] for i in range(3) for lin in lins] if lins[0][0].scale is not None \
+            else []
+        shared_scales = [lin.scale for lin in (sh.w1, sh.w3, sh.w2)] if sh is not None and sh.w1.scale is not None \
+            else []
+        y = ops.routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, self.experts[0].limit)
         return y.to(x.dtype)
 
-    def _one_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Decode fast path for one token (no autograd): the same expert math and the same fp32 accumulation order
-        (experts by ascending id, starting from zeros) as the general path, without the sort / bincount / gather /
-        index_add bookkeeping and the per-expert module calls."""
-        eids = ids[0].tolist()  # the one host sync (the general path has it too)
-        w = weights[0]
-        y = torch.zeros(1, x.shape[1], dtype=torch.float32, device=x.device)
-        for j in sorted(range(len(eids)), key=eids.__getitem__):  # stable, like argsort(stable=True)
-            y += Expert.forward(self.experts[eids[j]], x, w[j:j + 1])  # the general path's index_add_ on row 0
-        if self.shared_experts is not None:
-            y = y + Expert.forward(self.shared_experts, x).float()
-        return y.to(x.dtype)
+    # ------------------------------------------------------------------ packed FP4 experts
+    _fp4: tuple[torch.Tensor, ...] | None = None  # (w1, s1, w3, s3, w2, s2) stacked over the experts
 
-    # ------------------------------------------------------------------ inference fast paths
-    _packed: tuple[torch.Tensor, torch.Tensor] | None = None
-    _native: kernels.ExpertWeights | None = None
-
-    def use_native_kernels(self) -> None:
-        """Run the experts (after the gate) as one native kernel call (dsv4/kernels; Transformer.use_native_kernels).
-        The kernel reads the expert weights in place; call this again if they are replaced."""
-        def lins(ex: Expert) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            return ex.w1.weight, ex.w3.weight, ex.w2.weight
-
-        shared = lins(self.shared_experts) if self.shared_experts is not None else None
-        self._native = kernels.ExpertWeights([lins(ex) for ex in self.experts], shared, self.experts[0].limit)
+    def can_stack_fp4(self) -> bool:
+        """Whole 1x32 scale blocks along both expert dims (every real config; tiny test configs may not have them,
+        and then each expert keeps its own FP4 tensors)."""
+        e0 = self.experts[0]
+        return e0.w1.in_features % quant.FP4_BLOCK == 0 and e0.w1.out_features % quant.FP4_BLOCK == 0
 
     @torch.no_grad()
-    def pack(self) -> None:
-        """Move the routed experts' weights into two stacked tensors ``w13 [E, 2F, D]`` and ``w2 [E, D, F]`` and
-        re-point every ``experts.{e}.w1/w2/w3.weight`` to a view of them (same memory, same names). Inference with
-        many tokens then runs all experts as two batched matmuls instead of a Python loop over experts.
-
-        NOTE: for inference only (autograd still uses the per-expert path, whose gradients land in the views);
-        the views share storage, so clone before saving with safetensors.
-        """
-        if self._packed is not None:
-            return
+    def hold_fp4(self, device: torch.device | str) -> None:
+        """Allocate the routed experts' weights in the published FP4 layout, stacked: ``w1, w3 [E, F, D/2]`` int8
+        with ue8m0 scales ``[E, F, D/32]``, ``w2 [E, D, F/2]`` with ``[E, D, F/32]``, and make every
+        ``experts.{e}.w{1,2,3}.weight`` / ``.scale`` a view of its slice (the checkpoint's names, one block of memory
+        per tensor kind, which the native experts kernel reads with one pointer). The loader then fills the views in
+        place; the contents start uninitialised."""
+        if not self.can_stack_fp4():
+            raise ValueError("stacked FP4 experts need dim and moe_intermediate_size to be multiples of 32")
         e0 = self.experts[0]
-        f, d = e0.w1.weight.shape
-        w13 = torch.empty(self.n_experts, 2 * f, d, dtype=e0.w1.weight.dtype, device=e0.w1.weight.device)
-        w2 = torch.empty(self.n_experts, d, f, dtype=e0.w2.weight.dtype, device=e0.w2.weight.device)
+        f, d = e0.w1.out_features, e0.w1.in_features
+        e = self.n_experts
+        stacks = []
+        for rows, cols in ((f, d), (f, d), (d, f)):
+            stacks.append(torch.empty(e, rows, cols // 2, dtype=torch.int8, device=device))
+            stacks.append(torch.empty(e, rows, cols // quant.FP4_BLOCK, dtype=torch.float8_e8m0fnu, device=device))
         for i, ex in enumerate(self.experts):
-            w13[i, :f].copy_(ex.w1.weight)
-            w13[i, f:].copy_(ex.w3.weight)
-            w2[i].copy_(ex.w2.weight)
-            ex.w1.weight = nn.Parameter(w13[i, :f], requires_grad=ex.w1.weight.requires_grad)
-            ex.w3.weight = nn.Parameter(w13[i, f:], requires_grad=ex.w3.weight.requires_grad)
-            ex.w2.weight = nn.Parameter(w2[i], requires_grad=ex.w2.weight.requires_grad)
-        self._packed = (w13, w2)
+            for j, lin in enumerate((ex.w1, ex.w3, ex.w2)):
+                lin.set_packed(stacks[2 * j][i], stacks[2 * j + 1][i])
+        self._fp4 = tuple(stacks)
 
-    def _routed_batched(self, x: torch.Tensor, expert_of: torch.Tensor, tok: torch.Tensor, w: torch.Tensor,
-                        counts: list[int], packed: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """All experts at once on a [E, cap, D] padded layout (pairs sorted by expert). Same math as Expert."""
-        w13, w2 = packed
-        f = w2.shape[2]
-        cap = max(counts)
-        counts_t = torch.tensor(counts, device=x.device)
-        first = torch.cumsum(counts_t, 0) - counts_t  # [E] first sorted pair of each expert
-        slot = torch.arange(tok.shape[0], device=x.device) - first[expert_of]  # rank of a pair inside its expert
-        xs = x.new_zeros(self.n_experts, cap, x.shape[1])
-        xs[expert_of, slot] = x[tok]
-        ws = w.new_zeros(self.n_experts, cap)
-        ws[expert_of, slot] = w
-        gu = torch.bmm(xs, w13.transpose(1, 2))  # [E, cap, 2F]
-        g, u = gu[..., :f].float(), gu[..., f:].float()
-        limit = self.experts[0].limit
-        if limit > 0:
-            g = g.clamp(max=limit)
-            u = u.clamp(-limit, limit)
-        h = ws[..., None] * (F.silu(g) * u)  # routing weight before w2 (official)
-        out = torch.bmm(h.to(x.dtype), w2.transpose(1, 2))  # [E, cap, D]
-        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        return y.index_add_(0, tok, out[expert_of, slot].float())
+    def fp4_stacks(self) -> tuple[torch.Tensor, ...] | None:
+        """The stacked FP4 expert tensors while every expert parameter is still a view of them, else None (e.g. after
+        ``load_state_dict(..., assign=True)``: the experts then run from their own tensors)."""
+        if self._fp4 is None:
+            return None
+        lins = [(ex.w1, ex.w3, ex.w2) for ex in self.experts]
+        for j in range(3):
+            for i, tensors in ((2 * j, [ls[j].weight for ls in lins]), (2 * j + 1, [ls[j].scale for ls in lins])):
+                if any(t is None for t in tensors):
+                    return None
+                whole = packed.stacked(tensors)
+                if whole is None or whole.data_ptr() != self._fp4[i].data_ptr():
+                    return None
+        return self._fp4

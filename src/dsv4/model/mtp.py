@@ -24,6 +24,7 @@ from torch import nn
 from dsv4.config import ModelConfig
 from dsv4.model.batch import BatchPlan, ForwardOutput
 from dsv4.model.cache import KVCache
+from dsv4.model.linear import Linear
 from dsv4.model.norm import RMSNorm
 from dsv4.model.qat import Numerics
 from dsv4.model.transformer import Block
@@ -36,8 +37,8 @@ class MTPBlock(Block):
     def __init__(self, layer_id: int, config: ModelConfig, numerics: Numerics, dtype: torch.dtype) -> None:
         super().__init__(layer_id, config, config.mtp_ratio, numerics, dtype)
         d, m = config.dim, config.hc_mult
-        self.e_proj = nn.Linear(d, d, bias=False, dtype=dtype)
-        self.h_proj = nn.Linear(d, d, bias=False, dtype=dtype)
+        self.e_proj = Linear(d, d, dtype)
+        self.h_proj = Linear(d, d, dtype)
         self.enorm = RMSNorm(d, config.rms_norm_eps)
         self.hnorm = RMSNorm(d, config.rms_norm_eps)
         self.norm = RMSNorm(d, config.rms_norm_eps)

@@ -16,8 +16,8 @@ The quantisers mirror DeepSeek's block quantisation (``kernel.py`` ``act_quant``
 used to write release-layout checkpoints (tests, the trainer's export). Values that are already representable
 (the output of a dequantisation) survive ``quantize -> dequantize`` unchanged.
 
-Deliberately not here: FP8/FP4 GEMMs and the activation QAT simulations (model/qat.py); the model computes in the
-dequantised dtype.
+Deliberately not here: the ops that compute on packed weights (ops/packed.py, kernels/quant.py) and the activation
+QAT simulations (model/qat.py).
 
 Shape legend: O = out features, I = in features, Ob/Ib = number of scale blocks along O/I.
 """

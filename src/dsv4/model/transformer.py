@@ -13,12 +13,14 @@ Entry points:
 * ``model.forward_batch(ForwardBatch, KVCache | None) -> ForwardOutput(logits [M, vocab], hidden [N, M, D])``:
   varlen batches of prefill chunks and decode tokens (docs/contracts.md);
 * ``model.forward_mtp(ForwardBatch of the *next* tokens, hidden, cache)``: the MTP block (mtp.py);
-* ``model.pack_experts()``: inference fast path (stacked expert weights, batched expert matmuls; same memory).
-* ``model.use_native_kernels()``: the CPU inference fast path (dsv4/kernels; fp32 activations, the weights the
-  kernels read kept in their stored dtype). ``dsv4.LLM`` applies it to checkpoints it loads onto a CPU.
+* ``model.set_activation_dtype(dtype)``: compute in ``dtype`` while the matmul weights stay as stored (e.g. fp32
+  activations over bf16 weights: what ``dsv4.LLM`` does for a checkpoint it loads onto a CPU).
 
-CPU note: on the PyTorch path, this torch build's bf16 GEMV/GEMM kernels run 2-5x slower than fp32 on CPU, so a bf16
-checkpoint decodes faster there when loaded with ``dtype=torch.float32`` (bf16 weights are exact in fp32).
+The hot computations are dsv4/ops ops (``torch.library``), called unconditionally: which kernel runs is the op
+layer's choice per device (docs/architecture.md sec 6), the model has one path for training and inference.
+
+CPU note: this torch build's bf16 GEMV/GEMM kernels run 2-5x slower than fp32 on CPU, so a bf16 checkpoint decodes
+faster there with fp32 activations (bf16 weights are exact in fp32).
 
 Deliberately not here: sampling, scheduling, cache allocation policy, parallelism.
 
@@ -28,15 +30,14 @@ Shape legend: B sequences, S tokens each, N flat tokens, M = hc_mult streams, D 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dsv4 import kernels
+from dsv4 import ops
 from dsv4.config import ModelConfig
 from dsv4.model.attention import Attention
 from dsv4.model.batch import BatchPlan, ForwardBatch, ForwardOutput
 from dsv4.model.cache import KVCache
-from dsv4.model.hyper import hc_head, hc_post, hc_pre
+from dsv4.model.hyper import hc_head
 from dsv4.model.moe import MoE
 from dsv4.model.norm import RMSNorm
 from dsv4.model.qat import Numerics
@@ -61,32 +62,21 @@ class Block(nn.Module):
             self.register_parameter(f"hc_{site}_base", nn.Parameter(torch.zeros(mix, dtype=torch.float32)))
             self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.ones(3, dtype=torch.float32)))
 
-    def _pre(self, x: torch.Tensor, site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        c = self.config
-        return hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
-                      getattr(self, f"hc_{site}_scale"), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
-
     def _pre_norm(self, x: torch.Tensor, site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """hc_pre then the site's RMSNorm on its output: one fused native call on the inference fast path."""
+        """hc_pre then the site's RMSNorm on its output (one op: the norm fuses into the mix)."""
+        c = self.config
         norm = self.attn_norm if site == "attn" else self.ffn_norm
-        if self.native and not torch.is_grad_enabled():
-            c = self.config
-            return kernels.hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
-                                  getattr(self, f"hc_{site}_scale"), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps,
-                                  norm.weight, norm.eps)
-        y, post, comb = self._pre(x, site)
-        return norm(y), post, comb
-
-    native = False  # set by Transformer.use_native_kernels
+        return ops.hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
+                          getattr(self, f"hc_{site}_scale"), norm.weight, c.hc_sinkhorn_iters, c.hc_eps,
+                          c.rms_norm_eps, norm.eps)
 
     def forward(self, x: torch.Tensor, plan: BatchPlan, cache: KVCache | None, input_ids: torch.Tensor
                 ) -> torch.Tensor:
         """x [N, M, D] -> [N, M, D]."""
-        post_fn = kernels.hc_post if self.native and not torch.is_grad_enabled() else hc_post
         y, post, comb = self._pre_norm(x, "attn")
-        x = post_fn(self.attn(y, plan, cache), x, post, comb)
+        x = ops.hc_post(self.attn(y, plan, cache), x, post, comb)
         y, post, comb = self._pre_norm(x, "ffn")
-        return post_fn(self.ffn(y, input_ids), x, post, comb)
+        return ops.hc_post(self.ffn(y, input_ids), x, post, comb)
 
 
 class Transformer(nn.Module):
@@ -127,9 +117,6 @@ class Transformer(nn.Module):
 
     def forward_batch(self, batch: ForwardBatch, cache: KVCache | None = None) -> ForwardOutput:
         """One varlen step (docs/contracts.md). With ``cache=None`` the forward is pure and differentiable."""
-        if self.native and torch.is_grad_enabled():
-            raise RuntimeError("this model runs on the native kernels (use_native_kernels), which are inference-only: "
-                               "call it under torch.no_grad() / torch.inference_mode()")
         if cache is not None:
             _check_cache(self.config, cache, batch)
         plan = BatchPlan(batch, self.device, cache is not None)
@@ -148,9 +135,7 @@ class Transformer(nn.Module):
         fn, base, scale = hc if hc is not None else (self.hc_head_fn, self.hc_head_base, self.hc_head_scale)
         c = self.config
         y = (norm or self.norm)(hc_head(hidden, fn, base, scale, c.hc_eps, c.rms_norm_eps))  # [M', D]
-        if self.native and not torch.is_grad_enabled():
-            return kernels.linear(y, self.head.weight)
-        return F.linear(y.float(), self.head.weight.float())
+        return ops.linear(y.float(), self.head.weight, getattr(self.head, "scale", None))
 
     def forward_mtp(self, batch: ForwardBatch, hidden: torch.Tensor, cache: KVCache | None = None, depth: int = 0
                     ) -> ForwardOutput:
@@ -159,9 +144,6 @@ class Transformer(nn.Module):
         logits for token t+2 and the MTP block's streams."""
         if not self.mtp:
             raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
-        if self.native and torch.is_grad_enabled():
-            raise RuntimeError("this model runs on the native kernels (use_native_kernels), which are inference-only: "
-                               "call it under torch.no_grad() / torch.inference_mode()")
         if cache is not None:
             _check_cache(self.config, cache, batch)
             if len(cache.window) <= self.config.n_layers + depth:
@@ -169,50 +151,29 @@ class Transformer(nn.Module):
         plan = BatchPlan(batch, self.device, cache is not None)
         return self.mtp[depth](hidden, plan, cache, self, batch.logits_indices)
 
-    native = False
+    def has_packed_weights(self) -> bool:
+        """True when some projection holds a packed FP8/FP4 weight (load_model's ``weights``)."""
+        return any(getattr(m, "scale", None) is not None for m in self.modules() if isinstance(m, nn.Linear))
 
     @torch.no_grad()
-    def use_native_kernels(self) -> Transformer:
-        """CPU inference fast path (dsv4/kernels), in place: the output head, the experts, mHC + norm, the attention
-        projections and attention, the Lightning Indexer's top-k and the compressors' decode update run as native
-        kernels, and every activation is fp32. The weights the kernels read (experts, head, attention projections)
-        stay in their stored dtype (a bf16 checkpoint's are read as bf16 and widened exactly); every other floating
-        parameter becomes fp32 (exact). Results are the fp32 path's up to summation order.
-
-        Inference only: a forward with autograd enabled raises (the kernels have no backward). Raises RuntimeError
-        when the kernels cannot be built here and ValueError for what they do not cover (another device, QAT
-        simulation); the message says which."""
-        if self.device.type != "cpu":
-            raise ValueError(f"the native kernels are CPU kernels; this model is on {self.device}")
-        if self.numerics.qat_sim:
-            raise ValueError("the native kernels do not simulate the QAT roundings; load without qat_sim=True or "
-                             "use the PyTorch path (native_kernels=False)")
-        if not kernels.available():
-            raise RuntimeError(f"dsv4 native CPU kernels are unavailable: {kernels.why_unavailable()}; "
-                               "use the PyTorch path (native_kernels=False)")
+    def set_activation_dtype(self, dtype: torch.dtype) -> Transformer:
+        """Compute in a wider ``dtype`` from now on, in place: every narrower floating parameter (bf16 / fp16) is
+        widened to ``dtype`` (exact) except the matmul weights the ops read in their stored dtype (experts, attention
+        projections), which stay as they are; fp32 parameters stay fp32. The activations follow the embedding, and
+        the KV cache an engine builds afterwards takes their dtype."""
         kept = {id(self.head.weight)}
-        moes = [mod for mod in self.modules() if isinstance(mod, MoE)]
-        for moe in moes:
-            for ex in [*moe.experts, *([moe.shared_experts] if moe.shared_experts is not None else [])]:
-                kept.update(id(lin.weight) for lin in (ex.w1, ex.w2, ex.w3))
-        for att in (mod for mod in self.modules() if isinstance(mod, Attention)):
-            kept.update(id(lin.weight) for lin in (att.wq_a, att.wq_b, att.wkv, att.wo_a, att.wo_b))
-        for p in self.parameters():
-            if p.is_floating_point() and p.dtype != torch.float32 and id(p) not in kept:
-                p.data = p.data.float()
-        for moe in moes:
-            moe.use_native_kernels()
-        for mod in self.modules():
-            if isinstance(mod, (Block, Attention)):
-                mod.native = True
-        self.native = True
-        return self
-
-    def pack_experts(self) -> Transformer:
-        """Inference fast path: stack each MoE's routed experts (see ``MoE.pack``; same memory, same names)."""
         for mod in self.modules():
             if isinstance(mod, MoE):
-                mod.pack()
+                for ex in [*mod.experts, *([mod.shared_experts] if mod.shared_experts is not None else [])]:
+                    kept.update(id(lin.weight) for lin in (ex.w1, ex.w2, ex.w3))
+            elif isinstance(mod, Attention):
+                kept.update(id(lin.weight) for lin in (mod.wq_a, mod.wq_b, mod.wkv, mod.wo_a, mod.wo_b))
+        for p in self.parameters():
+            # packed weights and their ue8m0 scales (1-byte floats) are never converted
+            if (p.is_floating_point() and p.element_size() >= 2 and p.dtype != dtype and id(p) not in kept
+                    and p.dtype != torch.float32):
+                p.data = p.data.to(dtype)
+        self.compute_dtype = dtype
         return self
 
     # ------------------------------------------------------------------ init
@@ -257,11 +218,14 @@ def _check_cache(config: ModelConfig, cache: KVCache, batch: ForwardBatch) -> No
         return  # sliding-window-only model: no paged entries
     # every page that will hold an entry of this step must be assigned (a -1 would alias page 0)
     bt = batch.block_tables
-    ends = torch.tensor([s + n for s, n in zip(batch.start_pos, batch.seq_lens)], device=bt.device)
-    need = (ends + cache.page_size - 1) // cache.page_size  # [B] pages covering positions < end
-    if int(need.max()) > bt.shape[1]:
+    ends_list = [s + n for s, n in zip(batch.start_pos, batch.seq_lens)]
+    most = -(-max(ends_list) // cache.page_size)  # host ints: no sync (and no graph break under torch.compile)
+    if most > bt.shape[1]:
         raise ValueError(f"block_tables has {bt.shape[1]} columns but a sequence reaches position "
-                         f"{int(ends.max()) - 1}, which needs {int(need.max())} pages of {cache.page_size} tokens")
+                         f"{max(ends_list) - 1}, which needs {most} pages of {cache.page_size} tokens")
+    ends = torch.tensor(ends_list, device=bt.device)
+    need = (ends + cache.page_size - 1) // cache.page_size  # [B] pages covering positions < end
+    # NOTE: reads the block table's values: the one remaining graph break of a compiled step
     cols = torch.arange(bt.shape[1], device=bt.device)
     missing = (cols[None] < need[:, None]) & ((bt < 0) | (bt >= cache.num_pages))
     if bool(missing.any()):

@@ -155,6 +155,11 @@ class OptimConfig:
 
 def param_groups(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
     """Split trainable parameters into (muon, adamw) by official name."""
+    packed = [name for name, _ in model.named_parameters() if name.endswith(".scale")]
+    if packed:
+        raise ValueError(f"this model holds packed FP8/FP4 weights ({packed[0][: -len('scale')]}weight and "
+                         f"{len(packed) - 1} more), which cannot be trained; load it with "
+                         f"dsv4.load_model(..., weights='dequantized')")
     muon, adamw = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or not is_trainable(name, p):

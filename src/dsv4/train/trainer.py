@@ -80,7 +80,8 @@ def build_model(cfg: TrainConfig):
     if cfg.init_from:
         import dsv4
 
-        model = dsv4.load_model(cfg.init_from, dtype=torch.float32, device="cpu")
+        # dequantised: packed FP8/FP4 weights are constants (no gradients)
+        model = dsv4.load_model(cfg.init_from, dtype=torch.float32, device="cpu", weights="dequantized")
     else:
         from dsv4.model.transformer import Transformer
 
