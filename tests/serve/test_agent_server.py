@@ -12,12 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,48 +21,25 @@ import openai
 import pytest
 import torch
 
-from .test_server import _free_port
+from .test_server import KEY, Server
 from .tiny import tiny_config
 
-KEY = "test-key"
 CLIENTS = Path(__file__).parent / "clients"
 
 
-class Proc:
+class Proc(Server):
+    """A started `dsv4 serve` (test_server.Server, ready on return) with a keyed POST."""
+
     def __init__(self, log: Path, *args: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self._log_file = log.open("w")
-        cmd = [sys.executable, "-m", "dsv4.cli", "serve", "--port", str(self.port), "--api-key", KEY,
-               "--device", "cpu", "--log-level", "info", *args]
-        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        self.close()
-        raise RuntimeError(f"server not ready:\n{log.read_text()[-3000:]}")
+        super().__init__(log, *args)
+        try:
+            self.wait_ready()
+        except RuntimeError:
+            self.close()
+            raise
 
     def post(self, path: str, body: dict, timeout: float = 300) -> httpx.Response:
         return httpx.post(f"{self.url}{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_file.close()
 
 
 @pytest.fixture(scope="module")

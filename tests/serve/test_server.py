@@ -40,13 +40,14 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, root: Path) -> None:
+    """`dsv4 serve` in a subprocess on a free loopback port, its output in `log`; `args` are its options."""
+
+    def __init__(self, log: Path, *args: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = root / "server.log"
-        cmd = [sys.executable, "-m", "dsv4.cli", "serve", "--model", str(root / "ckpt"), "--port", str(self.port),
-               "--api-key", KEY, "--served-model-name", MODEL, "--dtype", "float32", "--device", "cpu",
-               "--max-model-len", str(MAX_LEN), "--max-num-seqs", "64", "--log-level", "info"]
+        self.log = log
+        cmd = [sys.executable, "-m", "dsv4.cli", "serve", "--port", str(self.port), "--api-key", KEY,
+               "--device", "cpu", "--log-level", "info", *args]
         self._log_file = self.log.open("w")
         self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -79,23 +80,29 @@ class Server:
             time.sleep(0.2)
 
 
+    def close(self) -> None:
+        """SIGINT (the server's graceful shutdown), then kill after a minute."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("serve")
     build_tiny_checkpoint(root / "ckpt")
-    srv = Server(root)
+    srv = Server(root / "server.log", "--model", str(root / "ckpt"), "--served-model-name", MODEL,
+                 "--dtype", "float32", "--max-model-len", str(MAX_LEN), "--max-num-seqs", "64")
     try:
         srv.wait_ready()
         yield srv
     finally:
-        if srv.proc.poll() is None:
-            srv.proc.send_signal(signal.SIGINT)
-            try:
-                srv.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                srv.proc.kill()
-                srv.proc.wait()
-        srv._log_file.close()
+        srv.close()
 
 
 @pytest.fixture(scope="module")
