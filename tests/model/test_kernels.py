@@ -88,16 +88,16 @@ def test_moe_matches_the_pytorch_experts(dtype, tokens, act):
     x = (torch.randn(tokens, cfg.dim) * 3).to(act)  # large enough that the SwiGLU clamp bites
     with torch.no_grad():
         w, ids = moe.gate(x.float(), None)
-    lists = [[getattr(e, n).weight for e in moe.experts] for n in ("w1", "w3", "w2")]
+    stacks = [torch.stack([getattr(e, n).weight.detach() for e in moe.experts]) for n in ("w1", "w3", "w2")]
     sh = moe.shared_experts
     shared = [sh.w1.weight, sh.w3.weight, sh.w2.weight]
-    out = kernels.moe(x, ids, w, *lists, shared, cfg.swiglu_limit)
-    want = ref.routed_experts(x.float(), ids, w, *[[t.float() for t in ws] for ws in lists], [],
+    out = kernels.moe(x, ids, w, *stacks, shared, cfg.swiglu_limit)
+    want = ref.routed_experts(x.float(), ids, w, *[t.float() for t in stacks], [],
                               [t.float() for t in shared], [], cfg.swiglu_limit)
     assert out.dtype == torch.float32
     close(out, want)
     with pytest.raises(ValueError, match="expert ids"):
-        kernels.moe(x, torch.full_like(ids, cfg.n_routed_experts), w, *lists, shared, cfg.swiglu_limit)
+        kernels.moe(x, torch.full_like(ids, cfg.n_routed_experts), w, *stacks, shared, cfg.swiglu_limit)
 
 
 def test_moe_reads_replaced_weights():
@@ -119,41 +119,84 @@ def test_moe_reads_replaced_weights():
 
 
 def test_moe_pointer_cache_follows_swapped_tensors_and_keeps_no_old_weights():
-    """kernels.moe after the weights changed under it: a replaced list entry, a ``param.data = ...`` swap (same
-    Parameter object, new storage) and an in-place copy all compute with the current values, and the cache holds no
-    reference to replaced weights (they are freed)."""
+    """kernels.moe after the expert blocks changed under it: a new block, a ``block.data = ...`` swap (same tensor
+    object, new storage) and an in-place copy all compute with the current values, and the cache holds no reference
+    to replaced weights (they are freed)."""
+    cfg = make_tiny_config(num_hash_layers=0)
+    g = torch.Generator().manual_seed(3)
+    e, f, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.dim
+    blocks = [torch.randn(e, f, d, generator=g) * 0.3, torch.randn(e, f, d, generator=g) * 0.3,
+              torch.randn(e, d, f, generator=g) * 0.3]
+    shared = [torch.randn(f, d, generator=g) * 0.3, torch.randn(f, d, generator=g) * 0.3,
+              torch.randn(d, f, generator=g) * 0.3]
+    x = torch.randn(5, d, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:cfg.num_experts_per_tok] for _ in range(5)])
+    w = torch.rand(5, cfg.num_experts_per_tok, generator=g)
+
+    def both():
+        return (kernels.moe(x, ids, w, *blocks, shared, cfg.swiglu_limit),
+                ref.routed_experts(x, ids, w, *blocks, [], shared, [], cfg.swiglu_limit))
+
+    close(*both())
+    old_w2 = blocks[2]  # kept alive (and unchanged): stale pointers would read it
+    blocks[2] = torch.randn_like(old_w2)
+    close(*both())
+    old = weakref.ref(old_w2)
+    del old_w2
+    gc.collect()
+    assert old() is None  # the cache kept no reference to the replaced block
+    old_data = blocks[0].data  # noqa: F841 (kept alive, as above)
+    blocks[0].data = torch.randn_like(blocks[0])  # same object, new storage: new address, new key
+    close(*both())
+    with torch.no_grad():
+        shared[1].mul_(-2)  # in place: same pointers, new values (read at every call)
+        blocks[1][2].mul_(-2)
+    close(*both())
+
+
+def test_moe_module_follows_replaced_expert_weights():
+    """The MoE passes its experts' stacked block to the op while every expert's tensor views it, and notices when
+    they stop doing so: a new Parameter on one expert (what assign=True does), ``.data`` swaps of the first and the
+    last expert, ``.to()``; in-place updates need no notice. Each time the output equals the experts computed one
+    by one from their current weights."""
     cfg = make_tiny_config(num_hash_layers=0)
     moe = MoE(cfg, 1, torch.float32)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.3)
-    x = torch.randn(5, cfg.dim)
-    sh = moe.shared_experts
+    x = torch.randn(7, cfg.dim)
 
-    def both():
+    def check():
         with torch.no_grad():
             w, ids = moe.gate(x, None)
-            lists = [[getattr(e, n).weight for e in moe.experts] for n in ("w1", "w3", "w2")]
-            shared = [sh.w1.weight, sh.w3.weight, sh.w2.weight]
-            return (kernels.moe(x, ids, w, *lists, shared, cfg.swiglu_limit),
-                    ref.routed_experts(x, ids, w, *lists, [], shared, [], cfg.swiglu_limit))
+            want = torch.zeros(7, cfg.dim)
+            for t in range(7):
+                for j in range(ids.shape[1]):
+                    want[t] += moe.experts[int(ids[t, j])](x[t:t + 1], w[t, j:j + 1])[0]
+            want += moe.shared_experts(x)
+            close(moe(x, None), want)
 
-    close(*both())
-    w2 = moe.experts[3].w2
-    old_w2 = w2.weight  # kept alive (and unchanged): stale pointers would read it
-    w2.weight = torch.nn.Parameter(torch.randn_like(w2.weight))  # a new Parameter (what assign=True does)
-    close(*both())
-    old = weakref.ref(old_w2)
-    del old_w2
-    gc.collect()
-    assert old() is None  # the cache kept no reference to the replaced weight
-    w1 = moe.experts[0].w1
-    old_data = w1.weight.data  # noqa: F841 (kept alive, as above)
-    w1.weight.data = torch.randn_like(w1.weight)  # same object, new storage: new address, new key
-    close(*both())
+    moe.stack_experts()
     with torch.no_grad():
-        moe.shared_experts.w3.weight.mul_(-2)  # in place: same pointers, new values (read at every call)
-    close(*both())
+        block = moe.expert_weights()[0]
+    assert moe.experts[3].w1.weight.data_ptr() == block[3].data_ptr()  # a view of the block
+    assert moe.expert_weights()[0].data_ptr() != block.data_ptr()  # gradients wanted: stacked copies
+    check()
+    moe.experts[3].w2.weight = torch.nn.Parameter(torch.randn_like(moe.experts[3].w2.weight))
+    check()
+    assert moe._stacks is None  # no longer one block: stacked per call
+    moe.stack_experts()
+    check()
+    for i in (0, -1):
+        moe.experts[i].w3.weight.data = torch.randn_like(moe.experts[i].w3.weight)
+        check()
+        moe.stack_experts()
+    with torch.no_grad():
+        moe.experts[2].w1.weight.mul_(-1)
+    check()
+    moe.to(torch.float64).to(torch.float32)
+    x = x.float()
+    check()
 
 
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])

@@ -58,12 +58,18 @@ def test_linear_unhandled_dtypes_say_so(backend):
 
 
 # ------------------------------------------------------------------------------------------------ experts
-def _experts(g: torch.Generator, n_distinct: int = 8, dtype=torch.bfloat16):
-    """256 experts at full width whose weights alias n_distinct random sets (the op takes one tensor per expert and
-    does not care; it keeps the test at 0.4 GB instead of 12 GB)."""
-    base = [[(torch.randn(f, d, generator=g) * d ** -0.5).to(dtype) for f, d in ((F, D), (F, D), (D, F))]
-            for _ in range(n_distinct)]
-    w1, w3, w2 = ([base[e % n_distinct][i] for e in range(E)] for i in range(3))
+def _aliased(g: torch.Generator, rows: int, cols: int, dtype) -> torch.Tensor:
+    """[E, rows, cols] experts that are distinct, overlapping windows of one random buffer (expert e starts
+    e * (cols + 1) elements in): the op takes one tensor per weight kind and does not care, and the test stays at
+    tens of MB instead of 12 GB."""
+    shift = cols + 1
+    buf = (torch.randn(rows * cols + (E - 1) * shift, generator=g) * cols ** -0.5).to(dtype)
+    return buf.as_strided((E, rows, cols), (shift, cols, 1))
+
+
+def _experts(g: torch.Generator, dtype=torch.bfloat16):
+    """256 experts at full width (w1, w3 [E, F, D], w2 [E, D, F]) and the shared expert's weights."""
+    w1, w3, w2 = _aliased(g, F, D, dtype), _aliased(g, F, D, dtype), _aliased(g, D, F, dtype)
     shared = [(torch.randn(f, d, generator=g) * d ** -0.5).to(dtype) for f, d in ((F, D), (F, D), (D, F))]
     return w1, w3, w2, shared
 
@@ -363,12 +369,12 @@ def test_gradients_through_the_ops_equal_plain_autograd():
         torch.testing.assert_close(a, b)
     # experts: the gradient reaches x, the routing weights and every expert weight that got a token
     xs = torch.randn(4, 32, generator=g, requires_grad=True)
-    ws = [torch.randn(8, 32, generator=g, requires_grad=True) for _ in range(3)]
-    w2 = [torch.randn(32, 8, generator=g, requires_grad=True) for _ in range(3)]
+    ws = torch.randn(3, 8, 32, generator=g, requires_grad=True)  # [E, F, D]: w1 and w3
+    w2 = torch.randn(3, 32, 8, generator=g, requires_grad=True)
     ids, rw = torch.tensor([[0, 2], [2, 1], [0, 1], [2, 0]]), torch.rand(4, 2, generator=g).requires_grad_()
     args = (xs, ids, rw, ws, ws, w2, [], [], [], 10.0)
-    want = torch.autograd.grad(ref.routed_experts(*args).sum(), [xs, rw, *ws, *w2])
-    got = torch.autograd.grad(ops.routed_experts(*args).sum(), [xs, rw, *ws, *w2])
+    want = torch.autograd.grad(ref.routed_experts(*args).sum(), [xs, rw, ws, w2])
+    got = torch.autograd.grad(ops.routed_experts(*args).sum(), [xs, rw, ws, w2])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 
@@ -380,8 +386,8 @@ def _small_args() -> dict:
     pages, tables = torch.randn(4, 4, c, generator=g), torch.tensor([[0, 2], [1, 3]])
     cos, sin = cos_sin(3, g)
     cos, sin = cos[:, :4], sin[:, :4]
-    w1 = [torch.randn(8, 16, generator=g) for _ in range(3)]
-    w2 = [torch.randn(16, 8, generator=g) for _ in range(3)]
+    w1 = torch.randn(3, 8, 16, generator=g)  # [E, F, D]
+    w2 = torch.randn(3, 16, 8, generator=g)
     return {
         "linear": (torch.randn(3, 16, generator=g), torch.randn(8, 16, generator=g), None),
         "routed_experts": (torch.randn(3, 16, generator=g), torch.tensor([[0, 2], [1, 2], [0, 0]]),

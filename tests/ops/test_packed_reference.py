@@ -112,7 +112,8 @@ def test_routed_experts_reference_on_fp4_equals_per_token_hand_dequantised_exper
     x = torch.randn(n, d, generator=gen)
     ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(n)])
     weights = torch.rand(n, k, generator=gen)
-    got = ref.routed_experts(x, ids, weights, *lists, [s for ss in scales for s in ss], [], [], limit)
+    got = ref.routed_experts(x, ids, weights, *map(torch.stack, lists), list(map(torch.stack, scales)), [], [],
+                             limit)
     want = torch.zeros(n, d)
     for t in range(n):
         for j in sorted(range(k), key=lambda j: int(ids[t, j])):

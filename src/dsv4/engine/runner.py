@@ -51,6 +51,10 @@ def make_forward_batch(device: torch.device, ids: list[int], start_pos: list[int
 
 class ModelRunner:
     def __init__(self, model: Any, cache: Any, device: torch.device) -> None:
+        # each MoE's experts in one block per weight kind (a no-op for a loaded model; a copy once for one built
+        # or assigned otherwise): the experts op then takes three tensors, not 3E
+        if hasattr(model, "stack_experts"):
+            model.stack_experts()
         self.model = model
         self.cache = cache
         self.device = device

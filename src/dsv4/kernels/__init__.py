@@ -66,40 +66,40 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], n)
 
 
-# pointer arrays of the last expert sets seen, keyed by their first tensor; valid only while every address matches
-_moe_arrays: dict[int, tuple] = {}
+# pointer arrays of the expert blocks seen, keyed by the blocks' addresses, shapes and dtype (never a stale one: the
+# key is the tensors' current layout, read at every call)
+_moe_arrays: dict[tuple, tuple] = {}
 
 
-def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: list[torch.Tensor], w3: list[torch.Tensor],
-        w2: list[torch.Tensor], shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | list[torch.Tensor] | None,
+def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+        w2: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | list[torch.Tensor] | None,
         swiglu_limit: float) -> torch.Tensor:
     """Routed experts (per token in ascending expert id, fp32 sums from zero) plus the shared expert, as the
-    ``dsv4::routed_experts`` op: x [T, D], ids [T, k], routing weights [T, k]; the routed experts' ``w1, w3 [F, D]``,
-    ``w2 [D, F]`` and the shared expert's (or None), all of one dtype -> fp32 [T, D]. The weight pointers are read
-    at every call and compared with the cached pointer arrays', so weights replaced in the model
-    (``load_state_dict(assign=True)``) are the ones used. TypeError: weights the kernel cannot read (layout, dtype);
-    ValueError: expert ids out of range."""
+    ``dsv4::routed_experts`` op: x [T, D], ids [T, k], routing weights [T, k]; the routed experts' stacked
+    ``w1, w3 [E, F, D]``, ``w2 [E, D, F]`` and the shared expert's (or None), all of one dtype -> fp32 [T, D].
+    TypeError: weights the kernel cannot read (layout, dtype); ValueError: expert ids out of range."""
     lib = _lib_or_raise()
-    tensors = [*w1, *w3, *w2, *(shared or ())]
-    ptrs = [w.data_ptr() for w in tensors]  # the weights' addresses now (never cached on their own)
-    key = (ptrs, tensors[0].dtype, tuple(w1[0].shape), len(w1))
-    hit = _moe_arrays.get(id(w1[0]))
-    if hit is None or hit[0] != key:  # new or moved weights: check them and build the pointer arrays once
-        try:
-            for w in tensors:
-                _check_weight(w)
-        except ValueError as e:
-            raise TypeError(str(e)) from None  # a layout the kernel does not read (ValueError: bad expert ids)
-        if len({w.dtype for w in tensors}) != 1:
-            raise TypeError("all expert weights must share one dtype (bf16 or fp32) for the native MoE kernel")
-        n = len(w1)
-        arrays = tuple((ctypes.c_void_p * n)(*ptrs[i * n:(i + 1) * n]) for i in range(3))
+    blocks = (w1, w3, w2)
+    for w in blocks:  # each expert's matrix row-major; the experts at any stride (the test aliases them)
+        if (w.dim() != 3 or w.stride(2) != 1 or w.stride(1) != w.shape[2] or w.dtype not in _DT
+                or w.device.type != "cpu"):
+            raise TypeError(f"the native MoE kernel takes [E, rows, cols] bf16/fp32 CPU expert blocks with row-major "
+                            f"experts, got {w.dtype} {tuple(w.shape)} strides {w.stride()} on {w.device}")
+    tensors = [*blocks, *(shared or ())]
+    if len({w.dtype for w in tensors}) != 1:
+        raise TypeError("all expert weights must share one dtype (bf16 or fp32) for the native MoE kernel")
+    if shared:
+        for w in shared:
+            _check_weight(w)
+    n_exp, inter, dim = w1.shape
+    key = tuple((w.data_ptr(), w.shape, w.stride(0)) for w in blocks) + (w1.dtype,)
+    arrays = _moe_arrays.get(key)
+    if arrays is None:  # the C kernel takes one pointer per expert matrix
         if len(_moe_arrays) > 4096:
             _moe_arrays.clear()
-        # NOTE: no reference to the tensors: the arrays are used only while every current address equals theirs
-        hit = _moe_arrays[id(w1[0])] = (key, arrays)
-    w1p, w3p, w2p = hit[1]
-    n_exp, (inter, dim) = len(w1), w1[0].shape
+        arrays = _moe_arrays[key] = tuple(
+            (ctypes.c_void_p * n_exp)(*(w.data_ptr() + e * w.stride(0) * w.element_size() for e in range(n_exp)))
+            for w in blocks)
     xf = x.float().contiguous()
     t, d = xf.shape
     if d != dim:
@@ -107,9 +107,9 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: list[torc
     ids = ids.to(torch.int64).contiguous()
     weights = weights.float().contiguous()
     y = torch.empty(t, d, dtype=torch.float32)
-    sh = tuple(ptrs[3 * n_exp:]) if shared else (None, None, None)
+    sh = tuple(w.data_ptr() for w in shared) if shared else (None, None, None)
     rc = lib.dsv4_moe(_ptr(xf), t, d, inter, shared[0].shape[0] if shared else inter, _ptr(ids), _ptr(weights),
-                      ids.shape[1], n_exp, w1p, w3p, w2p, *sh, int(tensors[0].dtype == torch.bfloat16),
+                      ids.shape[1], n_exp, *arrays, *sh, int(w1.dtype == torch.bfloat16),
                       float(swiglu_limit), _ptr(y), torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"moe: expert ids must lie in [0, {n_exp})")

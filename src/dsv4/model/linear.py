@@ -20,9 +20,18 @@ from dsv4 import ops
 
 
 class Linear(nn.Linear):
+    # Bumped whenever any Linear's weight or scale is set (not when it is updated in place): the MoE's stacked
+    # expert blocks (moe.py) recheck that the experts still view them after it changes.
+    revision = 0
+
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype | None = None) -> None:
         super().__init__(in_features, out_features, bias=False, dtype=dtype)
         self.register_parameter("scale", None)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("weight", "scale"):
+            Linear.revision += 1
+        super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(x, self.weight, self.scale)

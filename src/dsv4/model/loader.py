@@ -16,7 +16,7 @@ Loading order: headers of every shard are validated first (missing shard, trunca
 name/shape/dtype plan is checked against the meta model in full (missing, unexpected, wrong shape, unconvertible
 dtype, config mismatch) before a single byte of weight data is read. Then each stored tensor is read through a
 private mmap, copied as stored (packed FP8 / FP4 weights and their scales, the default ``weights="stored"``; the routed
-experts into one stacked block per layer, ``MoE.hold_fp4``), quantised (``weights="fp8"/"fp4"/"packed"`` on a plain
+experts into one stacked block per layer, ``MoE.hold_stacked``), quantised (``weights="fp8"/"fp4"/"packed"`` on a plain
 checkpoint) or dequantised / converted (``"dequantized"``) straight into a freshly allocated parameter on the target
 device, and its file pages are dropped, so peak memory stays near the size of the loaded model
 (tests/model/test_loader_memory.py, tests/model/test_packed_memory.py).
@@ -259,7 +259,8 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module = model.get_submodule(module_name) if module_name else model
     if leaf in module._parameters:
         old = module._parameters[leaf]
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+        # setattr, not _parameters: a Linear notes that its weight changed (moe.py's stacked experts)
+        setattr(module, leaf, nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False))
     else:
         module._buffers[leaf] = value
 
@@ -348,7 +349,7 @@ def _stream(
     then drop its pages."""
     from tqdm.auto import tqdm
 
-    _hold_fp4_experts(model, formats, device)
+    _hold_stacked_experts(model, formats, device)
     by_stored: dict[tuple[Path, str], list[str]] = defaultdict(list)
     for name, src in plan.items():
         by_stored[(src.file, src.key)].append(name)
@@ -363,7 +364,8 @@ def _stream(
                 if name in formats:
                     _fill_packed(model, name, formats[name], src, stored, opened, device)
                     continue
-                out = torch.empty(param.shape, dtype=param.dtype, device=device)
+                held = _held_slice(model, name, param)
+                out = held if held is not None else torch.empty(param.shape, dtype=param.dtype, device=device)
                 if src.view is not None:
                     out.copy_(stored.as_strided(*src.view))
                 elif src.scale_key is None:
@@ -375,7 +377,8 @@ def _stream(
                     except quant.QuantFormatError as e:
                         raise CheckpointError(f"tensor {key!r} in {file}: {e}") from None
                     scale_f.release(src.scale_key)
-                _set_tensor(model, name, out)
+                if held is None:
+                    _set_tensor(model, name, out)
             del stored
             f.release(key)
             bar.update(f.entries[key].end - f.entries[key].begin)
@@ -405,15 +408,28 @@ def _packed_formats(model: nn.Module, plan: dict[str, _Source], opened: dict[Pat
     return formats
 
 
-def _hold_fp4_experts(model: nn.Module, formats: dict[str, str], device: torch.device) -> None:
-    """Stacked FP4 storage (MoE.hold_fp4) for every MoE whose routed experts are all held in FP4."""
+def _hold_stacked_experts(model: nn.Module, formats: dict[str, str], device: torch.device) -> None:
+    """Stacked storage (MoE.hold_stacked) for every MoE whose routed experts are all held in FP4 or all plain,
+    allocated before loading so the experts are read straight into their slices (no second copy)."""
     from dsv4.model.moe import MoE
 
     for prefix, module in model.named_modules():
         if isinstance(module, MoE):
             names = [f"{prefix}.experts.{e}.{w}.weight" for e in range(module.n_experts) for w in ("w1", "w2", "w3")]
-            if module.can_stack_fp4() and all(formats.get(n) == "fp4" for n in names):
-                module.hold_fp4(device)
+            kinds = {formats.get(n) for n in names}
+            if kinds == {"fp4"} and module.can_stack_fp4():
+                module.hold_stacked(device)
+            elif kinds == {None}:
+                module.hold_stacked(device, module.experts[0].w1.weight.dtype)
+
+
+def _held_slice(model: nn.Module, name: str, param: torch.Tensor) -> torch.Tensor | None:
+    """The tensor already allocated for ``name`` (a slice of a stacked expert block) when it matches ``param``."""
+    module_name, _, leaf = name.rpartition(".")
+    held = (model.get_submodule(module_name) if module_name else model)._parameters.get(leaf)
+    if held is None or held.is_meta or held.shape != param.shape or held.dtype != param.dtype:
+        return None
+    return held.data
 
 
 def _fill_packed(model: nn.Module, name: str, fmt: str, src: _Source, stored: torch.Tensor,

@@ -88,33 +88,100 @@ class MoE(nn.Module):
         self.shared_experts = (Expert(config.dim, config.shared_inter_dim, config.swiglu_limit, dtype)
                                if config.n_shared_experts > 0 else None)
 
-    def _lins(self) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
-        """The experts' (w1, w3, w2) Linear modules (the modules, not their weights, are memoised)."""
-        cached = self.__dict__.get("_lin_cache")
-        if cached is None or cached[0] is not self.experts:
-            cached = (self.experts, [(e.w1, e.w3, e.w2) for e in self.experts])
-            self.__dict__["_lin_cache"] = cached
-        return cached[1]
-
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x [N, D] -> [N, D]."""
         weights, ids = self.gate(x, input_ids)  # [N, k]
-        # the weight lists are read per call (no cached tensors or pointers: replaced weights are the ones used);
-        # _parameters lookups, not nn.Module attribute access: 3E of them per layer and token batch
-        lins = self._lins()
-        w1, w3, w2 = ([lin[i]._parameters["weight"] for lin in lins] for i in range(3))
+        w1, w3, w2, scales = self.expert_weights()
         sh = self.shared_experts
         shared = [sh.w1.weight, sh.w3.weight, sh.w2.weight] if sh is not None else []
-        # packed (scaled) weights: one scale per weight (loader: the routed experts may be FP4 and the shared FP8)
-        scales = [lin[i]._parameters["scale"] for i in range(3) for lin in lins] if lins[0][0].scale is not None \
-            else []
+        # packed shared expert: one scale per weight (the loader may hold it FP8 while the routed experts are FP4)
         shared_scales = [lin.scale for lin in (sh.w1, sh.w3, sh.w2)] if sh is not None and sh.w1.scale is not None \
             else []
         y = ops.routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, self.experts[0].limit)
         return y.to(x.dtype)
 
-    # ------------------------------------------------------------------ packed FP4 experts
-    _fp4: tuple[torch.Tensor, ...] | None = None  # (w1, s1, w3, s3, w2, s2) stacked over the experts
+    # ------------------------------------------------------------------ the experts' weights as [E, ...] blocks
+    # The op takes each kind of expert weight as one [E, ...] tensor (w1, w3 [E, F, D], w2 [E, D, F]; packed:
+    # the bytes and ue8m0 scales). The checkpoint's names stay: every ``experts.{e}.w{1,2,3}.weight`` / ``.scale``
+    # is a view of its slice of the block (``stack_experts``; the loader allocates the blocks before it fills
+    # them), so a forward passes three tensors, not 3E. Validity: any weight or scale set on a Linear
+    # (``load_state_dict(..., assign=True)``, ``set_packed``) bumps ``Linear.revision`` and ``_apply`` (``.to()``,
+    # ``.float()``) clears the blocks, after which the views are checked once more; weights that are no longer
+    # views of one block are stacked per call (a copy: correct, slower; ``stack_experts()`` restores the block).
+    # NOTE: a ``param.data = ...`` swap of one expert's tensor is seen only for the first and the last expert
+    # (the check per call stays O(1)); replace weights with load_state_dict or by setting the Linear's weight.
+    # A forward that needs weight gradients stacks them too (``torch.stack`` carries the gradient to each expert).
+    _stacks: tuple[torch.Tensor, ...] | None = None  # (w1, w3, w2[, s1, s3, s2]) the parameters are views of
+    _stacks_rev: int = -1
+    _sentinels: list[tuple[torch.Tensor, int]] = []
+
+    def _expert_tensors(self) -> list[list[torch.Tensor | None]]:
+        """[w1s, w3s, w2s, s1s, s3s, s2s]: each kind's E tensors as the expert modules hold them now."""
+        lins = [(ex.w1, ex.w3, ex.w2) for ex in self.experts]
+        return ([[ls[j]._parameters["weight"] for ls in lins] for j in range(3)]
+                + [[ls[j]._parameters["scale"] for ls in lins] for j in range(3)])
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(w1, w3, w2 [E, ...], scales: [s1, s3, s2] [E, ...] for packed experts or []) for the op."""
+        stacks = self._stacks
+        grad = torch.is_grad_enabled() and self.experts[0].w1.weight.requires_grad
+        if torch.compiler.is_compiling():  # no pointers under tracing: the block as it stands (guarded by dynamo)
+            if grad or stacks is None or self._stacks_rev != Linear.revision:
+                stacks = None
+        elif stacks is None or self._stacks_rev != Linear.revision or grad or not self._sentinels_hold():
+            stacks = None if grad else self._check_stacks()
+        if stacks is None:
+            # not views of one block (or gradients wanted): stacked copies
+            kinds = self._expert_tensors()
+            packed_ = kinds[3][0] is not None
+            stacks = tuple(torch.stack(ts) for ts in (kinds[:6] if packed_ else kinds[:3]))
+        return stacks[0], stacks[1], stacks[2], list(stacks[3:])
+
+    def _check_stacks(self) -> tuple[torch.Tensor, ...] | None:
+        """The blocks when every expert tensor is still a view of its slice (remembered until a Linear changes),
+        else None."""
+        kinds = self._expert_tensors()
+        if kinds[3][0] is None:
+            kinds = kinds[:3]
+        if any(t is None or t.is_meta for ts in kinds for t in ts):
+            return None
+        stacks = tuple(packed.stacked(ts) for ts in kinds)
+        if any(s is None for s in stacks):
+            self._stacks, self._sentinels = None, []  # no reference to replaced weights is kept
+            return None
+        self._stacks, self._stacks_rev = stacks, Linear.revision
+        # the first and last expert's tensors of each kind: a `.data = ...` swap of all the parameters (a loop over
+        # the model) moves them
+        self._sentinels = [(ts[i], ts[i].data_ptr()) for ts in kinds for i in (0, -1)]
+        return stacks
+
+    def _sentinels_hold(self) -> bool:
+        return all(t.data_ptr() == ptr for t, ptr in self._sentinels)
+
+    def _apply(self, fn, recurse: bool = True):  # .to() / .float() / ...: parameters get new data
+        self._stacks = None
+        return super()._apply(fn, recurse)
+
+    @torch.no_grad()
+    def stack_experts(self) -> None:
+        """Hold the routed experts' weights (and scales) in one block per kind, each expert's tensor a view of its
+        slice (one copy of the experts' bytes, layer by layer). A no-op when they already are."""
+        if self._check_stacks() is not None:
+            return
+        kinds = self._expert_tensors()
+        blocks = [torch.stack(ts) if ts[0] is not None else None for ts in kinds]
+        self._hold(blocks)
+        self._check_stacks()
+
+    def _hold(self, blocks: list[torch.Tensor | None]) -> None:
+        """Make every expert's weight / scale a view of ``blocks`` = [w1, w3, w2, s1, s3, s2] (scales may be None)."""
+        for i, ex in enumerate(self.experts):
+            for j, lin in enumerate((ex.w1, ex.w3, ex.w2)):
+                w, s = blocks[j], blocks[3 + j]
+                if s is None:
+                    lin.weight = nn.Parameter(w[i], requires_grad=lin.weight.requires_grad)
+                else:
+                    lin.set_packed(w[i], s[i])
 
     def can_stack_fp4(self) -> bool:
         """Whole 1x32 scale blocks along both expert dims (every real config; tiny test configs may not have them,
@@ -123,37 +190,27 @@ class MoE(nn.Module):
         return e0.w1.in_features % quant.FP4_BLOCK == 0 and e0.w1.out_features % quant.FP4_BLOCK == 0
 
     @torch.no_grad()
-    def hold_fp4(self, device: torch.device | str) -> None:
-        """Allocate the routed experts' weights in the published FP4 layout, stacked: ``w1, w3 [E, F, D/2]`` int8
-        with ue8m0 scales ``[E, F, D/32]``, ``w2 [E, D, F/2]`` with ``[E, D, F/32]``, and make every
-        ``experts.{e}.w{1,2,3}.weight`` / ``.scale`` a view of its slice (the checkpoint's names, one block of memory
-        per tensor kind, which the native experts kernel reads with one pointer). The loader then fills the views in
-        place; the contents start uninitialised."""
-        if not self.can_stack_fp4():
+    def hold_stacked(self, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
+        """Allocate the routed experts' blocks for the loader to fill in place (the contents start uninitialised):
+        ``dtype`` None = the published FP4 layout, ``w1, w3 [E, F, D/2]`` int8 with ue8m0 scales ``[E, F, D/32]``,
+        ``w2 [E, D, F/2]`` with ``[E, D, F/32]``; else plain ``[E, F, D]`` / ``[E, D, F]`` blocks of ``dtype``."""
+        if dtype is None and not self.can_stack_fp4():
             raise ValueError("stacked FP4 experts need dim and moe_intermediate_size to be multiples of 32")
         e0 = self.experts[0]
         f, d = e0.w1.out_features, e0.w1.in_features
         e = self.n_experts
-        stacks = []
+        blocks: list[torch.Tensor | None] = []
         for rows, cols in ((f, d), (f, d), (d, f)):
-            stacks.append(torch.empty(e, rows, cols // 2, dtype=torch.int8, device=device))
-            stacks.append(torch.empty(e, rows, cols // quant.FP4_BLOCK, dtype=torch.float8_e8m0fnu, device=device))
-        for i, ex in enumerate(self.experts):
-            for j, lin in enumerate((ex.w1, ex.w3, ex.w2)):
-                lin.set_packed(stacks[2 * j][i], stacks[2 * j + 1][i])
-        self._fp4 = tuple(stacks)
+            blocks.append(torch.empty(e, rows, cols // 2 if dtype is None else cols,
+                                      dtype=torch.int8 if dtype is None else dtype, device=device))
+        for rows, cols in ((f, d), (f, d), (d, f)):
+            blocks.append(None if dtype is not None else
+                          torch.empty(e, rows, cols // quant.FP4_BLOCK, dtype=torch.float8_e8m0fnu, device=device))
+        self._hold(blocks)
+        self._stacks = None
 
     def fp4_stacks(self) -> tuple[torch.Tensor, ...] | None:
-        """The stacked FP4 expert tensors while every expert parameter is still a view of them, else None (e.g. after
-        ``load_state_dict(..., assign=True)``: the experts then run from their own tensors)."""
-        if self._fp4 is None:
-            return None
-        lins = [(ex.w1, ex.w3, ex.w2) for ex in self.experts]
-        for j in range(3):
-            for i, tensors in ((2 * j, [ls[j].weight for ls in lins]), (2 * j + 1, [ls[j].scale for ls in lins])):
-                if any(t is None for t in tensors):
-                    return None
-                whole = packed.stacked(tensors)
-                if whole is None or whole.data_ptr() != self._fp4[i].data_ptr():
-                    return None
-        return self._fp4
+        """The stacked FP4 expert blocks (w1, w3, w2, s1, s3, s2) while every expert tensor is a view of them, else
+        None (e.g. after ``load_state_dict(..., assign=True)``: the experts then run from stacked copies)."""
+        stacks = self._check_stacks()
+        return stacks if stacks is not None and len(stacks) == 6 else None

@@ -155,6 +155,13 @@ class Transformer(nn.Module):
         """True when some projection holds a packed FP8/FP4 weight (load_model's ``weights``)."""
         return any(getattr(m, "scale", None) is not None for m in self.modules() if isinstance(m, nn.Linear))
 
+    def stack_experts(self) -> Transformer:
+        """Hold every MoE's routed experts in one block per weight kind (MoE.stack_experts), layer by layer."""
+        for mod in self.modules():
+            if isinstance(mod, MoE):
+                mod.stack_experts()
+        return self
+
     @torch.no_grad()
     def set_activation_dtype(self, dtype: torch.dtype) -> Transformer:
         """Compute in a wider ``dtype`` from now on, in place: every narrower floating parameter (bf16 / fp16) is

@@ -143,16 +143,35 @@ def _recompute_autograd(op, fn) -> None:
                 result[i][j] = g
         return tuple(result)
 
-    op.register_autograd(backward, setup_context=setup_context)
+    torch.library.register_autograd(op, backward, setup_context=setup_context, lib=_LIB)
 
 
 # ---------------------------------------------------------------------------------------------------- the ops
-@torch.library.custom_op("dsv4::linear", mutates_args=())
+# NOTE: the ops are defined with torch.library's define + impl, not ``torch.library.custom_op``: custom_op wraps every
+# call of a kernel in Python layers of its own (a dynamo-disable wrapper, an aliasing check, and for a mutating op a
+# version-bump kernel whose argument handling, torch._library.utils.fill_defaults, took about 0.15 ms a call), about
+# 10-20 us per op and ~90 ops per decode step of the benchmark model. The schema is still inferred from the
+# function's annotations (torch.library.infer_schema) and fake kernels and autograd formulas register the same way.
+_LIB = torch.library.Library("dsv4", "FRAGMENT")
+
+
+def _define(fn, mutates_args: tuple[str, ...] = ()) -> torch._ops.OpOverload:
+    """Define ``dsv4::<fn name without its leading _>`` from ``fn``'s annotations, with ``fn`` (the reference) as
+    the kernel of every device; backends override it per dispatch key (ops/cpu.py)."""
+    name = fn.__name__.lstrip("_")
+    _LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
+    _LIB.impl(name, fn, "CompositeExplicitAutograd")
+    return getattr(torch.ops.dsv4, name).default
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return ref.linear(x, weight, scale)
 
 
-@_linear.register_fake
+_linear = _define(_linear)
+
+
+@torch.library.register_fake("dsv4::linear", lib=_LIB)
 def _(x, weight, scale):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -173,29 +192,29 @@ def _linear_backward(ctx, g):
     return gx, gw, None
 
 
-_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+torch.library.register_autograd(_linear, _linear_backward, setup_context=_linear_setup, lib=_LIB)
 
 
-@torch.library.custom_op("dsv4::routed_experts", mutates_args=())
-def _routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: list[torch.Tensor],
-                    w3: list[torch.Tensor], w2: list[torch.Tensor], scales: list[torch.Tensor | None],
-                    shared: list[torch.Tensor], shared_scales: list[torch.Tensor | None], limit: float
-                    ) -> torch.Tensor:
+def _routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                    w2: torch.Tensor, scales: list[torch.Tensor], shared: list[torch.Tensor],
+                    shared_scales: list[torch.Tensor | None], limit: float) -> torch.Tensor:
     return ref.routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit)
 
 
-@_routed_experts.register_fake
+_routed_experts = _define(_routed_experts)
+
+
+@torch.library.register_fake("dsv4::routed_experts", lib=_LIB)
 def _(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit):
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("dsv4::routed_experts_backward", mutates_args=())
 def _routed_experts_backward(grad: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                             w1: list[torch.Tensor], w3: list[torch.Tensor], w2: list[torch.Tensor],
-                             scales: list[torch.Tensor | None], shared: list[torch.Tensor],
-                             shared_scales: list[torch.Tensor | None], limit: float) -> list[torch.Tensor]:
-    """Gradients [x, weights, *w1, *w3, *w2, *shared] of routed_experts (zeros for experts no token reached); packed
-    (scaled) weights are constants and get none: the routed lists are left out when ``scales`` is given, ``shared``
+                             w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, scales: list[torch.Tensor],
+                             shared: list[torch.Tensor], shared_scales: list[torch.Tensor | None], limit: float
+                             ) -> list[torch.Tensor]:
+    """Gradients [x, weights, w1, w3, w2, *shared] of routed_experts (zero rows for experts no token reached);
+    packed (scaled) weights are constants and get none: w1, w3, w2 are left out when ``scales`` is given, ``shared``
     when ``shared_scales`` is. An op of its own: the recomputation syncs on the per-expert counts, which a traced
     backward cannot."""
     routed_const, shared_const = bool(scales), bool(shared_scales)
@@ -206,53 +225,54 @@ def _routed_experts_backward(grad: torch.Tensor, x: torch.Tensor, ids: torch.Ten
         return ref.routed_experts(x_, ids, weights_, r1, r3, r2, scales, shared if shared_const else shared_,
                                   shared_scales, limit)
 
-    routed = [] if routed_const else [list(w1), list(w3), list(w2)]
+    routed = [] if routed_const else [w1, w3, w2]
     _, vjp = torch.func.vjp(fn, x, weights, routed, [] if shared_const else list(shared))
     gx, gw, gr, gs = vjp(grad)
-    return [gx, gw, *(t for ws in gr for t in ws), *gs]
+    return [gx, gw, *gr, *gs]
 
 
-@_routed_experts_backward.register_fake
+_routed_experts_backward = _define(_routed_experts_backward)
+
+
+@torch.library.register_fake("dsv4::routed_experts_backward", lib=_LIB)
 def _(grad, x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit):
-    routed = [] if scales else [*w1, *w3, *w2]
+    routed = [] if scales else [w1, w3, w2]
     return [torch.empty_like(t) for t in (x, weights, *routed, *([] if shared_scales else shared))]
 
 
 def _experts_setup(ctx, inputs, output) -> None:
     x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit = inputs
-    ctx.save_for_backward(x, ids, weights, *w1, *w3, *w2, *shared, *scales, *shared_scales)
-    ctx.n, ctx.n_shared, ctx.n_scales, ctx.n_shared_scales, ctx.limit = (len(w1), len(shared), len(scales),
-                                                                         len(shared_scales), limit)
+    ctx.save_for_backward(x, ids, weights, w1, w3, w2, *shared, *scales, *shared_scales)
+    ctx.n_shared, ctx.n_scales, ctx.n_shared_scales, ctx.limit = len(shared), len(scales), len(shared_scales), limit
 
 
 def _experts_backward(ctx, grad):
-    x, ids, weights, *ws = ctx.saved_tensors
-    n, ns = ctx.n, ctx.n_shared
-    shared = ws[3 * n:3 * n + ns]
-    scales = ws[3 * n + ns:3 * n + ns + ctx.n_scales]
-    shared_scales = ws[3 * n + ns + ctx.n_scales:]
-    g = _routed_experts_backward(grad, x, ids, weights, ws[:n], ws[n:2 * n], ws[2 * n:3 * n], scales, shared,
-                                 shared_scales, ctx.limit)
+    x, ids, weights, w1, w3, w2, *ws = ctx.saved_tensors
+    ns, nsc = ctx.n_shared, ctx.n_scales
+    shared, scales, shared_scales = ws[:ns], ws[ns:ns + nsc], ws[ns + nsc:]
+    g = _routed_experts_backward(grad, x, ids, weights, w1, w3, w2, scales, shared, shared_scales, ctx.limit)
     gx, gw, rest = g[0], g[1], g[2:]
     if scales:  # packed routed experts: constants
-        g1 = g3 = g2 = [None] * n
+        g1 = g3 = g2 = None
     else:
-        g1, g3, g2, rest = rest[:n], rest[n:2 * n], rest[2 * n:3 * n], rest[3 * n:]
+        (g1, g3, g2), rest = rest[:3], rest[3:]
     gs = [None] * ns if shared_scales else rest
-    return gx, None, gw, g1, g3, g2, [None] * ctx.n_scales, gs, [None] * ctx.n_shared_scales, None
+    return gx, None, gw, g1, g3, g2, [None] * nsc, gs, [None] * ctx.n_shared_scales, None
 
 
-_routed_experts.register_autograd(_experts_backward, setup_context=_experts_setup)
+torch.library.register_autograd(_routed_experts, _experts_backward, setup_context=_experts_setup, lib=_LIB)
 
 
-@torch.library.custom_op("dsv4::hc_pre", mutates_args=())
 def _hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_weight: torch.Tensor,
             sinkhorn_iters: int, hc_eps: float, norm_eps: float, out_eps: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ref.hc_pre(x, fn, base, scale, norm_weight, sinkhorn_iters, hc_eps, norm_eps, out_eps)
 
 
-@_hc_pre.register_fake
+_hc_pre = _define(_hc_pre)
+
+
+@torch.library.register_fake("dsv4::hc_pre", lib=_LIB)
 def _(x, fn, base, scale, norm_weight, sinkhorn_iters, hc_eps, norm_eps, out_eps):
     n, m, d = x.shape
     return (x.new_empty((n, d)), x.new_empty((n, m), dtype=torch.float32),
@@ -262,12 +282,14 @@ def _(x, fn, base, scale, norm_weight, sinkhorn_iters, hc_eps, norm_eps, out_eps
 _recompute_autograd(_hc_pre, ref.hc_pre)
 
 
-@torch.library.custom_op("dsv4::hc_post", mutates_args=())
 def _hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     return ref.hc_post(f, res, post, comb)
 
 
-@_hc_post.register_fake
+_hc_post = _define(_hc_post)
+
+
+@torch.library.register_fake("dsv4::hc_post", lib=_LIB)
 def _(f, res, post, comb):
     return torch.empty_like(res)
 
@@ -275,7 +297,6 @@ def _(f, res, post, comb):
 _recompute_autograd(_hc_post, ref.hc_post)
 
 
-@torch.library.custom_op("dsv4::attention_in", mutates_args=())
 def _attention_in(x: torch.Tensor, wq_a: torch.Tensor, wq_a_scale: torch.Tensor | None, q_norm: torch.Tensor,
                   wq_b: torch.Tensor, wq_b_scale: torch.Tensor | None, wkv: torch.Tensor,
                   wkv_scale: torch.Tensor | None, kv_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -284,7 +305,10 @@ def _attention_in(x: torch.Tensor, wq_a: torch.Tensor, wq_a_scale: torch.Tensor 
                             n_heads, eps)
 
 
-@_attention_in.register_fake
+_attention_in = _define(_attention_in)
+
+
+@torch.library.register_fake("dsv4::attention_in", lib=_LIB)
 def _(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, wkv, wkv_scale, kv_norm, cos, sin, n_heads, eps):
     t = x.shape[0]
     return (x.new_empty((t, wq_a.shape[0])), x.new_empty((t, n_heads, wq_b.shape[0] // n_heads)),
@@ -294,14 +318,16 @@ def _(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, wkv, wkv_scale, kv_norm, co
 _recompute_autograd(_attention_in, ref.attention_in)
 
 
-@torch.library.custom_op("dsv4::attention_out", mutates_args=())
 def _attention_out(o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wo_a: torch.Tensor,
                    wo_a_scale: torch.Tensor | None, groups: int, wo_b: torch.Tensor, wo_b_scale: torch.Tensor | None
                    ) -> torch.Tensor:
     return ref.attention_out(o, cos, sin, wo_a, wo_a_scale, groups, wo_b, wo_b_scale)
 
 
-@_attention_out.register_fake
+_attention_out = _define(_attention_out)
+
+
+@torch.library.register_fake("dsv4::attention_out", lib=_LIB)
 def _(o, cos, sin, wo_a, wo_a_scale, groups, wo_b, wo_b_scale):
     return o.new_empty((o.shape[0], wo_b.shape[0]))
 
@@ -309,7 +335,6 @@ def _(o, cos, sin, wo_a, wo_a_scale, groups, wo_b, wo_b_scale):
 _recompute_autograd(_attention_out, ref.attention_out)
 
 
-@torch.library.custom_op("dsv4::sparse_attention", mutates_args=())
 def _sparse_attention(q: torch.Tensor, kv: torch.Tensor, start: torch.Tensor, lens: torch.Tensor,
                       ring: torch.Tensor, slots: torch.Tensor, entries: torch.Tensor | None,
                       block_tables: torch.Tensor | None, ratio: int, n_entries: int, topk: torch.Tensor | None,
@@ -318,7 +343,10 @@ def _sparse_attention(q: torch.Tensor, kv: torch.Tensor, start: torch.Tensor, le
                                 sink, scale)
 
 
-@_sparse_attention.register_fake
+_sparse_attention = _define(_sparse_attention)
+
+
+@torch.library.register_fake("dsv4::sparse_attention", lib=_LIB)
 def _(q, kv, start, lens, ring, slots, entries, block_tables, ratio, n_entries, topk, sink, scale):
     return torch.empty_like(q)
 
@@ -326,18 +354,19 @@ def _(q, kv, start, lens, ring, slots, entries, block_tables, ratio, n_entries, 
 _recompute_autograd(_sparse_attention, ref.sparse_attention)
 
 
-@torch.library.custom_op("dsv4::indexer_topk", mutates_args=())
 def _indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, block_tables: torch.Tensor, ratio: int,
                   visible: torch.Tensor, n_entries: int, k: int) -> torch.Tensor:
     return ref.indexer_topk(q, w, keys, block_tables, ratio, visible, n_entries, k)
 
 
-@_indexer_topk.register_fake
+_indexer_topk = _define(_indexer_topk)
+
+
+@torch.library.register_fake("dsv4::indexer_topk", lib=_LIB)
 def _(q, w, keys, block_tables, ratio, visible, n_entries, k):
     return q.new_empty((q.shape[0], q.shape[1], k), dtype=torch.long)
 
 
-@torch.library.custom_op("dsv4::compressor_decode", mutates_args=("state", "pages"))
 def _compressor_decode(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor,
                        norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                        positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor, state: torch.Tensor,
@@ -346,17 +375,23 @@ def _compressor_decode(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, 
                           pages, ratio, overlap)
 
 
-@_compressor_decode.register_fake
+# the caches it writes never take part in autograd; the schema declares the mutation (Tensor(a!)) for tracing
+_compressor_decode = _define(_compressor_decode, mutates_args=("state", "pages"))
+
+
+@torch.library.register_fake("dsv4::compressor_decode", lib=_LIB)
 def _(x, wkv, wgate, ape, norm_weight, eps, cos, sin, positions, slots, block_tables, state, pages, ratio, overlap):
     return None
 
 
-@torch.library.custom_op("dsv4::argmax", mutates_args=())
 def _argmax(x: torch.Tensor) -> torch.Tensor:
     return ref.argmax(x)
 
 
-@_argmax.register_fake
+_argmax = _define(_argmax)
+
+
+@torch.library.register_fake("dsv4::argmax", lib=_LIB)
 def _(x):
     return x.new_empty(x.shape[:-1], dtype=torch.long)
 

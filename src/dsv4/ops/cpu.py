@@ -6,7 +6,7 @@ bf16 cache for attention and the indexer, one query per sequence for the indexer
 backend is always correct, and fast where it can be. The first time the library is unavailable the reason is logged
 once (``dsv4.ops`` logger); :func:`native_status` returns it.
 
-Packed weights (FP8 / FP4 with ue8m0 scales: ``linear``, ``routed_experts`` on the loader's stacked FP4 experts,
+Packed weights (FP8 / FP4 with ue8m0 scales: ``linear``, ``routed_experts`` on FP4 experts,
 the projections inside ``attention_in`` / ``attention_out``) go to kernels/quant.py, the other ops' arguments to
 dsv4/kernels; each falls back to the reference the same way.
 
@@ -98,25 +98,25 @@ def _linear(x, weight, scale):
 
 @torch.library.register_kernel("dsv4::routed_experts", "cpu")
 def _routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit):
-    if not scales and not shared_scales and x.dim() == 2 and x.dtype in _PLAIN and w1[0].dtype in _PLAIN and _native():
-        try:  # the kernel checks every weight's layout once per weight set (3E tensors: not here, per call)
+    if x.dim() != 2 or x.dtype not in _PLAIN:
+        pass
+    elif not scales and not shared_scales and w1.dtype in _PLAIN and _native():
+        try:
             return kernels.moe(x, ids, weights, w1, w3, w2, shared if shared else None, limit)
         except TypeError:
             pass  # mixed dtypes or non-contiguous weights: the reference
-    if scales and x.dim() == 2 and x.dtype in _PLAIN and packed.is_packed(w1[0]) and _native_packed():
-        e = len(w1)
-        stacks = [packed.stacked(t) for t in (w1, scales[:e], w3, scales[e:2 * e], w2, scales[2 * e:])]
-        if all(t is not None for t in stacks) and w1[0].dtype == torch.int8:  # the loader's stacked FP4 experts
-            y = quant_kernels.experts(x, ids, weights, *stacks, limit)
-            if shared:
-                sc = tuple(shared_scales) if shared_scales else (None, None, None)
-                g = _linear_any(x, shared[0], sc[0]).float()
-                u = _linear_any(x, shared[1], sc[1]).float()
-                if limit > 0:
-                    g, u = g.clamp(max=limit), u.clamp(-limit, limit)
-                h = (torch.nn.functional.silu(g) * u).to(x.dtype)  # the reference's shared expert, same roundings
-                y = y + _linear_any(h, shared[2], sc[2]).float()
-            return y
+    elif (scales and w1.dtype == torch.int8 and w1.shape[1] % 32 == 0 and w1.shape[2] % 16 == 0
+          and _native_packed()):  # FP4 experts in whole 1x32 scale blocks
+        y = quant_kernels.experts(x, ids, weights, w1, scales[0], w3, scales[1], w2, scales[2], limit)
+        if shared:
+            sc = tuple(shared_scales) if shared_scales else (None, None, None)
+            g = _linear_any(x, shared[0], sc[0]).float()
+            u = _linear_any(x, shared[1], sc[1]).float()
+            if limit > 0:
+                g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+            h = (torch.nn.functional.silu(g) * u).to(x.dtype)  # the reference's shared expert, same roundings
+            y = y + _linear_any(h, shared[2], sc[2]).float()
+        return y
     return ref.routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit)
 
 

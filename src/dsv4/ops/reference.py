@@ -87,14 +87,15 @@ def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch
     return linear(h.to(x.dtype), w2, scales[2])
 
 
-def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: list[torch.Tensor],
-                   w3: list[torch.Tensor], w2: list[torch.Tensor], scales: list[torch.Tensor | None],
-                   shared: list[torch.Tensor], shared_scales: list[torch.Tensor | None], limit: float
-                   ) -> torch.Tensor:
+def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                   w2: torch.Tensor, scales: list[torch.Tensor], shared: list[torch.Tensor],
+                   shared_scales: list[torch.Tensor | None], limit: float) -> torch.Tensor:
     """The MoE after its gate: x [T, D], ids [T, k] expert ids, routing weights [T, k] -> fp32 [T, D] = sum over the
     picks of weight * expert(x) in ascending expert id, from zeros, plus the shared expert (``shared`` = its
-    [w1, w3, w2], or empty). ``scales`` / ``shared_scales``: one per weight (3E in the order w1s, w3s, w2s / 3) or
-    empty = float weights; with scales each expert is dequantised on the fly, one at a time (ops/packed.py)."""
+    [w1, w3, w2], or empty). The routed experts' weights come stacked: w1, w3 [E, F, D], w2 [E, D, F] (packed: the
+    stored bytes); ``scales`` = their [s1, s3, s2] [E, ...] ue8m0 scales, or empty for float weights, and then each
+    expert is dequantised on the fly, one at a time (ops/packed.py). ``shared_scales``: the shared expert's 3 or
+    empty."""
     n, k = ids.shape
     n_exp = len(w1)
     flat = ids.flatten()  # [T*k]
@@ -110,7 +111,7 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
     a = 0
     for e, cnt in enumerate(counts):
         if cnt:
-            sc = (scales[e], scales[n_exp + e], scales[2 * n_exp + e]) if scales else (None, None, None)
+            sc = (scales[0][e], scales[1][e], scales[2][e]) if scales else (None, None, None)
             outs.append(swiglu_expert(xs[a:a + cnt], w1[e], w3[e], w2[e], limit, w[a:a + cnt], sc))
             a += cnt
     y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
