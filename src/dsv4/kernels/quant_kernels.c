@@ -23,6 +23,7 @@
 
 #define QMR 4      /* token rows per row-kernel pass */
 #define QTILE 32   /* weight rows dequantised per sgemm tile */
+#define Q_TILE_MIN 8 /* rows from which a tile is dequantised once for all of them (below: QMR rows a pass) */
 #define QFP8B 128  /* FP8 scale block (both dims) */
 #define QFP4B 32   /* FP4 scale block (input dim) */
 
@@ -318,8 +319,13 @@ static void q_tile_rows(const float *x, int64_t ldx, int64_t M, const qweight *q
  * floats. Row ranges of FP8 weights start on a multiple of 32 so a chunk never straddles a 128-row scale block. */
 static void q_rows(const float *x, int64_t ldx, int64_t M, const qweight *q, int64_t n0, int64_t n1, float *y,
                    int64_t ldy, float *scratch) {
-    if (M > QMR) {
+    if (M >= Q_TILE_MIN) {
         q_tile_rows(x, ldx, M, q, n0, n1, y, ldy, scratch);
+        return;
+    }
+    if (M > QMR) { /* a few rows: the register kernels QMR rows at a time (the weight rows stay in L1/L2) */
+        for (int64_t m0 = 0; m0 < M; m0 += QMR)
+            q_rows(x + m0 * ldx, ldx, M - m0 < QMR ? M - m0 : QMR, q, n0, n1, y + m0 * ldy, ldy, scratch);
         return;
     }
     /* the row count as a compile-time constant: accumulators stay in registers */
@@ -404,40 +410,45 @@ int dsv4_qexperts(const float *x, int64_t T, int64_t D, int64_t F, const int64_t
         where[i] = fill[ids[i]]++;
         order[where[i]] = i;
     }
-    int64_t cap = 0;
-    for (int64_t e = 0; e < E; e++) cap = first[e + 1] - first[e] > cap ? first[e + 1] - first[e] : cap;
+    int64_t cap = 0, nact = 0;
+    int64_t *act = malloc((size_t)E * sizeof(int64_t)); /* the experts some token picked */
+    for (int64_t e = 0; e < E; e++) {
+        int64_t cnt = first[e + 1] - first[e];
+        cap = cnt > cap ? cnt : cap;
+        if (cnt) act[nact++] = e;
+    }
     float *xs = malloc((size_t)pairs * D * sizeof(float) + 64); /* inputs of the pairs, in expert order */
-    float *g = malloc((size_t)cap * F * sizeof(float) + 64), *u = malloc((size_t)cap * F * sizeof(float) + 64);
+    /* g (then h) and u of every pair, in expert order: the work items of all experts run in one loop, no barrier
+     * per expert (2 per expert cost a scheduler quantum each on a loaded machine) */
+    float *g = malloc((size_t)pairs * F * sizeof(float) + 64), *u = malloc((size_t)pairs * F * sizeof(float) + 64);
     float *outs = malloc((size_t)pairs * D * sizeof(float) + 64);
     int64_t bytes_w13 = F * (D / 2), bytes_w2 = D * (F / 2);
     int64_t sc13 = F * ((D + QFP4B - 1) / QFP4B), sc2 = D * ((F + QFP4B - 1) / QFP4B);
     int64_t work = pairs * F * D;
+    int64_t fchunks = (F + Q_CHUNK - 1) / Q_CHUNK, dchunks = (D + Q_CHUNK - 1) / Q_CHUNK;
 #pragma omp parallel num_threads(nthreads > 1 && work >= Q_PAR_WORK ? nthreads : 1)
     {
         int64_t kmax = D > F ? D : F;
         float *scratch = malloc((size_t)q_scratch_floats(cap, kmax) * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < pairs; p++) memcpy(xs + p * D, x + (order[p] / k) * D, (size_t)D * sizeof(float));
-        for (int64_t e = 0; e < E; e++) {
-            int64_t a = first[e], cnt = first[e + 1] - a;
-            if (cnt == 0) continue; /* the same for every thread: no barrier is skipped unevenly */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < nact * fchunks; it++) { /* w1, w3 and SwiGLU: (expert, 32 rows of F) */
+            int64_t e = act[it / fchunks], c = it % fchunks, a = first[e], cnt = first[e + 1] - a;
             qweight q1 = q_make((const uint8_t *)w1 + e * bytes_w13, (const uint8_t *)s1 + e * sc13, D, Q_FP4);
             qweight q3 = q_make((const uint8_t *)w3 + e * bytes_w13, (const uint8_t *)s3 + e * sc13, D, Q_FP4);
+            int64_t f0 = c * Q_CHUNK, f1 = f0 + Q_CHUNK < F ? f0 + Q_CHUNK : F;
+            q_rows(xs + a * D, D, cnt, &q1, f0, f1, g + a * F, F, scratch);
+            q_rows(xs + a * D, D, cnt, &q3, f0, f1, u + a * F, F, scratch);
+            for (int64_t j = 0; j < cnt; j++)
+                q_swiglu(g + (a + j) * F + f0, u + (a + j) * F + f0, f1 - f0, limit, weights[order[a + j]]);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < nact * dchunks; it++) { /* w2: (expert, 32 rows of D) */
+            int64_t e = act[it / dchunks], c = it % dchunks, a = first[e], cnt = first[e + 1] - a;
             qweight q2 = q_make((const uint8_t *)w2 + e * bytes_w2, (const uint8_t *)s2 + e * sc2, F, Q_FP4);
-            int64_t fchunks = (F + Q_CHUNK - 1) / Q_CHUNK, dchunks = (D + Q_CHUNK - 1) / Q_CHUNK;
-#pragma omp for schedule(static)
-            for (int64_t c = 0; c < fchunks; c++) {
-                int64_t f0 = c * Q_CHUNK, f1 = f0 + Q_CHUNK < F ? f0 + Q_CHUNK : F;
-                q_rows(xs + a * D, D, cnt, &q1, f0, f1, g, F, scratch);
-                q_rows(xs + a * D, D, cnt, &q3, f0, f1, u, F, scratch);
-                for (int64_t j = 0; j < cnt; j++)
-                    q_swiglu(g + j * F + f0, u + j * F + f0, f1 - f0, limit, weights[order[a + j]]);
-            }
-#pragma omp for schedule(static)
-            for (int64_t c = 0; c < dchunks; c++) {
-                int64_t d0 = c * Q_CHUNK, d1 = d0 + Q_CHUNK < D ? d0 + Q_CHUNK : D;
-                q_rows(g, F, cnt, &q2, d0, d1, outs + a * D, D, scratch);
-            }
+            int64_t d0 = c * Q_CHUNK, d1 = d0 + Q_CHUNK < D ? d0 + Q_CHUNK : D;
+            q_rows(g + a * F, F, cnt, &q2, d0, d1, outs + a * D, D, scratch);
         }
         free(scratch);
 #pragma omp for schedule(static)
@@ -457,6 +468,6 @@ int dsv4_qexperts(const float *x, int64_t T, int64_t D, int64_t F, const int64_t
             }
         }
     }
-    free(first); free(fill); free(order); free(where); free(xs); free(g); free(u); free(outs);
+    free(first); free(fill); free(order); free(where); free(act); free(xs); free(g); free(u); free(outs);
     return 0;
 }
