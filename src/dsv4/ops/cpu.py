@@ -37,6 +37,16 @@ _logged_packed = threading.Event()
 _PLAIN = (torch.bfloat16, torch.float32)
 
 
+def _kernel(name: str):
+    """Register the decorated function as ``dsv4::<name>``'s CPU kernel (and return it). torch.library.impl rather
+    than register_kernel: the latter wraps every call in a dynamo-disable frame (a few us per op, ~90 ops a decode
+    step); the kernel is opaque to dynamo either way (it traces the op, not its kernel)."""
+    def register(fn):
+        torch.library.impl(f"dsv4::{name}", "cpu", fn)
+        return fn
+    return register
+
+
 def native_status() -> tuple[bool, str | None]:
     """(native kernels in use for CPU ops in this context, reason when not)."""
     if backend("cpu") != "native":
@@ -91,12 +101,12 @@ def _linear_any(x, weight, scale):
     return ref.linear(x, weight, scale)
 
 
-@torch.library.register_kernel("dsv4::linear", "cpu")
+@_kernel("linear")
 def _linear(x, weight, scale):
     return _linear_any(x, weight, scale)
 
 
-@torch.library.register_kernel("dsv4::routed_experts", "cpu")
+@_kernel("routed_experts")
 def _routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit):
     if x.dim() != 2 or x.dtype not in _PLAIN:
         pass
@@ -120,7 +130,7 @@ def _routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, 
     return ref.routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit)
 
 
-@torch.library.register_kernel("dsv4::hc_pre", "cpu")
+@_kernel("hc_pre")
 def _hc_pre(x, fn, base, scale, norm_weight, sinkhorn_iters, hc_eps, norm_eps, out_eps):
     if x.shape[1] <= 8 and x.dtype in _PLAIN and _native():
         y, post, comb = kernels.hc_pre(x, fn, base, scale, sinkhorn_iters, hc_eps, norm_eps, norm_weight, out_eps)
@@ -128,14 +138,14 @@ def _hc_pre(x, fn, base, scale, norm_weight, sinkhorn_iters, hc_eps, norm_eps, o
     return ref.hc_pre(x, fn, base, scale, norm_weight, sinkhorn_iters, hc_eps, norm_eps, out_eps)
 
 
-@torch.library.register_kernel("dsv4::hc_post", "cpu")
+@_kernel("hc_post")
 def _hc_post(f, res, post, comb):
     if res.dtype in _PLAIN and _native():
         return kernels.hc_post(f, res, post, comb).to(res.dtype)
     return ref.hc_post(f, res, post, comb)
 
 
-@torch.library.register_kernel("dsv4::attention_in", "cpu")
+@_kernel("attention_in")
 def _attention_in(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, wkv, wkv_scale, kv_norm, cos, sin, n_heads, eps):
     if (wq_a_scale is None and wq_b_scale is None and wkv_scale is None and x.dtype in _PLAIN
             and _plain(wq_a, wq_b, wkv) and _native()):
@@ -152,7 +162,7 @@ def _attention_in(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, wkv, wkv_scale,
                             n_heads, eps)
 
 
-@torch.library.register_kernel("dsv4::attention_out", "cpu")
+@_kernel("attention_out")
 def _attention_out(o, cos, sin, wo_a, wo_a_scale, groups, wo_b, wo_b_scale):
     if wo_a_scale is None and wo_b_scale is None and o.dtype in _PLAIN and _plain(wo_a, wo_b) and _native():
         return kernels.attention_out(o, cos, sin, wo_a, groups, wo_b).to(o.dtype)
@@ -178,7 +188,7 @@ def _entry_rows(b: int, s: int, start: torch.Tensor, lens: torch.Tensor, entries
     return torch.where(ok, page * entries.shape[1] + row, -1)
 
 
-@torch.library.register_kernel("dsv4::sparse_attention", "cpu")
+@_kernel("sparse_attention")
 def _sparse_attention(q, kv, start, lens, ring, slots, entries, block_tables, ratio, n_entries, topk, sink, scale):
     comp = entries is not None and n_entries > 0
     if (ring.dtype in _PLAIN and ring.is_contiguous() and q.dtype in _PLAIN
@@ -191,7 +201,7 @@ def _sparse_attention(q, kv, start, lens, ring, slots, entries, block_tables, ra
                                 sink, scale)
 
 
-@torch.library.register_kernel("dsv4::indexer_topk", "cpu")
+@_kernel("indexer_topk")
 def _indexer_topk(q, w, keys, block_tables, ratio, visible, n_entries, k):
     # the C kernel scores one query per sequence (decode); prefill chunks run the chunked reference
     if (q.shape[1] == 1 and keys.dtype in _PLAIN and keys.is_contiguous() and k > 0 and n_entries > 0
@@ -200,14 +210,14 @@ def _indexer_topk(q, w, keys, block_tables, ratio, visible, n_entries, k):
     return ref.indexer_topk(q, w, keys, block_tables, ratio, visible, n_entries, k)
 
 
-@torch.library.register_kernel("dsv4::argmax", "cpu")
+@_kernel("argmax")
 def _argmax(x):
     if x.dim() == 2 and x.dtype == torch.float32 and _native():
         return kernels.argmax_rows(x)
     return ref.argmax(x)
 
 
-@torch.library.register_kernel("dsv4::compressor_decode", "cpu")
+@_kernel("compressor_decode")
 def _compressor_decode(x, wkv, wgate, ape, norm_weight, eps, cos, sin, positions, slots, block_tables, state, pages,
                        ratio, overlap):
     # weights fp32 or bf16 (one dtype), the tail state fp32, the pages fp32 or bf16 (the entry rounded once)
