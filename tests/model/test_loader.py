@@ -12,6 +12,7 @@ from dsv4.config import ModelConfig
 from dsv4.model import checkpoint_io as cio
 from dsv4.model import hf_mapping, quant
 from dsv4.model.loader import load_model
+from dsv4.model.moe import MoE
 
 # hidden 160 = one full and one partial 128-block for FP8, five 1x32 FP4 blocks; moe inter 48 = a partial FP4 block.
 TINY = dict(
@@ -99,6 +100,12 @@ def test_every_layout_loads_the_same_weights_and_matches_transformers(hf_referen
     model = load_model(root / layout, dtype=torch.float32, progress=False, weights="dequantized")
     loaded = model.state_dict()
     assert set(loaded) == set(official)
+    # the routed experts were read straight into one block per weight kind, each expert's weight a view of it
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        with torch.no_grad():
+            block = moe.expert_weights()[2]
+        assert block.shape == (moe.n_experts, *moe.experts[0].w2.weight.shape)
+        assert moe.experts[-1].w2.weight.data_ptr() == block[-1].data_ptr()
     for name, t in official.items():
         assert loaded[name].dtype == (torch.int64 if name.endswith("tid2eid") else loaded[name].dtype)
         assert torch.equal(loaded[name].to(t.dtype), t), name

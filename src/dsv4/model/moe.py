@@ -113,7 +113,7 @@ class MoE(nn.Module):
     # A forward that needs weight gradients stacks them too (``torch.stack`` carries the gradient to each expert).
     _stacks: tuple[torch.Tensor, ...] | None = None  # (w1, w3, w2[, s1, s3, s2]) the parameters are views of
     _stacks_rev: int = -1
-    _sentinels: list[tuple[torch.Tensor, int]] = []
+    _sentinels: tuple[tuple[torch.Tensor, int], ...] = ()
 
     def _expert_tensors(self) -> list[list[torch.Tensor | None]]:
         """[w1s, w3s, w2s, s1s, s3s, s2s]: each kind's E tensors as the expert modules hold them now."""
@@ -147,12 +147,12 @@ class MoE(nn.Module):
             return None
         stacks = tuple(packed.stacked(ts) for ts in kinds)
         if any(s is None for s in stacks):
-            self._stacks, self._sentinels = None, []  # no reference to replaced weights is kept
+            self._stacks, self._sentinels = None, ()  # no reference to replaced weights is kept
             return None
         self._stacks, self._stacks_rev = stacks, Linear.revision
         # the first and last expert's tensors of each kind: a `.data = ...` swap of all the parameters (a loop over
         # the model) moves them
-        self._sentinels = [(ts[i], ts[i].data_ptr()) for ts in kinds for i in (0, -1)]
+        self._sentinels = tuple((ts[i], ts[i].data_ptr()) for ts in kinds for i in (0, -1))
         return stacks
 
     def _sentinels_hold(self) -> bool:

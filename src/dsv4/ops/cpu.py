@@ -1,4 +1,4 @@
-"""The CPU backend of the op layer: each op's ``register_kernel(..., "cpu")``.
+"""The CPU backend of the op layer: each op's CPU kernel (``torch.library.impl(..., "cpu")``).
 
 A kernel calls the native CPU kernels (dsv4/kernels, C through ctypes) when ``ops.backend("cpu") == "native"``,
 the library loads here, and the inputs are in a layout the C code reads (bf16/fp32 contiguous weights, an fp32 or
