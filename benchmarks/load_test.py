@@ -29,9 +29,6 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from dsv4.serve.process import ServeProcess
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec "
          "romeo sierra tango uniform victor whiskey xray yankee zulu").split()
@@ -76,69 +75,17 @@ def build_model(path: Path, max_len: int) -> Path:
     return checkpoint_io.save_checkpoint(path, model.state_dict(), model.config, dtype=torch.bfloat16)
 
 
-class Server:
+class Server(ServeProcess):
+    """The load test's server: the model at `max_len`, name "load", warnings only, `--max-body-mb body_mb`."""
+
     def __init__(self, model_dir: Path, max_len: int, port: int = 0, extra: list[str] | None = None,
                  log: Path | None = None, body_mb: int | None = 64) -> None:
-        if port == 0:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "dsv4.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(port), "--served-model-name", "load", "--dtype", "float32", "--device", "cpu",
-               "--max-model-len", str(max_len), "--max-num-seqs", "80", "--log-level", "warning",
-               *(["--max-body-mb", str(body_mb)] if body_mb else []), *(extra or [])]
-        self._log = open(log, "w") if log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        super().__init__("--model", str(model_dir), "--served-model-name", "load", "--dtype", "float32",
+                         "--device", "cpu", "--max-model-len", str(max_len), "--max-num-seqs", "80",
+                         "--log-level", "warning", *(["--max-body-mb", str(body_mb)] if body_mb else []),
+                         *(extra or []), log=log, port=port)
 
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode} while starting")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"the server was not ready within {timeout} s")
-
-    def rss(self) -> tuple[int, int]:
-        """(current, peak since the last reset) resident set size in bytes (Linux /proc)."""
-        fields = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            k, _, v = line.partition(":")
-            fields[k] = v
-        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-
-    def reset_peak(self) -> None:
-        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-
-    def health(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/health", timeout=30).json()
-
-    def wait_idle(self, timeout: float = 60) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            h = self.health()
-            if (h["pages_used"], h["running"], h["waiting"], h["in_flight"]) == (0, 0, 0, 0):
-                return h
-            if time.monotonic() > deadline:
-                return h
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log is not subprocess.DEVNULL:
-            self._log.close()
+    stop = ServeProcess.close
 
 
 # ---- clients ------------------------------------------------------------------------------------------------------

@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +21,8 @@ import jsonschema
 import openai
 import pytest
 
+from dsv4.serve.process import ServeProcess
+
 from .tiny import build_tiny_checkpoint
 
 KEY = "test-key"
@@ -33,63 +30,21 @@ MODEL = "tiny"
 MAX_LEN = 1024
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`dsv4 serve` in a subprocess on a free loopback port, its output in `log`; `args` are its options."""
+class Server(ServeProcess):
+    """`dsv4 serve` in a subprocess on a free loopback port with the test key, its output in `log`; `args` are its
+    options."""
 
     def __init__(self, log: Path, *args: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        cmd = [sys.executable, "-m", "dsv4.cli", "serve", "--port", str(self.port), "--api-key", KEY,
-               "--device", "cpu", "--log-level", "info", *args]
-        self._log_file = self.log.open("w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        super().__init__("--api-key", KEY, "--device", "cpu", "--log-level", "info", *args, log=log)
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
-
-    def health(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=10).json()
+        super().wait_ready(timeout)
 
     def wait_idle(self, timeout: float = 60.0) -> dict:
-        """Poll /health until no request holds pages or sits in the engine."""
-        deadline = time.monotonic() + timeout
-        while True:
-            h = self.health()
-            if (h["pages_used"], h["running"], h["waiting"], h["in_flight"]) == (0, 0, 0, 0):
-                return h
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server still busy after {timeout}s: {h}")
-            time.sleep(0.2)
-
-
-    def close(self) -> None:
-        """SIGINT (the server's graceful shutdown), then kill after a minute."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_file.close()
+        h = super().wait_idle(timeout)
+        if (h["pages_used"], h["running"], h["waiting"], h["in_flight"]) != (0, 0, 0, 0):
+            raise AssertionError(f"server still busy after {timeout}s: {h}")
+        return h
 
 
 @pytest.fixture(scope="module")
