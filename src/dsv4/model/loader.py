@@ -453,10 +453,10 @@ def _fill_packed(model: nn.Module, name: str, fmt: str, src: _Source, stored: to
             raise CheckpointError(f"cannot quantise {name!r} to {fmt} at load: {e}; load with "
                                   f"weights='stored' or 'dequantized'") from None
         scale_f = None
-    held = module.weight
-    if not held.is_meta and tuple(held.shape) == tuple(weight.shape) and held.dtype == weight.dtype:
+    held = _held_slice(model, name, weight)
+    if held is not None:
         held.copy_(weight)  # a slice of the MoE's stacked FP4 storage
-        module.scale.copy_(scale)
+        module.scale.data.copy_(scale)
     else:
         module.set_packed(weight.to(device, copy=True), scale.to(device, copy=True))
     if scale_f is not None:

@@ -149,9 +149,9 @@ def _recompute_autograd(op, fn) -> None:
 # ---------------------------------------------------------------------------------------------------- the ops
 # NOTE: the ops are defined with torch.library's define + impl, not ``torch.library.custom_op``: custom_op wraps every
 # call of a kernel in Python layers of its own (a dynamo-disable wrapper, an aliasing check, and for a mutating op a
-# version-bump kernel whose argument handling, torch._library.utils.fill_defaults, took about 0.15 ms a call), about
-# 10-20 us per op and ~90 ops per decode step of the benchmark model. The schema is still inferred from the
-# function's annotations (torch.library.infer_schema) and fake kernels and autograd formulas register the same way.
+# version-bump kernel whose argument handling, torch._library.utils.fill_defaults, took about 0.15 ms a call), at
+# ~90 op calls per decode step of the benchmark model. The schema is still inferred from the function's annotations
+# (torch.library.infer_schema); fake kernels and autograd formulas register the same way.
 _LIB = torch.library.Library("dsv4", "FRAGMENT")
 
 

@@ -27,6 +27,7 @@ import torch
 from dsv4 import kernels
 from dsv4.kernels import quant as quant_kernels
 from dsv4.model.norm import rms_unweighted
+from dsv4.model.quant import FP4_BLOCK
 from dsv4.model.rope import apply_rope
 from dsv4.ops import backend, packed
 from dsv4.ops import reference as ref
@@ -108,25 +109,19 @@ def _linear(x, weight, scale):
 
 @_kernel("routed_experts")
 def _routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit):
-    if x.dim() != 2 or x.dtype not in _PLAIN:
-        pass
-    elif not scales and not shared_scales and w1.dtype in _PLAIN and _native():
-        try:
-            return kernels.moe(x, ids, weights, w1, w3, w2, shared if shared else None, limit)
-        except TypeError:
-            pass  # mixed dtypes or non-contiguous weights: the reference
-    elif (scales and w1.dtype == torch.int8 and w1.shape[1] % 32 == 0 and w1.shape[2] % 16 == 0
-          and _native_packed()):  # FP4 experts in whole 1x32 scale blocks
-        y = quant_kernels.experts(x, ids, weights, w1, scales[0], w3, scales[1], w2, scales[2], limit)
-        if shared:
-            sc = tuple(shared_scales) if shared_scales else (None, None, None)
-            g = _linear_any(x, shared[0], sc[0]).float()
-            u = _linear_any(x, shared[1], sc[1]).float()
-            if limit > 0:
-                g, u = g.clamp(max=limit), u.clamp(-limit, limit)
-            h = (torch.nn.functional.silu(g) * u).to(x.dtype)  # the reference's shared expert, same roundings
-            y = y + _linear_any(h, shared[2], sc[2]).float()
-        return y
+    fp4_blocks = w1.dtype == torch.int8 and w1.shape[1] % FP4_BLOCK == 0 and (2 * w1.shape[2]) % FP4_BLOCK == 0
+    if x.dim() == 2 and x.dtype in _PLAIN:
+        if not scales and not shared_scales and w1.dtype in _PLAIN and _native():
+            try:
+                return kernels.moe(x, ids, weights, w1, w3, w2, shared if shared else None, limit)
+            except TypeError:
+                pass  # mixed dtypes or non-row-major experts: the reference
+        elif scales and fp4_blocks and _native_packed():  # FP4 experts in whole 1x32 scale blocks
+            y = quant_kernels.experts(x, ids, weights, w1, scales[0], w3, scales[1], w2, scales[2], limit)
+            if shared:  # the reference's shared expert on this backend's linear (same roundings)
+                sc = tuple(shared_scales) if shared_scales else (None, None, None)
+                y = y + ref.swiglu_expert(x, *shared, limit, None, sc, lin=_linear_any).float()
+            return y
     return ref.routed_experts(x, ids, weights, w1, w3, w2, scales, shared, shared_scales, limit)
 
 

@@ -72,19 +72,21 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- experts
 def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, limit: float,
             weights: torch.Tensor | None,
-            scales: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None)
-            ) -> torch.Tensor:
+            scales: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None),
+            lin=None) -> torch.Tensor:
     """Clamped SwiGLU expert: x [n, D] -> [n, D] in x's dtype; the routing weight scales h before w2 (official).
-    ``scales``: the (w1, w3, w2) scales of packed weights."""
-    g = linear(x, w1, scales[0]).float()
-    u = linear(x, w3, scales[1]).float()
+    ``scales``: the (w1, w3, w2) scales of packed weights; ``lin``: the linear to use (a backend's; default the
+    reference's)."""
+    lin = lin or linear
+    g = lin(x, w1, scales[0]).float()
+    u = lin(x, w3, scales[1]).float()
     if limit > 0:
         g = g.clamp(max=limit)
         u = u.clamp(-limit, limit)
     h = F.silu(g) * u  # [n, F] fp32
     if weights is not None:
         h = weights[:, None] * h
-    return linear(h.to(x.dtype), w2, scales[2])
+    return lin(h.to(x.dtype), w2, scales[2])
 
 
 def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
