@@ -225,13 +225,14 @@ def _scores(q, w, keys, tables, ratio, n):
     return (sc * w.double()[..., None]).sum(2)
 
 
-@pytest.mark.parametrize("s", [1, 3])  # the native kernel scores decode queries; chunks run the reference
+@pytest.mark.parametrize("s", [1, 3, 16])  # decode queries, and prefill chunks (one kernel row per query)
 def test_indexer_topk(backend, s):
     g = gen(7)
     b, n = 2, 4096
     keys, tables = _paged(g, n, 4, b, I)
     q, w = torch.randn(b, s, HI, I, generator=g), torch.randn(b, s, HI, generator=g)
-    vis = torch.tensor([[n] * s, [300] * s])  # all 4096 entries / fewer than k visible
+    # all 4096 entries, or causally fewer for the earlier queries of a chunk / fewer than k visible
+    vis = torch.stack([n - s + 1 + torch.arange(s), torch.full((s,), 300)])
     args = (q, w, keys, tables, 4, vis, n, TOPK)
     got, want = run(backend, ops.indexer_topk, *args), ref.indexer_topk(*args)
     assert got.shape == want.shape == (b, s, TOPK)
