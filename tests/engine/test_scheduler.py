@@ -10,7 +10,8 @@ from dsv4.engine.block_manager import BlockManager
 from dsv4.engine.prefix_cache import PrefixCache
 from dsv4.engine.request import Sequence, SeqStatus
 from dsv4.engine.sampling import SamplingParams
-from dsv4.engine.scheduler import Scheduler
+from dsv4.engine.scheduler import MIN_PREFILL, Scheduler
+from dsv4.engine.step_cost import StepCost
 
 P = 8  # small pages keep the tests readable
 
@@ -266,3 +267,84 @@ def test_short_requests_ttft_stays_bounded_while_a_30k_prompt_prefills():
     assert len(waits) >= 10 and max(waits) == 0, waits  # first token in the step of arrival
     assert step <= -(-30_000 // 384) + 2  # 30K prompt at >= 384 tokens per step
     bm.check_invariants(live(sched))
+
+
+def _cost(fixed_ms: float, per_token_ms: float, target_ms: float = 50.0) -> StepCost:
+    """A StepCost that has measured `fixed_ms` a step and `per_token_ms` a token, whatever the context."""
+    cost = StepCost(target_ms)
+    cost.observe([(1, 0)], fixed_ms / 1e3)
+    cost.observe([(100, 0)], (fixed_ms + 100 * per_token_ms) / 1e3)
+    return cost
+
+
+def test_step_cost_learns_fixed_cost_and_per_token_line():
+    cost = StepCost(target_ms=50.0)
+    assert not cost.measured and cost.tokens_within(50.0, 0) == 0
+    for i in range(20):
+        start = 1000 * i
+        cost.observe([(1, start)], 0.010)  # a decode step: 10 ms
+        # a 200-token chunk from `start`: 10 ms + (0.2 + 0.0001 * ctx) ms a token
+        cost.observe([(200, start)], (10 + sum(0.2 + 1e-4 * (start + j) for j in range(200))) / 1e3)
+    assert cost.fixed_ms == pytest.approx(10.0) and cost.a == pytest.approx(0.2) and cost.b == pytest.approx(1e-4)
+    assert cost.cost_ms(200, 5000) == pytest.approx(sum(0.2 + 1e-4 * (5000 + j) for j in range(200)))
+    n = cost.tokens_within(40.0, 30_000)  # deep in a prompt a token costs 3.2 ms: 12 fit in 40 ms
+    assert n == 12 and cost.cost_ms(n, 30_000) <= 40.0 < cost.cost_ms(n + 1, 30_000)
+    for _ in range(20):
+        cost.observe([(1, 0)], 0.040)  # a slow model: a one-token step of 40 ms; the target becomes 4 x that
+    assert cost.step_target_ms == pytest.approx(160.0, rel=1e-3)
+    with pytest.raises(ValueError, match="target_ms"):
+        StepCost(target_ms=0)
+
+
+def test_shared_steps_are_sized_by_time_a_lone_prefill_by_tokens():
+    bm = BlockManager(num_pages=400, num_slots=4, page_size=P)
+    # 10 ms a step + 1 ms a token, 50 ms target: a shared step holds 40 tokens
+    sched = Scheduler(bm, max_num_batched_tokens=64, admission_reserve=8, step_cost=_cost(10.0, 1.0))
+    long = make_seq(0, 1000)
+    sched.add(long)
+    out = run_step(sched)
+    assert [(it.seq.seq_id, it.num_new) for it in out.items] == [(0, 64)]  # alone: the whole token budget
+    short = make_seq(1, 3, max_tokens=3)
+    sched.add(short)
+    out = run_step(sched)
+    # shared: 40 tokens in all, of which the reserve (8) is left to the request that waits
+    assert [(it.seq.seq_id, it.num_new) for it in out.items] == [(0, 32), (1, 3)]
+    out = run_step(sched)
+    assert [(it.seq.seq_id, it.num_new) for it in out.items] == [(1, 1), (0, 39)]  # the decode counts too
+    sched.step_cost = _cost(10.0, 100.0)  # a step can afford no prefill by time: MIN_PREFILL tokens still go
+    out = run_step(sched)
+    assert [(it.seq.seq_id, it.num_new) for it in out.items] == [(1, 1), (0, MIN_PREFILL)]
+    bm.check_invariants(live(sched))
+
+
+def test_time_sized_steps_keep_ttft_short_deep_into_a_30k_prompt():
+    """A simulated engine whose tokens cost more as the long prompt's history grows (as attention does): with a
+    StepCost fed those costs, the steps that short requests share stay near the time target all the way, while without
+    one they grow with the history."""
+
+    def step_ms(out) -> float:
+        return 5.0 + sum(0.05 + 2e-5 * (it.start + j) for it in out.items for j in range(it.num_tokens))
+
+    def shared_steps(cost: StepCost | None) -> list[float]:
+        bm = BlockManager(num_pages=400, num_slots=8, page_size=128)
+        sched = Scheduler(bm, max_num_batched_tokens=512, step_cost=cost)
+        long = make_seq(0, 30_000, max_tokens=1)
+        sched.add(long)
+        shared, step = [], 0
+        while not long.is_finished:
+            if step % 5 == 1:
+                sched.add(make_seq(step + 1, 40, max_tokens=2))
+            share = len(sched.running) + len(sched.waiting) > 1
+            out = run_step(sched)
+            ms = step_ms(out)
+            if cost is not None:
+                cost.observe([(it.num_tokens, it.start) for it in out.items], ms / 1e3)
+            if share:
+                shared.append(ms)
+            step += 1
+            assert step < 3000
+        return shared[len(shared) // 2:]  # the second half of the prompt: deep history
+
+    timed, untimed = shared_steps(StepCost(target_ms=50.0)), shared_steps(None)
+    assert max(timed) <= 50.0 * 1.2, max(timed)  # the fixed cost is measured with a decode in it: a little over
+    assert min(untimed) > 2 * 50.0, min(untimed)

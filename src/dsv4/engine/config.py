@@ -18,6 +18,10 @@ class EngineConfig:
     # tokens of each step that running prefills leave to waiting requests (None: a quarter of the budget), so a short
     # request starts within a step or two while a long prompt prefills (scheduler.py)
     admission_reserve: int | None = None
+    # time target of a step that holds prefill chunks, in ms (engine/step_cost.py): chunks are sized from the measured
+    # cost of earlier steps to stay within max(max_step_ms, 4 x a small step), so a request arriving during a long
+    # prefill waits for short steps only; None sizes chunks by max_num_batched_tokens alone
+    max_step_ms: float | None = 20.0
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the cache capacity
     enable_prefix_caching: bool = True
     max_prefix_snapshots: int = 16  # bound on prefix-cache entries (each holds a snapshot of one slot's state)
@@ -51,6 +55,8 @@ class EngineConfig:
             raise bad("max_num_batched_tokens", "it must be >= 2 (a decode with a speculative draft needs 2)")
         if self.admission_reserve is not None and not 0 <= self.admission_reserve < self.max_num_batched_tokens:
             raise bad("admission_reserve", "it must be in [0, max_num_batched_tokens)")
+        if self.max_step_ms is not None and not self.max_step_ms > 0:
+            raise bad("max_step_ms", "it must be > 0 (or None to size prefill chunks by tokens only)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise bad("max_model_len", "it must be >= 2")
         if self.max_prefix_snapshots < 1:

@@ -15,6 +15,7 @@ import itertools
 import logging
 import random
 import threading
+import time
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from dsv4.engine.runner import ModelRunner
 from dsv4.engine.sampler import Sampler
 from dsv4.engine.sampling import SamplingParams
 from dsv4.engine.scheduler import Scheduler, SchedulerOutput
+from dsv4.engine.step_cost import StepCost
 from dsv4.ops.cpu import native_status
 
 PromptType = str | list[int]
@@ -92,9 +94,10 @@ class LLMEngine:
         self.cache, num_pages, self.cache_bytes = build_cache(model, c, self.device)
         self.block_manager = BlockManager(num_pages, c.max_num_seqs, c.page_size)
         self.prefix_cache = PrefixCache(self.block_manager, c.max_prefix_snapshots) if c.enable_prefix_caching else None
+        self.step_cost = StepCost(c.max_step_ms) if c.max_step_ms is not None else None
         self.scheduler = Scheduler(
             self.block_manager, c.max_num_batched_tokens, self.prefix_cache, c.prefix_snapshot_interval,
-            c.admission_reserve,
+            c.admission_reserve, self.step_cost,
         )
         self.runner = ModelRunner(model, self.cache, self.device)
         self.sampler = Sampler()
@@ -218,7 +221,11 @@ class LLMEngine:
                 return []
             with ops.use_backend("cpu", self.config.backend):  # the ops' CPU kernels for this engine's steps
                 try:
+                    t0 = time.perf_counter()
                     touched = self._execute(out)
+                    if self.step_cost is not None:
+                        self.step_cost.observe([(it.num_tokens, it.start) for it in out.items],
+                                               time.perf_counter() - t0)
                 except Exception as err:  # noqa: BLE001 - whatever broke, it must not outlive this step's requests
                     touched = self._fail_step(out, err)
             self._fail_siblings(touched)

@@ -5,7 +5,10 @@ it carries an MTP draft), then prefilling sequences get chunks of what is left, 
 waits they leave `admission_reserve` tokens of the budget to it; then waiting sequences are admitted while the budget,
 the state slots and the pages last. A long prompt is therefore split across steps and never holds back the decodes
 of others nor the first chunk of a request that arrives during its prefill: a short request's first token comes
-within about two steps, however long the prompt being prefilled.
+within about two steps, however long the prompt being prefilled. With a `StepCost` (engine/step_cost.py), prefill
+chunks are also sized by time: in a step shared with other sequences, the chunks of prompts already started stay
+within what the measured cost allows for the step's time target, so those two steps are short ones even deep into a
+long prompt, where each token costs more.
 
 When a running sequence needs a page and none is free, the most recently admitted sequence not yet given a chunk
 this step is preempted *by recompute*: it drops its pages and slot and goes back to the front of the waiting queue
@@ -24,6 +27,9 @@ from typing import Any
 from dsv4.engine.block_manager import BlockManager
 from dsv4.engine.prefix_cache import PrefixCache
 from dsv4.engine.request import Sequence, SeqStatus
+from dsv4.engine.step_cost import StepCost
+
+MIN_PREFILL = 16  # prefill tokens a step always allows, however slow its decodes, so that prompts progress
 
 
 @dataclass
@@ -65,6 +71,24 @@ class SchedulerOutput:
         return not self.items
 
 
+@dataclass
+class _StepClock:
+    """The time left in one shared step: decodes spend it first, running prefills get what fits of the rest, the
+    first of them at least MIN_PREFILL tokens so that prompts always progress."""
+
+    cost: StepCost
+    left_ms: float
+    prefilled: bool = False
+
+    def cap(self, start: int) -> int:
+        fits = self.cost.tokens_within(self.left_ms, start)
+        return fits if self.prefilled else max(fits, MIN_PREFILL)
+
+    def spend(self, tokens: int, start: int, prefill: bool) -> None:
+        self.left_ms -= self.cost.cost_ms(tokens, start)
+        self.prefilled |= prefill and tokens > 0
+
+
 class Scheduler:
     def __init__(
         self,
@@ -73,6 +97,7 @@ class Scheduler:
         prefix_cache: PrefixCache | None = None,
         snapshot_interval: int = 4,
         admission_reserve: int | None = None,
+        step_cost: StepCost | None = None,
     ) -> None:
         if max_num_batched_tokens < 2:
             raise ValueError(f"max_num_batched_tokens must be >= 2, got {max_num_batched_tokens}")
@@ -87,6 +112,7 @@ class Scheduler:
         self.max_tokens = max_num_batched_tokens
         self.prefix_cache = prefix_cache
         self.snapshot_interval = snapshot_interval  # in pages, besides the prompt's last page boundary
+        self.step_cost = step_cost
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -150,6 +176,7 @@ class Scheduler:
         budget = self.max_tokens
         # Decodes first, then prefills (stable sort: arrival order within each).
         order = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1)
+        clock = self._step_clock()  # the step's time target, when it is shared and the cost is measured
         reserve = self.admission_reserve if self._can_admit() else 0
         scheduled: set[int] = set()  # seq ids given a chunk this step: never preempted to make room for another
         for seq in order:
@@ -158,7 +185,11 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:  # preempted above to make room
                 continue
             decoding = seq.num_tokens - seq.num_computed == 1
-            cap = budget if decoding else budget - reserve
+            if decoding:
+                cap = budget
+            else:
+                cap = budget if clock is None else min(budget, clock.cap(seq.num_computed))
+                cap -= min(reserve, cap)
             if cap <= 0:
                 continue  # this prefill yields the rest of the step to waiting work
             n, snap = self._chunk(seq, cap)
@@ -179,6 +210,8 @@ class Scheduler:
             out.items.append(ScheduledSeq(seq, seq.num_computed, n, draft, snap))
             scheduled.add(seq.seq_id)
             budget -= total
+            if clock is not None:
+                clock.spend(total, seq.num_computed, prefill=not decoding)
         # Admit new work only when nothing had to be preempted: memory is the bottleneck right now. In arrival order;
         # the first sequence that does not fit stops admission (no overtaking), a sibling waiting for its leader's
         # prompt is passed over.
@@ -192,6 +225,16 @@ class Scheduler:
                     break
                 budget -= out.items[-1].num_tokens
         return out
+
+    def _step_clock(self) -> _StepClock | None:
+        """The time left for the chunks of running prefills (prompts already started: the deep, dear tokens), when
+        the step is shared by several sequences and the step cost has been measured. A prefill alone keeps the whole
+        token budget (nobody waits on it, and fewer, larger chunks are faster), and so does each prompt's first chunk
+        at admission (the cheapest tokens of a prompt; a batch of new requests is admitted at full speed)."""
+        cost = self.step_cost
+        if cost is None or not cost.measured or len(self.running) + len(self.waiting) <= 1:
+            return None
+        return _StepClock(cost, cost.step_target_ms - (cost.fixed_ms or 0.0))
 
     def _can_admit(self) -> bool:
         return self.bm.num_free_slots > 0 and any(not self._awaits_leader(s) for s in self.waiting)
