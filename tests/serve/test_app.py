@@ -466,3 +466,29 @@ def test_disconnect_before_first_token_aborts(stream: bool) -> None:
     # a stream has started at admission (200 + the role chunk); a unary request answers into the void (499)
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == (200 if stream else 499)
     assert engine.live == set() and len(engine.aborted) == 1 and core.in_flight == 0
+
+
+def test_large_bodies_parse_in_the_worker_process_with_the_same_answers() -> None:
+    """Bodies over the parser's threshold (1 MiB; 64 bytes here) are parsed in its worker process (bodyparse.py):
+    the same answer as parsing in place, and the same 400s for bodies that are not JSON."""
+    client, _, core = make()
+    try:
+        small = chat(client).json()
+        core.bodies.threshold = 64
+        assert core.bodies._pool is None
+        big = chat(client).json()
+        assert core.bodies._pool is not None  # it went through the worker
+        assert big["choices"] == small["choices"] and big["usage"] == small["usage"]
+        pad = b" " * 100
+        as_json = {"content-type": "application/json"}
+        r = client.post("/v1/chat/completions", content=b"{not json" + pad, headers=as_json)
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        deep = b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        r = client.post("/v1/chat/completions", content=deep, headers=as_json)
+        assert r.status_code == 400 and "too deeply" in r.json()["error"]["message"]
+        r = client.post("/v1/messages", content=b'{"model": "\xff\xfe"}' + pad, headers=as_json)
+        assert r.status_code == 400 and "not UTF-8" in r.json()["error"]["message"]
+        r = client.post("/v1/chat/completions", content=json.dumps({"model": MODEL}).encode() + pad, headers=as_json)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"  # validation as before
+    finally:
+        core.bodies.shutdown()

@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv4.serve import anthropic as anthropic_api
@@ -28,6 +29,7 @@ from dsv4.serve import limits
 from dsv4.serve import openai as openai_api
 from dsv4.serve import responses as responses_api
 from dsv4.serve import tokens as tokens_api
+from dsv4.serve.bodyparse import BodyParser
 from dsv4.serve.core import ServeError, ServingCore, Step, Usage, new_id
 from dsv4.serve.guard import HostAllowList, allowed_hosts_for
 from dsv4.serve.metrics import CONTENT_TYPE
@@ -150,6 +152,39 @@ class _BodyLimit:
         await self.app(scope, counted, send)
 
 
+def _json_body_route(parser: BodyParser) -> type[APIRoute]:
+    """A route class whose JSON bodies over `parser.threshold` bytes are parsed in `parser`'s worker process
+    (bodyparse.py). FastAPI then takes the parsed object from Starlette's per-request cache (`Request._json`, what
+    `Request.json()` returns once set); errors end as FastAPI's own would (400 in the API's format, via the handlers
+    below)."""
+
+    class JSONBodyRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Any]:
+            handler = super().get_route_handler()
+
+            async def route(request: Request) -> Response:
+                kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+                if request.method == "POST" and (kind == "application/json" or kind.endswith("+json")):
+                    body = await request.body()
+                    if len(body) > parser.threshold:
+                        verdict, value = await parser.parse(body)
+                        if verdict == "invalid":
+                            msg, pos = value
+                            raise RequestValidationError([{"type": "json_invalid", "loc": ("body", pos),
+                                                           "msg": "JSON decode error", "input": {},
+                                                           "ctx": {"error": msg}}])
+                        if verdict == "deep":
+                            raise StarletteHTTPException(400) from RecursionError()
+                        if verdict == "undecodable":
+                            raise StarletteHTTPException(400, "The request body is not UTF-8 text: " + value)
+                        request._json = value
+                return await handler(request)
+
+            return route
+
+    return JSONBodyRoute
+
+
 def create_app(core: ServingCore, api_key: str | None = None,
                lifespan: Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]] | None = None,
                max_body_bytes: int | None = None, public_metrics: bool = False, public_docs: bool = False,
@@ -161,6 +196,7 @@ def create_app(core: ServingCore, api_key: str | None = None,
     app = FastAPI(title="dsv4", version="0.1.0", lifespan=lifespan,
                   description="DeepSeek-V4 with the OpenAI and Anthropic HTTP APIs")
     app.state.core = core
+    app.router.route_class = _json_body_route(core.bodies)  # before any route is added
 
     # ---- errors: each API's own format (the real APIs answer 400 where FastAPI would say 422) ----------------------
     @app.exception_handler(ServeError)
@@ -489,6 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admission-reserve", type=int, default=None,
                    help="tokens of each step a running prefill leaves to waiting requests (engine option, default a "
                         "quarter of the step budget; 0 = a long prefill holds new requests back until it is done)")
+    p.add_argument("--max-step-ms", type=float, default=None,
+                   help="time target in ms of a step shared by several sequences (engine option, default 20): "
+                        "prefill chunks are sized from measured step costs to fit it, so requests arriving during a "
+                        "long prefill wait for short steps; 0 = token budget only")
     p.add_argument("--max-concurrency", type=int, default=256,
                    help="requests in flight before new ones get 503 + Retry-After")
     p.add_argument("--max-body-mb", type=float, default=None,
@@ -534,9 +574,12 @@ def build_core(args: argparse.Namespace) -> ServingCore:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     options: dict[str, Any] = {}
-    for name in ("max_model_len", "max_num_seqs", "cache_memory_gb", "max_num_batched_tokens", "admission_reserve"):
+    for name in ("max_model_len", "max_num_seqs", "cache_memory_gb", "max_num_batched_tokens", "admission_reserve",
+                 "max_step_ms"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    if options.get("max_step_ms") == 0:
+        options["max_step_ms"] = None
     log.info("dsv4 serve: loading %s on %s (%s)", args.model, device, dtype)
     engine = AsyncLLM(LLM(str(args.model), dtype=getattr(torch, dtype), device=device, **options))
     names = args.served_model_name or [Path(args.model).resolve().name]

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from dsv4.serve.bodyparse import BodyParser
 from dsv4.serve.budget import ThinkingBudget
 from dsv4.serve.guard import scrub_paths
 from dsv4.serve.metrics import ServerMetrics
@@ -160,6 +161,7 @@ class ServingCore:
         self.accept_any_model = accept_any_model
         self.created = int(time.time())
         self.metrics = ServerMetrics(self.engine_stats)
+        self.bodies = BodyParser()  # large JSON bodies parse in a worker process (bodyparse.py)
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -168,6 +170,7 @@ class ServingCore:
     async def stop(self) -> None:
         await _maybe_await(getattr(self.engine, "shutdown", None))
         self._lanes.shutdown()
+        self.bodies.shutdown()
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """Run request preparation (rendering, tokenizing, compiling a grammar: milliseconds to seconds) on a worker
