@@ -5,8 +5,8 @@ loopback (127.0.0.1, a free port), bounded in requests and seconds. One run repo
 2. concurrent streams held: `--streams` streaming chats at once, how many completed well-formed, the most in flight;
 3. long prefill: probes sent while a `--long-tokens`-token prompt prefills: their p50 / p99 latency, next to the
    idle baseline and the long request's own duration; the peer, in the same run: a second server started with
-   `--admission-reserve 0` (a running prefill takes every step's whole budget, as before the fair scheduler), where
-   a probe waits for the whole prefill (skip with `--no-peer`);
+   `--admission-reserve 0 --max-step-ms 0` (a running prefill takes every step's whole budget, as before the fair
+   scheduler), where a probe waits for the whole prefill (skip with `--no-peer`);
 4. huge bodies: a 10 MB and a 60 MB chat body (the server runs with --max-body-mb 64 so they are parsed and refused
    by their length rather than by Content-Length): the status, how long the refusal took, the server's peak RSS
    growth (VmHWM, reset before each), and probe latency meanwhile; the same against the peer, which keeps the default
@@ -175,7 +175,8 @@ class Load:
 
     # 3 -------------------------------------------------------------------------------------------------------------
     def tokens_per_word(self) -> float:
-        r = httpx.post(f"{self.server.url}/v1/chat/completions", json=self.chat_body(words(2000, 7), 1), timeout=120)
+        # another seed than the long prompt's, so that the prefix cache does not shorten its prefill
+        r = httpx.post(f"{self.server.url}/v1/chat/completions", json=self.chat_body(words(2000, 8), 1), timeout=120)
         self.statuses[r.status_code] += 1
         return r.json()["usage"]["prompt_tokens"] / 2000
 
@@ -267,7 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.no_peer:
             # the peer also keeps the default body limit (it follows the context), to show where a huge body ends
             # without --max-body-mb 64: a 413 before it is read
-            peer = Server(Path(model), args.max_len, 0, extra=[*extra, "--admission-reserve", "0"],
+            unfair = ["--admission-reserve", "0", "--max-step-ms", "0"]
+            peer = Server(Path(model), args.max_len, 0, extra=[*extra, *unfair],
                           log=Path(tmp.name) / "peer.log", body_mb=None)
             try:
                 peer.wait_ready()
@@ -295,7 +297,8 @@ def summary(r: dict[str, Any]) -> list[str]:
            f"/health p99 {lp['health_ms']['p99']:.1f} ms"]
     if "peer_long_prefill_no_reserve" in r:
         pe = r["peer_long_prefill_no_reserve"]
-        out.append(f"peer, --admission-reserve 0 (no fair share): long prefill {pe['long_request_s']:.1f} s, "
+        out.append(f"peer, --admission-reserve 0 --max-step-ms 0 (no fair share): long prefill "
+                   f"{pe['long_request_s']:.1f} s, "
                    f"{pe['probe_ms']['n']} probes p50 {pe['probe_ms']['p50']:.0f} ms "
                    f"p99 {pe['probe_ms']['p99']:.0f} ms")
     for h in r["huge_bodies"] + r.get("default_body_limit", []):
@@ -303,7 +306,8 @@ def summary(r: dict[str, Any]) -> list[str]:
         out.append(f"{h['body_mb']:.0f} MB body ({where}): {h['status']} in {h['refused_in_s'] * 1000:.0f} ms, "
                    f"peak RSS "
                    f"+{h['rss_peak_growth_mb']:.0f} MB (from {h['rss_before_mb']:.0f} MB), {h['probe_ms']['n']} "
-                   f"probes meanwhile max {h['probe_ms']['max']:.0f} ms, /health max {h['health_ms']['max']:.1f} ms")
+                   f"probes meanwhile p50 {h['probe_ms']['p50']:.0f} ms max {h['probe_ms']['max']:.0f} ms, /health max "
+                   f"{h['health_ms']['max']:.1f} ms")
     s = r["soak"]
     out.append(f"soak: {s['requests']} requests in {s['seconds']:.0f} s, RSS {s['rss_start_mb']:.0f} -> "
                f"{s['rss_end_mb']:.0f} MB ({s['rss_growth_pct']:+.1f}%)")
@@ -326,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak-s", type=float, default=30)
     p.add_argument("--soak-clients", type=int, default=4)
     p.add_argument("--server-args", default="", help="more `dsv4 serve` options, e.g. '--max-num-batched-tokens 128'")
-    p.add_argument("--no-peer", action="store_true", help="skip the --admission-reserve 0 server")
+    p.add_argument("--no-peer", action="store_true", help="skip the peer server (no fair share)")
     p.add_argument("--report", type=Path, default=None, help="also write the summary as markdown here")
     args = p.parse_args(argv)
     r = run(args)

@@ -27,10 +27,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def load(tmp_path_factory: pytest.TempPathFactory) -> Iterator[load_test.Load]:
     root = tmp_path_factory.mktemp("load")
-    # A step budget of 128 tokens (reserve 32) keeps each step short next to the prefill: ~50 steps for 6K tokens,
-    # so "about two steps" and "the rest of the prefill" are far apart whatever the machine's speed.
-    server = load_test.Server(load_test.build_model(root / "ckpt", MAX_LEN), MAX_LEN, log=root / "server.log",
-                              extra=["--max-num-batched-tokens", "128"])
+    # the server's defaults: a step budget of 512 tokens (reserve 128), shared steps sized to 50 ms
+    server = load_test.Server(load_test.build_model(root / "ckpt", MAX_LEN), MAX_LEN, log=root / "server.log")
     try:
         server.wait_ready()
         yield load_test.Load(server)
@@ -45,13 +43,14 @@ def test_no_request_stalls_the_others(load: load_test.Load) -> None:
     streams = asyncio.run(load.streams(24, 8))
     assert streams["completed_well_formed"] == 24, streams
 
-    # ~6K-token prompt: ~50 steps of prefill. A probe waits for about two steps, not for the rest of the prefill.
+    # ~6K-token prompt: 12 steps of 512 tokens, each deeper and dearer. A probe waits for the step in flight and one
+    # short shared step (max_step_ms), not for the rest of the prefill.
     long = asyncio.run(load.long_prefill(6000, 0.05))
     assert long["long_status"] == 200 and long["long_prompt_tokens"] > 5000, long
     assert long["probe_ms"]["n"] >= 3, long
-    # measured on 2 shared cores: idle 60 ms, during the prefill 165 ms (the prefill itself 1.8 s); a probe that
-    # waited for the rest of the prefill would be ~900 ms, 15x the baseline
-    assert long["probe_ms"]["p50"] < 10 * base, (idle, long)
+    # measured here (2 cores, idle machine): idle 12-19 ms, during the prefill p50 49-92 ms (3.8-4.9x), the prefill
+    # itself 0.4 s; waiting for the rest of the prefill would be ~200 ms. (The bound was 10x with a 128-token budget.)
+    assert long["probe_ms"]["p50"] < 8 * base, (idle, long)
 
     # 10 MB of text is refused by its length in characters: no tokenization, little memory, probes barely slowed
     huge = asyncio.run(load.huge_body(10, 0.05))
