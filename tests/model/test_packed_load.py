@@ -125,3 +125,27 @@ def test_packed_weights_take_no_gradient_but_activations_do(checkpoints):
         build_optimizers(model, OptimConfig())
     with pytest.raises(ValueError, match="weights must be one of"):
         load_model(packed, weights="int4", progress=False)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_fp8_head_option_quantises_only_the_head(checkpoints, backend):
+    """head_dtype=torch.float8_e4m3fn: the head held as the release holds its dense projections (FP8 e4m3 + ue8m0
+    128x128 block scales, quantised by the same rules), a quarter of the fp32 head's bytes; the logits are those of
+    the dequantised FP8 head, computed in fp32."""
+    from dsv4 import ops
+
+    _, plain, ids = checkpoints
+    fp32 = load_model(plain, dtype=torch.float32, progress=False, weights="packed")
+    fp8 = load_model(plain, dtype=torch.float32, progress=False, weights="packed", head_dtype=torch.float8_e4m3fn)
+    w = fp32.head.weight
+    assert fp8.head.weight.dtype == torch.float8_e4m3fn and not fp8.head.weight.requires_grad
+    assert fp8.head.weight.nbytes + fp8.head.scale.nbytes < w.nbytes / 3.9
+    q, s = quant.quantize_fp8(w.data)
+    assert torch.equal(fp8.head.weight.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(fp8.head.scale.view(torch.uint8), s.view(torch.uint8))
+    assert "head.scale" in fp8.state_dict()
+    with torch.no_grad(), ops.use_backend("cpu", backend):
+        a, b = fp32(ids), fp8(ids)
+        fp32.head.weight.data = quant.dequantize_fp8(q, s, torch.float32)
+        torch.testing.assert_close(b, fp32(ids), atol=1e-4, rtol=0)
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
