@@ -118,9 +118,10 @@ def test_auto_tool_choice_is_constrained_once_its_grammar_is_compiled() -> None:
     from dsv4.chat.constraint import wait_for_background_compiles
 
     seen: list[Any] = []
-    client, _, _ = make(lambda ids, p: seen.append(p.constraint) or "Paris.", real_chat=True)
+    client, _, core = make(lambda ids, p: seen.append(p.constraint) or "Paris.", real_chat=True)
     tools = [{"type": "function", "function": {"name": "auto_probe", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    core.auto_grammar_wait = 0.0
     first = chat(client, tools=tools, **NO_THINK)
     assert first.status_code == 200  # the grammar is still compiling: this turn runs unconstrained, without waiting
     wait_for_background_compiles(120)
@@ -128,3 +129,8 @@ def test_auto_tool_choice_is_constrained_once_its_grammar_is_compiled() -> None:
     assert second.json()["choices"][0]["message"]["content"] == "Paris."
     assert seen[0] is None and seen[1] is not None
     assert seen[1].is_finished()  # the engine walked "Paris." + EOS through the grammar
+    # by default a first request waits a little (auto_grammar_wait) for its tool set's grammar: a small one is ready
+    core.auto_grammar_wait = 60.0
+    tools[0]["function"]["name"] = "auto_probe_waits"
+    third = chat(client, tools=tools, **NO_THINK)
+    assert third.status_code == 200 and seen[2] is not None

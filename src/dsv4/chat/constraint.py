@@ -39,6 +39,7 @@ import json
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -395,11 +396,13 @@ def build_constraint(
     thinking_mode: str = "chat",
     parallel_tool_calls: bool = True,
     background: bool = False,
+    wait: float = 0.0,
 ) -> Constraint | None:
     """The constraint for one request, or None when nothing constrains the output (no tools, free-text format).
 
-    `background=True`: a grammar not compiled yet is compiled on a worker thread and None is returned meanwhile
-    (the request runs unconstrained); later requests with the same tools get the constraint at once.
+    `background=True`: a grammar not compiled yet is compiled on a worker thread; the call waits up to `wait`
+    seconds for it and returns None if it is not ready by then (the request runs unconstrained); later requests with
+    the same tools get the constraint at once.
 
     `tools` and `tool_choice` are OpenAI-shaped (`tool_choice` None means "auto" with tools); `response_format` is
     OpenAI's `{"type": "json_object"}` / `{"type": "json_schema", "json_schema": {"schema": ...}}`. Generation starts
@@ -417,6 +420,7 @@ def build_constraint(
             future = _COMPILED.get(key)
             if future is None:  # (a failed compile stays failed: the same tools fail the same way)
                 future = _COMPILED[key] = _BACKGROUND.submit(_compile_for, tokenizer, tag_json)
+        wait_for([future], timeout=wait)
         if not future.done():
             return None
     _, compiler, keep = _setup(tokenizer)

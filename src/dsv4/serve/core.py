@@ -162,6 +162,10 @@ class ServingCore:
         self.created = int(time.time())
         self.metrics = ServerMetrics(self.engine_stats)
         self.bodies = BodyParser()  # large JSON bodies parse in a worker process (bodyparse.py)
+        # seconds a tool_choice "auto" request waits for its tool set's grammar the first time (small tool sets
+        # compile in well under a second; a large one, such as an agent CLI's two dozen tools, finishes in the
+        # background and constrains the requests after it)
+        self.auto_grammar_wait = 2.0
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -313,13 +317,14 @@ class ServingCore:
 
     def _auto_constraint(self, job: ChatJob, prefill: str) -> Any:
         """tool_choice "auto": content and string values stay free; once the model opens a tool-call block, the DSML
-        and the arguments' JSON schemas are enforced. Best effort: a tool set whose grammar is still compiling (the
-        first request with it), or cannot be compiled, or a prefill the grammar does not take, runs unconstrained
-        (the parser recovers what the model writes), so "auto" never fails or waits on the grammar."""
+        and the arguments' JSON schemas are enforced. Best effort: a tool set whose grammar is still compiling after
+        `auto_grammar_wait` seconds (the first request with a large tool set), or cannot be compiled, or a prefill
+        the grammar does not take, runs unconstrained (the parser recovers what the model writes), so "auto" never
+        fails or waits long on the grammar."""
         try:
             constraint = self.build_constraint(
                 self.tokenizer, tools=job.tools, tool_choice="auto", thinking_mode="thinking" if job.thinking else "chat",
-                parallel_tool_calls=job.parallel_tool_calls, background=True,
+                parallel_tool_calls=job.parallel_tool_calls, background=True, wait=self.auto_grammar_wait,
             )
         except ValueError as e:
             log.warning("tool_choice auto runs unconstrained: %s", e)
