@@ -11,8 +11,9 @@ Workloads (issue 11, item 6), 2 threads, alternating rounds (dsv4, llama.cpp bui
 llama.cpp builds (recipe: shared/peers/llamacpp/README.md, binaries and converter venv from /work/peers/STATUS.txt):
 ``bf16`` = ``convert_hf_to_gguf.py --outtype bf16`` (experts repacked losslessly to MXFP4, dense BF16) and
 ``q8_mxfp4`` = ``llama-quantize bf16.gguf MXFP4_MOE`` (experts MXFP4, every other matrix Q8_0: the layout people run).
-dsv4 runs ``LLM(path)``: weights packed as stored (FP8 dense, FP4 experts), the fp32 head as published, and once more
-with ``head_dtype=torch.bfloat16`` for decode (llama.cpp's head is BF16 / Q8_0).
+dsv4 runs ``LLM(path)``: weights packed as stored (FP8 dense, FP4 experts), the fp32 head as published, and for decode
+at depth 0 once more with ``head_dtype=torch.bfloat16`` and ``torch.float8_e4m3fn`` (llama.cpp's head is BF16 in the
+``bf16`` build, Q8_0 in ``q8_mxfp4``: the FP8 head is the like-for-like comparison with the latter).
 
 Bandwidth utilisation = weight bytes one decode step reads (the embedding row, every dense matrix, k of E experts)
 / step time / the machine's copy bandwidth measured in the same run. A profile of one dsv4 decode step (top ops by
@@ -231,9 +232,11 @@ def measure(ckpt: Path, ggufs: dict[str, Path], args: argparse.Namespace, depths
     th, n = args.threads, args.decode_tokens
     llm = dsv4_llm(ckpt, th)
     llm_bh = dsv4_llm(ckpt, th, head_dtype=torch.bfloat16)
+    llm_f8 = dsv4_llm(ckpt, th, head_dtype=torch.float8_e4m3fn)
     model = llm.engine.model
     dsv4_bytes = decode_weight_bytes(model)
     dsv4_bytes_bh = decode_weight_bytes(llm_bh.engine.model)
+    dsv4_bytes_f8 = decode_weight_bytes(llm_f8.engine.model)
     llama_bytes = {b: gguf_decode_bytes(p) for b, p in ggufs.items()}
     samples: dict[str, list[float]] = {}
 
@@ -248,6 +251,7 @@ def measure(ckpt: Path, ggufs: dict[str, Path], args: argparse.Namespace, depths
             add(f"dsv4 decode {depth}", step)
             if depth == 0:
                 add(f"dsv4-bf16head decode {depth}", dsv4_decode(llm_bh, depth, n)[1])
+                add(f"dsv4-fp8head decode {depth}", dsv4_decode(llm_f8, depth, n)[1])
             if depth in depths:
                 for b, p in ggufs.items():
                     add(f"{b} decode {depth}", llama_decode(p, th, depth, n))
@@ -287,13 +291,15 @@ def measure(ckpt: Path, ggufs: dict[str, Path], args: argparse.Namespace, depths
     summary["dsv4_step_deepest_over_1k"] = med[f"dsv4 decode {max(depths)}"] / med["dsv4 decode 1024"]
     summary["dsv4_bw_util_decode0"] = dsv4_bytes / step0 / bw
     summary["dsv4_bf16head_decode0_vs_q8_mxfp4"] = med["q8_mxfp4 decode 0"] / med["dsv4-bf16head decode 0"]
+    summary["dsv4_fp8head_decode0_vs_q8_mxfp4"] = med["q8_mxfp4 decode 0"] / med["dsv4-fp8head decode 0"]
     for b in ggufs:
         summary[f"{b}_bw_util_decode0"] = llama_bytes[b] / med[f"{b} decode 0"] / bw
     log("profiling one dsv4 decode step")
     prof = profile_step(llm, 1024)
     return {"rows": rows, "summary": summary, "samples": samples, "profile": prof,
-            "bytes": {"dsv4": dsv4_bytes, "dsv4_bf16head": dsv4_bytes_bh, **llama_bytes},
-            "bf16head_decode0": 1 / med["dsv4-bf16head decode 0"], "step1k": med["dsv4 decode 1024"]}
+            "bytes": {"dsv4": dsv4_bytes, "dsv4_bf16head": dsv4_bytes_bh, "dsv4_fp8head": dsv4_bytes_f8, **llama_bytes},
+            "bf16head_decode0": 1 / med["dsv4-bf16head decode 0"], "fp8head_decode0": 1 / med["dsv4-fp8head decode 0"],
+            "step1k": med["dsv4 decode 1024"]}
 
 
 def write_report(res: dict[str, Any], args: argparse.Namespace) -> Path:
@@ -312,11 +318,15 @@ def write_report(res: dict[str, Any], args: argparse.Namespace) -> Path:
         lines.append(f"| {name} | {d:.1f} | {peers['bf16']:.1f} | {peers['q8_mxfp4']:.1f} | "
                      f"{d / peers['bf16']:.2f}x | {d / peers['q8_mxfp4']:.2f}x |")
     lines += ["", f"* dsv4 with `head_dtype=torch.bfloat16`: decode at depth 0 {res['bf16head_decode0']:.1f} tok/s "
-              f"= {s['dsv4_bf16head_decode0_vs_q8_mxfp4']:.2f}x llama.cpp q8_mxfp4.",
+              f"= {s['dsv4_bf16head_decode0_vs_q8_mxfp4']:.2f}x llama.cpp q8_mxfp4; with "
+              f"`head_dtype=torch.float8_e4m3fn` "
+              f"(FP8 head, like q8_mxfp4's Q8_0 head) {res['fp8head_decode0']:.1f} tok/s = "
+              f"{s['dsv4_fp8head_decode0_vs_q8_mxfp4']:.2f}x.",
               f"* dsv4 decode step at depth {s['dsv4_deepest']} / at 1K: {s['dsv4_step_deepest_over_1k']:.2f} (1K step "
               f"{res['step1k'] * 1e3:.1f} ms).",
               f"* Bytes one decode step reads: dsv4 {b['dsv4'] / 2**20:.0f} MiB (fp32 head; bf16 head "
-              f"{b['dsv4_bf16head'] / 2**20:.0f} MiB), llama.cpp bf16 {b['bf16'] / 2**20:.0f} MiB, q8_mxfp4 "
+              f"{b['dsv4_bf16head'] / 2**20:.0f} MiB, FP8 head {b['dsv4_fp8head'] / 2**20:.0f} MiB), llama.cpp bf16 "
+              f"{b['bf16'] / 2**20:.0f} MiB, q8_mxfp4 "
               f"{b['q8_mxfp4'] / 2**20:.0f} MiB. Copy bandwidth measured in the run: {s['bandwidth_gbs']:.1f} GB/s. "
               f"Utilisation at depth 0: dsv4 {s['dsv4_bw_util_decode0']:.0%}, llama.cpp bf16 "
               f"{s['bf16_bw_util_decode0']:.0%}, q8_mxfp4 {s['q8_mxfp4_bw_util_decode0']:.0%}.", "",
