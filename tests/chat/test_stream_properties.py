@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dsv4.chat import StreamParser, encode_messages, parse_completion
@@ -109,8 +109,16 @@ def check(parser: StreamParser, deltas: list, text: str, whole: StreamParser) ->
             json.loads(call["function"]["arguments"], parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
 
 
+# found by hypothesis: a closing tag that carries the opener's attributes (its name="..." must not reach content)
+DAMAGED_CLOSER = (f'\n\n<{DS}<{DS}tool_calls>tool_calls>\n<{DS}invoke name="get_weather">\n<{DS}parameter name="a" '
+                  f'string="false">null</{DS}parameter>\n</{DS}invoke name="get_weather">\n\n</{DS}invoke>\n'
+                  f"</{DS}tool_calls>{EOS}")
+
+
 @SETTINGS
 @given(variant=variants())
+@example(variant=(DAMAGED_CLOSER, "chat"))
+@example(variant=(DAMAGED_CLOSER.replace("invoke name", "tool_calls name", 2)[:-len(EOS)], "thinking"))
 def test_every_split_and_char_by_char_equals_the_whole_text(variant: tuple[str, str]) -> None:
     text, mode = variant
     whole, deltas = feed([text], mode)

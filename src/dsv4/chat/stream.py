@@ -399,14 +399,27 @@ class StreamParser:
         self._state, self._buf = AFTER_BLOCK, after
         return True
 
+    @staticmethod
+    def _closer_end(rest: str, tag: str) -> int | None:
+        """Where closer `tag` at the start of `rest` ends: after its ">", after attributes a damaged closer carries
+        (`</｜DSML｜invoke name="f">`: they go with the tag) and their ">", or right after the name when no ">" comes
+        before a "<" or "｜" (or within _TAG_LIMIT characters). None while that is not known yet."""
+        body = rest[len(tag): len(tag) + _TAG_LIMIT]
+        end = _TAG_BODY.match(body).end()
+        if end < len(body):
+            return len(tag) + end + 1 if body[end] == ">" else len(tag)
+        return len(tag) if len(body) == _TAG_LIMIT else None
+
     def _after_closer(self, rest: str, tag: str) -> str | None:
         """What follows closer `tag` and its ">" (None while the ">" may still come)."""
-        if len(rest) == len(tag):
+        end = self._closer_end(rest, tag)
+        if end is None:
             return None
-        if rest[len(tag)] == ">":
-            return rest[len(tag) + 1:]
-        self._problem("malformed_markup", f"closing tag {tag!r} without '>'")
-        return rest[len(tag):]
+        if end == len(tag):
+            self._problem("malformed_markup", f"closing tag {tag!r} without '>'")
+        elif end > len(tag) + 1:
+            self._problem("malformed_markup", f"closing tag {tag!r} with attributes; they were dropped with it")
+        return rest[end:]
 
     def _skip_junk(self, rest: str) -> str:
         # drop up to the next "<" (a tag or EOS may start there), at least one character; the whitespace before it
@@ -513,7 +526,7 @@ class StreamParser:
             self._close_call()
             self._state, self._buf = BLOCK, after
             return True
-        if tag in BLOCK_ENDS and len(rest) == len(tag):
+        if tag in BLOCK_ENDS and self._closer_end(rest, tag) is None:
             return False  # its ">" may still come; nothing is changed before that is known
         self._unclosed()
         self._close_call()
