@@ -246,6 +246,26 @@ def test_indexer_topk(backend, s):
             close(sc[bi, si, a].sort().values, sc[bi, si, z].sort().values, rel=1e-5)
 
 
+def test_indexer_topk_two_threads_pick_what_one_picks(backend):
+    """Both thread splits of the native kernel (many queries: the threads take queries; few: they share each
+    query's entries) score every entry on one thread, so the picks equal the one-thread picks exactly."""
+    g = gen(9)
+    b, n = 2, 2048
+    keys, tables = _paged(g, n, 4, b, I)
+    before = torch.get_num_threads()
+    try:
+        for s in (1, 16):  # 2 queries (< 2 x threads) and 32
+            q, w = torch.randn(b, s, HI, I, generator=g), torch.randn(b, s, HI, generator=g)
+            vis = torch.stack([n - s + 1 + torch.arange(s), torch.full((s,), 300)])
+            picks = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                picks.append(run(backend, ops.indexer_topk, q, w, keys, tables, 4, vis, n, TOPK))
+            assert torch.equal(picks[0], picks[1]), s
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_indexer_reference_chunks_equal_one_pass(monkeypatch):
     """Chunked scoring with a running top-k picks what one dense top-k picks (keys in 5 chunks)."""
     g = gen(8)
