@@ -64,7 +64,7 @@ class StepCost:
         xs, ys = zip(*self._points)
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         sxx = sum((x - mx) ** 2 for x in xs)
-        # the slope only where the contexts differ enough to tell it (a quarter of a page's worth of spread or more)
+        # the slope only where the contexts differ enough to tell it (a spread of 32 tokens or more)
         b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 32.0 ** 2 * len(xs) else 0.0
         self.b = max(b, 0.0)
         self.a = max(my - self.b * mx, 0.05 * my)  # costs never fall to zero at the left end of the fit

@@ -347,12 +347,10 @@ def load_model(
     return model.eval()
 
 
-HEAD_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)
-
-
 def _quantize_head(head: nn.Linear, rows: int = 64 * quant.FP8_BLOCK) -> None:
-    """The loaded head in FP8 (``quant.quantize_fp8``, the release's rules), a band of rows at a time so that the
-    quantiser's fp32 temporaries stay a few MB whatever the vocabulary; ``ops.linear`` reads weight + ``scale``."""
+    """The loaded head in FP8 (``quant.quantize_fp8``, the release's rules), a band of ``rows`` rows at a time so that
+    the quantiser's fp32 temporaries stay one band's size (134 MB at V4-Flash's width), not the vocabulary's;
+    ``ops.linear`` reads weight + ``scale``."""
     w = head.weight.data
     q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
     scale = torch.empty(quant.fp8_scale_shape(w.shape), dtype=torch.float8_e8m0fnu, device=w.device)

@@ -2,12 +2,13 @@
 
 `json.loads` holds the GIL for the whole parse (about 5 ms a MB here), so a thread would not help: a 60 MB body
 stalled every other request, health checks included, for about 0.3 s. Bodies over `OFF_LOOP_BYTES` go to one spawned
-worker process (started on the first such body; spawned, so it imports nothing but this module and `json`); the parsed
-object comes back pickled, which costs the loop a fraction of the parse. Smaller bodies parse in place, where a worker
+worker process (started on the first such body; spawned, not forked from a process running torch threads: it imports
+this module and the program's light main module, about 25 MB); the parsed object comes back pickled, which costs the
+loop a fraction of the parse (~40 ms for 60 MB). Smaller bodies parse in place, where a worker
 round trip would cost more than it saves. The body limit (app.py `_BodyLimit`) bounds what can arrive at all.
 
 Only the parse moves: validation and everything after it run as before (FastAPI reads the parsed object from the
-request, see `OffLoopJSONRoute`).
+request: app.py `_json_body_route`).
 """
 
 from __future__ import annotations
