@@ -380,7 +380,7 @@ def test_indexer_topk_matches_select_reading_keys_from_pages(dtype):
     q, w = torch.randn(b, h, i, generator=g), torch.randn(b, h, generator=g)
     vis = torch.tensor([3, 11, 16])  # fewer than k, more than k, all entries of the 4 pages
     want = ref.indexer_topk(q[:, None], w[:, None], pages, tables, r, vis[:, None], 16, 5)[:, 0]
-    got = kernels.indexer_topk(q, w, pages, tables, r, vis, want.shape[1])
+    got = kernels.indexer_topk(q[:, None], w[:, None], pages, tables, r, vis[:, None], want.shape[1])[:, 0]
     assert got.shape == want.shape
     for row_got, row_want in zip(got.tolist(), want.tolist()):
         assert sorted(row_got) == sorted(row_want)  # same picks (the order only changes a summation order)

@@ -218,18 +218,19 @@ def hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.
 
 def indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, block_tables: torch.Tensor, ratio: int,
                  visible: torch.Tensor, k: int) -> torch.Tensor:
-    """``Indexer.select`` for one decode query per sequence, reading the indexer keys in place from their pages:
-    q [B, H, I], w [B, H], keys = the cache's [pages, page_size // ratio, I] fp32 or bf16, block_tables [B, P],
-    visible [B] -> [B, k] entry ids, best first, -1 where fewer than k are visible."""
+    """``Indexer.select`` reading the indexer keys in place from their pages: q [B, S, H, I] (S queries of each
+    sequence: 1 when decoding, a prefill chunk's otherwise), w [B, S, H], keys = the cache's
+    [pages, page_size // ratio, I] fp32 or bf16, block_tables [B, P], visible [B, S] -> [B, S, k] entry ids, best
+    first, -1 where fewer than k are visible. The queries of a sequence share its block-table row (no copy)."""
     lib = _lib_or_raise()
     keys_dt = _cache_dt(keys, "indexer keys")
-    qf, wf = q.float().contiguous(), w.float().contiguous()
-    b, h, i = qf.shape
+    b, s, h, i = q.shape
+    qf, wf = q.float().reshape(b * s, h, i).contiguous(), w.float().reshape(b * s, h).contiguous()
     tables = block_tables.to(torch.int64).contiguous()
-    vis = visible.to(torch.int64).contiguous()
-    top = torch.empty(b, k, dtype=torch.int64)
-    lib.dsv4_indexer_topk(_ptr(qf), _ptr(wf), b, h, i, _ptr(keys), keys_dt, _ptr(tables), tables.shape[1], ratio,
-                          keys.shape[1] * ratio, _ptr(vis), k, _ptr(top), torch.get_num_threads())
+    vis = visible.to(torch.int64).reshape(b * s).contiguous()
+    top = torch.empty(b, s, k, dtype=torch.int64)
+    lib.dsv4_indexer_topk(_ptr(qf), _ptr(wf), b * s, h, i, _ptr(keys), keys_dt, _ptr(tables), tables.shape[1], s,
+                          ratio, keys.shape[1] * ratio, _ptr(vis), k, _ptr(top), torch.get_num_threads())
     return top
 
 

@@ -70,7 +70,7 @@ SIGNATURES = {
     "dsv4_attn_in": [_P, _I, _I, _P, _I, _P, _P, _I, _I, _P, _P, _P, _P, _I, _F, _C, _P, _P, _P, _C],
     "dsv4_attn_out": [_P, _I, _I, _I, _P, _P, _I, _P, _I, _I, _P, _I, _C, _P, _C],
     "dsv4_hc_post": [_P, _P, _P, _P, _I, _I, _I, _P, _C],
-    "dsv4_indexer_topk": [_P, _P, _I, _I, _I, _P, _C, _P, _I, _I, _I, _P, _I, _P, _C],
+    "dsv4_indexer_topk": [_P, _P, _I, _I, _I, _P, _C, _P, _I, _I, _I, _I, _P, _I, _P, _C],
     "dsv4_compress_decode": [_P, _I, _I, _P, _P, _C, _P, _I, _I, _I, _C, _P, _P, _P, _I, _P, _F, _P, _P, _I,
                              _P, _C, _P, _I, _I, _C],
     "dsv4_argmax_rows": [_P, _I, _I, _P, _C],

@@ -587,14 +587,16 @@ static void select_best(scored *a, int64_t n, int64_t k) {
 }
 
 /* Score the visible entries e < n of query b: sc[e] = (sum_h w[b, h] * relu(q[b, h] . key_e), e), keys read in place
- * (entry e of query b is row (page * (P / r) + (e * r % P) / r) of `keys` [*, I] with page = tables[b, e * r / P];
+ * (entry e of query b is row (page * (P / r) + (e * r % P) / r) of `keys` [*, I] with page = tables[t, e * r / P],
+ * t = b / per_seq the query's sequence;
  * fp32 or bf16 per keys_dt, a bf16 key widened exactly into `wide`). Entries [e0, e1) only: callers split the work. */
 static void index_scores(const float *q, const float *w, int64_t b, int64_t H, int64_t I, const void *keys,
-                         int keys_dt, const int64_t *tables, int64_t ncols, int64_t ratio, int64_t page_size,
-                         int64_t e0, int64_t e1, scored *sc, float *wide) {
+                         int keys_dt, const int64_t *tables, int64_t ncols, int64_t per_seq, int64_t ratio,
+                         int64_t page_size, int64_t e0, int64_t e1, scored *sc, float *wide) {
     int64_t per_page = page_size / ratio, es = keys_dt == DSV4_BF16 ? 2 : 4;
+    const int64_t *row = tables + (b / per_seq) * ncols;
     for (int64_t e = e0; e < e1; e++) {
-        int64_t page = tables[b * ncols + e * ratio / page_size];
+        int64_t page = row[e * ratio / page_size];
         const char *src = (const char *)keys + (page * per_page + (e * ratio % page_size) / ratio) * I * es;
         const float *key = (const float *)src;
         if (keys_dt == DSV4_BF16) {
@@ -619,13 +621,13 @@ static void index_best(scored *sc, int64_t n, int64_t k, int64_t *top) {
     for (int64_t j = 0; j < k; j++) top[j] = j < m ? sc[j].i : -1;
 }
 
-/* Indexer.select for B queries (decode: one per sequence; a prefill chunk: one row per query, each with its own
- * block-table row and visible count): score_e = sum_h w[b, h] * relu(q[b, h] . key_e) over the visible entries
+/* Indexer.select for B queries (decode: one per sequence; a prefill chunk: per_seq consecutive queries share a
+ * sequence's block-table row, each with its own visible count): score_e = sum_h w[b, h] * relu(q[b, h] . key_e) over the visible entries
  * e < vis[b]; top[b, 0..k) = the k best ids, best first, -1 past the visible count. Few queries: the threads split
  * each query's entries; many (B >= 2 x threads): they split the queries. */
 void dsv4_indexer_topk(const float *q, const float *w, int64_t B, int64_t H, int64_t I, const void *keys, int keys_dt,
-                       const int64_t *tables, int64_t ncols, int64_t ratio, int64_t page_size, const int64_t *vis,
-                       int64_t k, int64_t *top, int nthreads) {
+                       const int64_t *tables, int64_t ncols, int64_t per_seq, int64_t ratio, int64_t page_size,
+                       const int64_t *vis, int64_t k, int64_t *top, int nthreads) {
     int64_t nmax = 1;
     for (int64_t b = 0; b < B; b++) nmax = vis[b] > nmax ? vis[b] : nmax;
     if (nthreads > 1 && B >= 2 * nthreads) {
@@ -635,7 +637,8 @@ void dsv4_indexer_topk(const float *q, const float *w, int64_t B, int64_t H, int
             float *wide = malloc((size_t)I * sizeof(float) + 64);
 #pragma omp for schedule(dynamic, 4)
             for (int64_t b = 0; b < B; b++) {
-                index_scores(q, w, b, H, I, keys, keys_dt, tables, ncols, ratio, page_size, 0, vis[b], sc, wide);
+                index_scores(q, w, b, H, I, keys, keys_dt, tables, ncols, per_seq, ratio, page_size, 0, vis[b], sc,
+                             wide);
                 index_best(sc, vis[b], k, top + b * k);
             }
             free(wide);
@@ -652,7 +655,8 @@ void dsv4_indexer_topk(const float *q, const float *w, int64_t B, int64_t H, int
             float *wide = malloc((size_t)I * sizeof(float) + 64);
 #pragma omp for schedule(static)
             for (int64_t e = 0; e < n; e++)
-                index_scores(q, w, b, H, I, keys, keys_dt, tables, ncols, ratio, page_size, e, e + 1, sc, wide);
+                index_scores(q, w, b, H, I, keys, keys_dt, tables, ncols, per_seq, ratio, page_size, e, e + 1, sc,
+                             wide);
             free(wide);
         }
         index_best(sc, n, k, top + b * k);

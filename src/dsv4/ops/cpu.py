@@ -198,16 +198,9 @@ def _sparse_attention(q, kv, start, lens, ring, slots, entries, block_tables, ra
 
 @_kernel("indexer_topk")
 def _indexer_topk(q, w, keys, block_tables, ratio, visible, n_entries, k):
-    # the C kernel scores queries one row each: a prefill chunk's [B, S] queries go in as B * S rows, each with its
-    # sequence's block-table row and its own visible count
+    # the C kernel scores each query (decode, or each of a prefill chunk's) against the keys in place
     if keys.dtype in _PLAIN and keys.is_contiguous() and k > 0 and n_entries > 0 and _native():
-        b, s = q.shape[:2]
-        if s == 1:
-            return kernels.indexer_topk(q[:, 0], w[:, 0], keys, block_tables, ratio, visible[:, 0], k)[:, None]
-        tables = block_tables[:, None].expand(b, s, block_tables.shape[-1]).reshape(b * s, -1)
-        top = kernels.indexer_topk(q.reshape(b * s, *q.shape[2:]), w.reshape(b * s, -1), keys, tables, ratio,
-                                   visible.reshape(b * s).clamp(max=n_entries), k)
-        return top.view(b, s, k)
+        return kernels.indexer_topk(q, w, keys, block_tables, ratio, visible.clamp(max=n_entries), k)
     return ref.indexer_topk(q, w, keys, block_tables, ratio, visible, n_entries, k)
 
 
