@@ -21,7 +21,7 @@ argument values are the model's.
 
     python3 -m dsv4.train.chat_eval [--model DIR] [--calls 100] [--answers 100] [--http-cases 40] [--report FILE]
 
-(without `--model`: the bundled default; `--http-cases N` starts `dsv4 serve` with no model argument on a free port
+(without `--model`: the bundled default; `--http-cases N` starts `dsv4 serve` of the same model on a free port
 and runs N cases of each kind through it). The last stdout line is JSON.
 
 Deliberately not here: open-ended quality (the cases come from the generator's templates; this checks the format,
@@ -213,11 +213,13 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def serve_default(port: int, log: Path) -> subprocess.Popen:
-    """`dsv4 serve` with no model argument (the bundled default) on 127.0.0.1:port; returns once it answers."""
+def serve(port: int, log: Path, model: Path | None = None) -> subprocess.Popen:
+    """`dsv4 serve` on 127.0.0.1:port, of `model` or with no model argument (the bundled default); returns once it
+    answers."""
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-m", "dsv4.cli", "serve", "--port", str(port)],
+    extra = ["--model", str(model)] if model is not None else []
+    proc = subprocess.Popen([sys.executable, "-m", "dsv4.cli", "serve", "--port", str(port), *extra],
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         del llm
         port = args.port or _free_port()
         log = Path(f"/tmp/dsv4_chat_eval_serve_{port}.log")
-        proc = serve_default(port, log)
+        proc = serve(port, log, args.model)  # the model the engine cases ran, through the HTTP API
         try:
             t0 = time.perf_counter()
             sub = [c for c in cases if c.kind == "call"][: args.http_cases]
