@@ -49,8 +49,9 @@ def test_no_request_stalls_the_others(load: load_test.Load) -> None:
     assert long["long_status"] == 200 and long["long_prompt_tokens"] > 5000, long
     assert long["probe_ms"]["n"] >= 3, long
     # measured here (2 cores, idle machine): idle 12-19 ms, during the prefill p50 49-92 ms (3.8-4.9x), the prefill
-    # itself 0.4 s; waiting for the rest of the prefill would be ~200 ms. (The bound was 10x with a 128-token budget.)
-    assert long["probe_ms"]["p50"] < 8 * base, (idle, long)
+    # itself 0.4 s; a probe that waited for the rest of the prefill would take ~200 ms or more (13x and up). The bound
+    # leaves room for a loaded CI machine; it was 10x too with a 128-token budget, 4x shorter steps than these.
+    assert long["probe_ms"]["p50"] < 10 * base, (idle, long)
 
     # 10 MB of text is refused by its length in characters: no tokenization, little memory, probes barely slowed
     huge = asyncio.run(load.huge_body(10, 0.05))
