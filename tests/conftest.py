@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import settings
 
 from dsv4.config import ModelConfig
+
+# One CI run decides whether a change lands, so the property tests draw the same examples on every run: a red run is
+# a reproducible bug, not an unlucky draw. Explore other examples with HYPOTHESIS_PROFILE=explore (random draws).
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The suite runs tiny models on a shared 2-core machine: with several intra-op threads every small op pays OpenMP
 # hand-off/spin costs (measured 17x slower decode steps under load). One thread per test process is fastest here.
