@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
-import subprocess
-import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,36 +213,6 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def serve(port: int, log: Path, model: Path | None = None) -> subprocess.Popen:
-    """`dsv4 serve` on 127.0.0.1:port, of `model` or with no model argument (the bundled default); returns once it
-    answers."""
-    import httpx
-
-    extra = ["--model", str(model)] if model is not None else []
-    proc = subprocess.Popen([sys.executable, "-m", "dsv4.cli", "serve", "--port", str(port), *extra],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dsv4 serve exited with {proc.returncode}; see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise TimeoutError(f"dsv4 serve did not come up within 300 s; see {log}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m dsv4.train.chat_eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the bundled model)")
@@ -273,24 +243,26 @@ def main(argv: list[str] | None = None) -> int:
     http_results: list[dict[str, Any]] = []
     if args.http_cases:
         del llm
-        port = args.port or _free_port()
-        log = Path(f"/tmp/dsv4_chat_eval_serve_{port}.log")
-        proc = serve(port, log, args.model)  # the model the engine cases ran, through the HTTP API
+        from dsv4.serve.process import ServeProcess
+
+        # the model the engine cases ran, through the HTTP API (no model argument: the bundled default)
+        server = ServeProcess(*(["--model", str(args.model)] if args.model else []), port=args.port,
+                              log=Path(tempfile.gettempdir()) / f"dsv4_chat_eval_serve_{os.getpid()}.log")
         try:
+            server.wait_ready()
             t0 = time.perf_counter()
             sub = [c for c in cases if c.kind == "call"][: args.http_cases]
             sub += [c for c in cases if c.kind == "answer"][: args.http_cases]
-            http_results = run_http(f"http://127.0.0.1:{port}", sub, args.max_tokens)
+            http_results = run_http(server.url, sub, args.max_tokens)
             report["http"] = summarize(http_results)
             report["http_s"] = round(time.perf_counter() - t0, 1)
             if args.http_required:
-                forced = run_http(f"http://127.0.0.1:{port}", [c for c in sub if c.kind == "call"], args.max_tokens,
+                forced = run_http(server.url, [c for c in sub if c.kind == "call"], args.max_tokens,
                                   tool_choice="required")
                 report["http_required"] = {k: v for k, v in summarize(forced).items() if k.startswith("call_")}
                 http_results += [{**r, "tool_choice": "required"} for r in forced]
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            server.close()
     if args.samples:
         with args.samples.open("w") as f:
             for where, rows in (("engine", results), ("http", http_results)):
