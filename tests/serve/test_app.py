@@ -488,6 +488,10 @@ def test_large_bodies_parse_in_the_worker_process_with_the_same_answers() -> Non
         assert r.status_code == 400 and "too deeply" in r.json()["error"]["message"]
         r = client.post("/v1/messages", content=b'{"model": "\xff\xfe"}' + pad, headers=as_json)
         assert r.status_code == 400 and "not UTF-8" in r.json()["error"]["message"]
+        core.bodies.threshold = 1 << 20  # the same body parsed in place by FastAPI: the same answer
+        small_bad = client.post("/v1/messages", content=b'{"model": "\xff\xfe"}' + pad, headers=as_json)
+        assert small_bad.status_code == 400 and small_bad.json()["error"]["message"] == r.json()["error"]["message"]
+        core.bodies.threshold = 64
         r = client.post("/v1/chat/completions", content=json.dumps({"model": MODEL}).encode() + pad, headers=as_json)
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"  # validation as before
     finally:

@@ -152,6 +152,10 @@ class _BodyLimit:
         await self.app(scope, counted, send)
 
 
+def _not_utf8(reason: str) -> str:
+    return f"The request body is not UTF-8 text ({reason}); send the JSON encoded as UTF-8."
+
+
 def _json_body_route(parser: BodyParser) -> type[APIRoute]:
     """A route class whose JSON bodies over `parser.threshold` bytes are parsed in `parser`'s worker process
     (bodyparse.py). FastAPI then takes the parsed object from Starlette's per-request cache (`Request._json`, what
@@ -176,7 +180,7 @@ def _json_body_route(parser: BodyParser) -> type[APIRoute]:
                         if verdict == "deep":
                             raise StarletteHTTPException(400) from RecursionError()
                         if verdict == "undecodable":
-                            raise StarletteHTTPException(400, "The request body is not UTF-8 text: " + value)
+                            raise ServeError("invalid_request", _not_utf8(value), param="body")
                         request._json = value
                 return await handler(request)
 
@@ -217,6 +221,9 @@ def create_app(core: ServingCore, api_key: str | None = None,
         if isinstance(exc.__cause__, RecursionError):  # JSON nested past the parser's depth limit (about 1000)
             return _error_response(request, ServeError("invalid_request", "The request body nests JSON arrays / "
                                                        "objects too deeply to parse; flatten it.", param="body"))
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's own parse of a small body that is not UTF-8
+            return _error_response(request, ServeError("invalid_request", _not_utf8(str(exc.__cause__)),
+                                                       param="body"))
         kind = "not_found" if exc.status_code == 404 else "invalid_request"
         detail = exc.detail
         if exc.status_code == 404 and detail == "Not Found":
