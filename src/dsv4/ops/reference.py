@@ -341,10 +341,9 @@ def indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, block_tab
             cand_i = ids.expand_as(sc)
             if best_v is not None:  # the running best (in id order) ahead of the chunk: positions follow the ids
                 sc, cand_i = torch.cat([best_v, sc], dim=-1), torch.cat([best_i, cand_i], dim=-1)
-            best_v, pos = topk_lowest(sc, min(k, sc.shape[-1]), best_first=False)
+            # in id order while merging; the last chunk's pick comes out best first (ties by position = by id)
+            best_v, pos = topk_lowest(sc, min(k, sc.shape[-1]), best_first=e1 == n_entries)
             best_i = cand_i.gather(-1, pos)
-        order = torch.sort(best_v, dim=-1, descending=True, stable=True)[1]  # best first, ties by id
-        best_i = best_i.gather(-1, order)
         out.append(torch.where(best_i >= vis, -1, best_i))
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
