@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def load(tmp_path_factory: pytest.TempPathFactory) -> Iterator[load_test.Load]:
     root = tmp_path_factory.mktemp("load")
-    # the server's defaults: a step budget of 512 tokens (reserve 128), shared steps sized to 50 ms
+    # the server's defaults: a step budget of 512 tokens (reserve 128), shared steps sized to 20 ms
     server = load_test.Server(load_test.build_model(root / "ckpt", MAX_LEN), MAX_LEN, log=root / "server.log")
     try:
         server.wait_ready()

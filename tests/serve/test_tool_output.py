@@ -129,7 +129,8 @@ def test_auto_tool_choice_is_constrained_once_its_grammar_is_compiled() -> None:
     assert second.json()["choices"][0]["message"]["content"] == "Paris."
     assert seen[0] is None and seen[1] is not None
     assert seen[1].is_finished()  # the engine walked "Paris." + EOS through the grammar
-    # by default a first request waits a little (auto_grammar_wait) for its tool set's grammar: a small one is ready
+    # with a wait (auto_grammar_wait, 2 s by default; generous here for a slow CI machine) a first request gets the
+    # grammar of a small tool set, compiled meanwhile
     core.auto_grammar_wait = 60.0
     tools[0]["function"]["name"] = "auto_probe_waits"
     third = chat(client, tools=tools, **NO_THINK)
